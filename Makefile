@@ -1,0 +1,45 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 (CPU) is pinned by constraints.txt; a local wheel folder is used when the machine has one.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt $(FIND_LINKS)
+
+.PHONY: demo test lint bench browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.lab-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e '.[lab]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e '.[dev]'
+	touch $@ $(VENV)/.lab-installed
+
+demo: $(VENV)/.lab-installed
+	$(BIN)/python -m gradguard demo
+
+test: $(VENV)/.dev-installed browser
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check src tests benchmarks examples
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python benchmarks/bench_stats.py
+	$(BIN)/python benchmarks/bench_guard.py
+
+# Headless Chromium for the report's browser test; skipped (the test says why) where apt-get is missing.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed; the browser test will be skipped"; \
+	else echo "no apt-get as root here; the browser test will be skipped"; fi
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

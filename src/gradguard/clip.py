@@ -1,0 +1,459 @@
+"""Gradient clipping strategies: one small class per strategy, its paper and formula in the docstring.
+
+Every clipper is called the same way, after ``loss.backward()``::
+
+    result = clipper(model)               # or clipper(params), or clipper(model, stats=gg.grad_stats(model))
+    result.total_norm, result.coef, result.clipped
+
+It clips ``.grad`` in place and returns device tensors: no ``.item()``, no Python ``if`` on a tensor.
+Decisions are made with ``torch.where`` and the gradients are multiplied unconditionally (by 1.0 when
+nothing is clipped), the same trade torch's ``clip_grad_norm_`` makes to avoid a host sync.
+
+Non-finite gradients: a clipper never spreads a NaN or Inf of one layer into the others (torch's
+``clip_grad_norm_`` would multiply every gradient by NaN or 0). When the norm is not finite the coefficient
+is 1.0, ``stats.finite`` says so, and the stateful strategies leave their history untouched; deciding
+what to do with the step (skip it) is the Guard's job.
+
+The strategies that scale all gradients by one number (:class:`GlobalNorm`, :class:`AutoClip`,
+:class:`ZClip`) are :class:`ScaleClipper` s: their ``coefficient(stats)`` can be folded into a fused
+optimizer's ``grad_scale`` so that clipping costs no pass over the gradients.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+from gradguard.stats import (
+    GradStats,
+    ParamsLike,
+    check_norm_type,
+    grad_stats,
+    named_parameters_of,
+    per_tensor_norms,
+)
+
+__all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipResult",
+    "Clipper",
+    "GlobalNorm",
+    "LayerNorm",
+    "ScaleClipper",
+    "Value",
+    "ZClip",
+    "scale_grads_",
+]
+
+# The same guard against division by zero as torch.nn.utils.clip_grad_norm_.
+_NORM_EPS = 1e-6
+
+
+@dataclass
+class ClipResult:
+    """What a clipper did, as device tensors.
+
+    Attributes:
+        total_norm: 0-d, the gradients' total norm before clipping.
+        coef: 0-d, the factor applied (1.0 = not clipped). Strategies that clip per layer, per unit or
+            per element report the smallest factor they applied.
+        clipped: 0-d bool, whether any gradient was changed.
+    """
+
+    total_norm: Tensor
+    coef: Tensor
+    clipped: Tensor
+
+
+def _positive(value: float, name: str, owner: str) -> float:
+    value = float(value)
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _in_open_unit_interval(value: float, name: str, owner: str) -> float:
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{owner}: {name} must be in (0, 1), got {value}")
+    return value
+
+
+def scale_grads_(grads: list[Tensor], coef: Tensor) -> None:
+    """Multiply every gradient by the 0-d tensor ``coef``, one foreach call per (device, dtype)."""
+    dense = [g for g in grads if not g.is_sparse]
+    for g in grads:
+        if g.is_sparse:
+            g.mul_(coef.to(g.device))
+    groups = _group_tensors_by_device_and_dtype([dense])
+    for (device, _), ([group], _) in groups.items():
+        if _has_foreach_support(group, device):
+            torch._foreach_mul_(group, coef.to(device))
+        else:
+            for g in group:
+                g.mul_(coef.to(device))
+
+
+def _norm_clip_coef(total_norm: Tensor, max_norm: Tensor | float) -> Tensor:
+    """``min(1, max_norm / (total_norm + 1e-6))``, exactly as ``clip_grad_norm_`` computes it."""
+    return torch.clamp(max_norm / (total_norm + _NORM_EPS), max=1.0)
+
+
+class Clipper(abc.ABC):
+    """Base class: measure the gradients (unless ``stats`` is given), decide, clip in place."""
+
+    #: the ``p`` of the norms this strategy decides on; given ``stats`` must use the same.
+    norm_type: float = 2.0
+
+    def __call__(self, params: ParamsLike, stats: GradStats | None = None) -> ClipResult:
+        if stats is None:
+            stats = grad_stats(named_parameters_of(params), groups="module", norm_type=self.norm_type)
+        elif stats.norm_type != self.norm_type:
+            raise ValueError(
+                f"{type(self).__name__}: stats were measured with norm_type={stats.norm_type}, "
+                f"this clipper decides on norm_type={self.norm_type}"
+            )
+        return self.clip_(stats)
+
+    @abc.abstractmethod
+    def clip_(self, stats: GradStats) -> ClipResult:
+        """Clip the gradients of ``stats.params`` in place, from the norms in ``stats``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class ScaleClipper(Clipper):
+    """A strategy whose decision is one coefficient for all gradients: ``g <- coef * g``."""
+
+    @abc.abstractmethod
+    def coefficient(self, stats: GradStats) -> Tensor:
+        """The 0-d float32 clip coefficient for this step (1.0 = none); advances the strategy's state.
+
+        It is 1.0 when ``stats.finite`` is False, and the state does not learn from a non-finite norm.
+        """
+
+    def clip_(self, stats: GradStats) -> ClipResult:
+        coef = self.coefficient(stats)
+        scale_grads_(stats.grads, coef)
+        return ClipResult(stats.total_norm, coef, coef < 1.0)
+
+
+class GlobalNorm(ScaleClipper):
+    """Scale all gradients so that their total norm is at most ``max_norm`` (Pascanu et al. 2013).
+
+    ``g <- g * min(1, max_norm / (||g|| + 1e-6))`` -- the rule of ``torch.nn.utils.clip_grad_norm_``,
+    bit for bit on finite gradients. Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent
+    neural networks", ICML 2013, Algorithm 1.
+    """
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
+        self.max_norm = _positive(max_norm, "max_norm", "GlobalNorm")
+        self.norm_type = check_norm_type(norm_type, "GlobalNorm")
+
+    def coefficient(self, stats: GradStats) -> Tensor:
+        coef = _norm_clip_coef(stats.total_norm, self.max_norm)
+        return torch.where(stats.finite, coef, torch.ones_like(coef))
+
+
+class Value(Clipper):
+    """Clamp every gradient element to ``[-clip_value, clip_value]``, as ``clip_grad_value_`` does.
+
+    ``coef`` reports ``min(1, clip_value / max|g|)``: how much the largest element was shrunk. NaN stays
+    NaN; an Inf element is clamped, but ``stats.finite`` (measured before clamping) still reports it.
+    """
+
+    def __init__(self, clip_value: float = 0.5):
+        self.clip_value = _positive(clip_value, "clip_value", "Value")
+
+    def clip_(self, stats: GradStats) -> ClipResult:
+
+        grads = stats.grads
+        if not grads:
+            one = torch.ones((), dtype=torch.float32)
+            return ClipResult(stats.total_norm, one, one < 1.0)
+        device = grads[0].device
+        max_abs = torch.stack([n.to(device) for n in per_tensor_norms(grads, math.inf)]).max()
+        groups = _group_tensors_by_device_and_dtype([grads])
+        for (device_, _), ([group], _) in groups.items():
+            if _has_foreach_support(group, device_):
+                torch._foreach_clamp_min_(group, -self.clip_value)
+                torch._foreach_clamp_max_(group, self.clip_value)
+            else:
+                for g in group:
+                    g.clamp_(min=-self.clip_value, max=self.clip_value)
+        coef = torch.clamp(self.clip_value / max_abs, max=1.0)
+        coef = torch.where(torch.isnan(coef), torch.ones_like(coef), coef)
+        return ClipResult(stats.total_norm, coef, max_abs > self.clip_value)
+
+
+class LayerNorm(Clipper):
+    """Cap each layer's gradient norm separately: ``g_l <- g_l * min(1, max_norm / (||g_l|| + 1e-6))``.
+
+    A layer is a group of ``stats`` (by default, the module owning the parameters). Unlike a global
+    norm, one exploding layer is scaled down without shrinking the updates of the healthy ones.
+    A layer whose norm is not finite is left as it is (and ``stats.finite`` is False).
+    """
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
+        self.max_norm = _positive(max_norm, "max_norm", "LayerNorm")
+        self.norm_type = check_norm_type(norm_type, "LayerNorm")
+
+    def clip_(self, stats: GradStats) -> ClipResult:
+        if not stats.params:
+            one = torch.ones((), dtype=torch.float32)
+            return ClipResult(stats.total_norm, one, one < 1.0)
+        layer_coef = _norm_clip_coef(stats.norms, self.max_norm)
+        layer_coef = torch.where(torch.isfinite(stats.norms), layer_coef, torch.ones_like(layer_coef))
+        for grad, group in zip(stats.grads, stats.group_index):
+            grad.mul_(layer_coef[group].to(grad.device))
+        coef = layer_coef.min()
+        return ClipResult(stats.total_norm, coef, coef < 1.0)
+
+
+def unitwise_norm(x: Tensor) -> Tensor:
+    """Norm per output unit (float32): over all dims but the first; over everything for vectors and scalars.
+
+    PyTorch lays weights out as (out, in, ...), so a unit is a row of a Linear or an output channel of a
+    conv (Brock et al. 2021, section 4.1; timm's ``unitwise_norm``).
+    """
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(x, 2, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
+
+
+class AGC(Clipper):
+    """Adaptive Gradient Clipping, unit-wise (Brock, De, Smith & Simonyan 2021, "High-Performance
+    Large-Scale Image Recognition Without Normalization", eq. 3).
+
+    For each unit ``i`` of a weight ``W`` with gradient ``G``::
+
+        G_i <- lambda * max(||W_i||, eps) / ||G_i|| * G_i    if ||G_i|| / max(||W_i||, eps) > lambda
+               G_i                                            otherwise
+
+    Args:
+        clipping: ``lambda``, the largest gradient-to-weight norm ratio allowed per unit.
+        eps: floor on the weight norm, so that zero-initialised units can still move.
+        exclude: layers to leave unclipped, by module name or parameter name prefix. The paper does not
+            clip the final classifier (e.g. ``exclude=("fc",)``).
+    """
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: tuple[str, ...] | list[str] = ()):
+        self.clipping = _positive(clipping, "clipping", "AGC")
+        self.eps = _positive(eps, "eps", "AGC")
+        if isinstance(exclude, str):
+            raise ValueError(f"AGC: exclude must be a tuple of names, got the string {exclude!r}")
+        self.exclude = tuple(exclude)
+
+    def _excluded(self, name: str) -> bool:
+        return any(name == prefix or name.startswith(prefix + ".") for prefix in self.exclude)
+
+    def clip_(self, stats: GradStats) -> ClipResult:
+        coefs = []
+        for name, param in zip(stats.param_names, stats.params):
+            if self._excluded(name):
+                continue
+            grad = param.grad
+            assert grad is not None
+            max_norm = unitwise_norm(param.detach()).clamp(min=self.eps) * self.clipping
+            grad_norm = unitwise_norm(grad)
+            scale = max_norm / grad_norm.clamp(min=_NORM_EPS)
+            keep = (grad_norm <= max_norm) | ~torch.isfinite(grad_norm)
+            scale = torch.where(keep, torch.ones_like(scale), scale)
+            grad.mul_(scale.to(grad.dtype))
+            coefs.append(scale.min())
+        if not coefs:
+            one = torch.ones((), dtype=torch.float32)
+            return ClipResult(stats.total_norm, one, one < 1.0)
+        coef = torch.stack([c.to(coefs[0].device) for c in coefs]).min()
+        return ClipResult(stats.total_norm, coef, coef < 1.0)
+
+
+class AutoClip(ScaleClipper):
+    """AutoClip: clip to a percentile of the gradient norms seen so far (Seetharaman, Wichern, Pardo &
+    Le Roux 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks").
+
+    Each step appends the current total norm ``||g_t||`` to the history ``h``, then clips globally with
+    ``threshold_t = percentile(h, p)`` (linear interpolation, as ``numpy.percentile``)::
+
+        g <- g * min(1, threshold_t / (||g_t|| + 1e-6))
+
+    The paper keeps every norm; here the history is a ring buffer of the last ``history`` norms, stored on
+    the gradients' device (bounded memory, no host sync). Non-finite norms are not recorded.
+    """
+
+    def __init__(self, percentile: float = 10.0, history: int = 1000):
+        percentile = float(percentile)
+        if not 0.0 <= percentile <= 100.0:
+            raise ValueError(f"AutoClip: percentile must be in [0, 100], got {percentile}")
+        if not isinstance(history, int) or isinstance(history, bool) or history < 1:
+            raise ValueError(f"AutoClip: history must be an int >= 1, got {history!r}")
+        self.percentile = percentile
+        self.history = history
+        self._norms: Tensor | None = None  # NaN marks an empty slot; nanquantile skips them
+        self._count = 0
+
+    def coefficient(self, stats: GradStats) -> Tensor:
+        norm = stats.total_norm
+        if self._norms is None or self._norms.device != norm.device:
+            self._norms = torch.full((self.history,), math.nan, dtype=torch.float32, device=norm.device)
+        self._norms[self._count % self.history] = torch.where(stats.finite, norm, math.nan)
+        self._count += 1
+        threshold = torch.nanquantile(self._norms, self.percentile / 100.0)
+        coef = _norm_clip_coef(norm, threshold)
+        usable = stats.finite & torch.isfinite(threshold)
+        return torch.where(usable, coef, torch.ones_like(coef))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"norms": None if self._norms is None else self._norms.clone(), "count": self._count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        norms = state["norms"]
+        if norms is not None and norms.shape != (self.history,):
+            raise ValueError(
+                f"AutoClip: state holds a history of {tuple(norms.shape)}, this clipper keeps ({self.history},)"
+            )
+        self._norms = None if norms is None else norms.clone()
+        self._count = int(state["count"])
+
+
+class ZClip(ScaleClipper):
+    """ZClip: z-score clipping against an EMA of the gradient norm (Kumar, Owen, Ashley et al. 2025,
+    "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"); equal to the ``zclip`` package, step by step.
+
+    For the first ``warmup_steps`` steps the norms are collected and the gradients clipped to
+    ``max_grad_norm``; then ``mu`` and ``sigma^2`` start as their mean and variance. Each later step, with
+    ``g_t`` the total norm and ``z_t = (g_t - mu) / (sigma + eps)``:
+
+    * ``mode="zscore"``: a spike is ``z_t > z_thresh``; its threshold is ``mu`` (``clip_option="mean"``)
+      or ``(mu + z_thresh * sigma / (z_t / z_thresh)) * clip_factor`` (``"adaptive_scaling"``);
+    * ``mode="percentile"``: a spike is ``g_t > mu + z_thresh * sigma``, clipped to that threshold.
+
+    The gradients are clipped to ``min(threshold, max_grad_norm)`` (``max_grad_norm=None``: no cap), and
+    the EMA learns from the clipped value ``c_t`` (unless ``skip_update_on_spike``)::
+
+        mu <- alpha * mu + (1 - alpha) * c_t ;  sigma^2 <- alpha * sigma^2 + (1 - alpha) * (c_t - mu)^2
+
+    State is kept on the gradients' device in float64 (the package keeps Python floats); the step count
+    is a Python int, so no decision needs a host read.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        max_grad_norm: float | None = 1.0,
+        eps: float = 1e-6,
+        mode: str = "zscore",
+        clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+    ):
+        self.alpha = _in_open_unit_interval(alpha, "alpha", "ZClip")
+        self.z_thresh = _positive(z_thresh, "z_thresh", "ZClip")
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 1:
+            raise ValueError(f"ZClip: warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        self.max_grad_norm = None if max_grad_norm is None else _positive(max_grad_norm, "max_grad_norm", "ZClip")
+        self.eps = _positive(eps, "eps", "ZClip")
+        if mode not in ("zscore", "percentile"):
+            raise ValueError(f"ZClip: mode must be 'zscore' or 'percentile', got {mode!r}")
+        self.mode = mode
+        if clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(f"ZClip: clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
+        self.clip_option = clip_option
+        self.clip_factor = _positive(clip_factor, "clip_factor", "ZClip")
+        self.skip_update_on_spike = bool(skip_update_on_spike)
+        self._step = 0
+        self._warmup: Tensor | None = None
+        self._mean: Tensor | None = None
+        self._var: Tensor | None = None
+
+    @staticmethod
+    def _state_dtype(device: torch.device) -> torch.dtype:
+        return torch.float32 if device.type == "mps" else torch.float64
+
+    def _clip_to(self, norm: Tensor, limit: Tensor | float | None) -> Tensor:
+        """The package's in-place rule: ``limit / (norm + 1e-6)`` when ``norm > limit``, else 1."""
+        if limit is None:
+            return torch.ones_like(norm)
+        return torch.where(norm > limit, limit / (norm + _NORM_EPS), torch.ones_like(norm))
+
+    def coefficient(self, stats: GradStats) -> Tensor:
+        device = stats.total_norm.device
+        dtype = self._state_dtype(device)
+        norm = stats.total_norm.to(dtype)
+        if self._step < self.warmup_steps:
+            coef = self._warmup_step(norm, stats.finite)
+        else:
+            coef = self._adaptive_step(norm, stats.finite)
+        self._step += 1
+        return torch.where(stats.finite, coef, torch.ones_like(coef)).float()
+
+    def _warmup_step(self, norm: Tensor, finite: Tensor) -> Tensor:
+        if self._warmup is None:
+            self._warmup = torch.full((self.warmup_steps,), math.nan, dtype=norm.dtype, device=norm.device)
+        self._warmup[self._step] = torch.where(finite, norm, math.nan)
+        if self._step + 1 == self.warmup_steps:
+            self._mean = torch.nanmean(self._warmup)
+            self._var = torch.nanmean((self._warmup - self._mean) ** 2)
+            self._warmup = None
+        if self.max_grad_norm is None:
+            return torch.ones_like(norm)
+        return _norm_clip_coef(norm, self.max_grad_norm)  # the package calls clip_grad_norm_ here
+
+    def _adaptive_step(self, norm: Tensor, finite: Tensor) -> Tensor:
+        mean, var = self._mean, self._var
+        assert mean is not None and var is not None
+        # A warm-up of only non-finite norms leaves no statistics: start them from the first finite norm.
+        started = torch.isfinite(mean)
+        mean = torch.where(started, mean, norm)
+        var = torch.where(started, var, torch.zeros_like(var))
+        std = var.sqrt()
+        if self.mode == "percentile":
+            threshold = mean + self.z_thresh * std
+            spike = norm > threshold
+        else:
+            z = (norm - mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                threshold = (mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+            else:
+                threshold = mean
+        clip_value = torch.where(spike, threshold, norm)
+        limit = clip_value if self.max_grad_norm is None else torch.clamp(clip_value, max=self.max_grad_norm)
+        coef = self._clip_to(norm, limit)
+
+        learn = finite & ~spike if self.skip_update_on_spike else finite
+        new_mean = self.alpha * mean + (1 - self.alpha) * clip_value
+        new_var = self.alpha * var + (1 - self.alpha) * (clip_value - new_mean) ** 2
+        self._mean = torch.where(learn, new_mean, self._mean)
+        self._var = torch.where(learn, new_var, self._var)
+        return coef
+
+    def state_dict(self) -> dict[str, Any]:
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
+        return {"step": self._step, "warmup": copy(self._warmup), "mean": copy(self._mean), "var": copy(self._var)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._step = int(state["step"])
+        self._warmup = None if state["warmup"] is None else state["warmup"].clone()
+        self._mean = None if state["mean"] is None else state["mean"].clone()
+        self._var = None if state["var"] is None else state["var"].clone()

@@ -1,0 +1,196 @@
+"""Per-layer gradient statistics in one read of the gradients, with no host sync.
+
+``grad_stats`` reads every gradient once: ``torch._foreach_norm`` gives one norm per tensor, grouped by
+device and dtype the way ``torch.nn.utils.clip_grad_norm_`` groups them. Everything after that works on
+that short vector of per-tensor norms:
+
+* a layer's norm combines the norms of the tensors it owns: ``||g_layer||_p = (sum_i ||g_i||_p^p)^(1/p)``
+  (``max_i`` for ``p = inf``), a segmented reduction with ``index_add_``;
+* the global norm is the same reduction over all tensors, computed exactly as torch does
+  (``vector_norm(stack(per_tensor_norms))``), so that ``clip.GlobalNorm`` matches
+  ``clip_grad_norm_`` to the bit. It equals the norm of the layer norms.
+
+Nothing here calls ``.item()``, ``bool()`` or ``float()`` on a tensor: the results stay on the device and
+a training loop can read them later, in bulk (see ``history.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
+
+_GROUPINGS = ("module", "param")
+
+
+@dataclass
+class GradStats:
+    """Gradient norms of one step; every tensor lives on the device of the first gradient.
+
+    Attributes:
+        total_norm: 0-d float32 tensor, the ``norm_type`` norm of all gradients together.
+        norms: 1-d float32 tensor, one norm per group (layer), in ``names`` order. A group whose
+            gradient holds NaN or Inf has a non-finite norm here, so the layer can be named.
+        names: group names: module paths (``"blocks.0.attn.qkv"``) for ``groups="module"``,
+            parameter names for ``groups="param"``.
+        finite: 0-d bool tensor, False when any gradient norm is NaN or Inf.
+        norm_type: the ``p`` of the norms.
+        params: the parameters that had a gradient, in the order their norms were taken.
+        param_names: their names (positions when unnamed parameters were given).
+        param_norms: 1-d float32 tensor, one norm per entry of ``params``.
+        group_index: for each entry of ``params``, the index of its group in ``names``.
+    """
+
+    total_norm: Tensor
+    norms: Tensor
+    names: list[str]
+    finite: Tensor
+    norm_type: float
+    params: list[Tensor] = field(repr=False)
+    param_names: list[str] = field(repr=False)
+    param_norms: Tensor = field(repr=False)
+    group_index: list[int] = field(repr=False)
+
+    @property
+    def grads(self) -> list[Tensor]:
+        """The gradients of ``params``, same order."""
+        return [p.grad for p in self.params]  # type: ignore[misc]
+
+
+def named_parameters_of(params: ParamsLike) -> list[tuple[str, Tensor]]:
+    """Normalise a model, an iterable of parameters or of (name, parameter) pairs to named pairs.
+
+    Unnamed parameters are named by their position (``"0"``, ``"1"``, ...).
+    """
+    if isinstance(params, nn.Module):
+        return list(params.named_parameters())
+    if isinstance(params, Tensor):
+        return [("0", params)]
+    named: list[tuple[str, Tensor]] = []
+    for i, item in enumerate(params):
+        if isinstance(item, Tensor):
+            named.append((str(i), item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
+            named.append((str(item[0]), item[1]))
+        else:
+            raise TypeError(
+                "params: expected an nn.Module, tensors, or (name, tensor) pairs; "
+                f"item {i} is {type(item).__name__}"
+            )
+    return named
+
+
+def layer_name(param_name: str) -> str:
+    """The module that owns a parameter: ``"blocks.0.fc.weight"`` -> ``"blocks.0.fc"``.
+
+    A parameter registered on the root module (no dot) is its own layer.
+    """
+    head, dot, _ = param_name.rpartition(".")
+    return head if dot else param_name
+
+
+def check_norm_type(norm_type: float, owner: str) -> float:
+    norm_type = float(norm_type)
+    if not (norm_type == math.inf or norm_type > 0):
+        raise ValueError(f"{owner}: norm_type must be > 0 or inf, got {norm_type}")
+    return norm_type
+
+
+def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
+    """One ``norm_type`` norm per tensor, in input order, each a float32 0-d tensor on its tensor's device.
+
+    Dense tensors go through ``torch._foreach_norm`` per (device, dtype) group, as torch's clipping does;
+    half-precision tensors are accumulated in float32. Sparse tensors use their stored values.
+    """
+    norms: list[Tensor | None] = [None] * len(tensors)
+    dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
+    for i in set(range(len(tensors))) - set(dense):
+        values = tensors[i].coalesce()._values()
+        norms[i] = torch.linalg.vector_norm(values, norm_type, dtype=torch.float32)
+    groups = _group_tensors_by_device_and_dtype([[tensors[i] for i in dense]], with_indices=True)
+    for (device, dtype), ([group], indices) in groups.items():
+        # float32 grads: no dtype argument, the exact call clip_grad_norm_ makes (bit-equal results).
+        accumulate = None if dtype in (torch.float32, torch.float64) else torch.float32
+        if _has_foreach_support(group, device):
+            result = torch._foreach_norm(group, norm_type, dtype=accumulate)
+        else:
+            result = [torch.linalg.vector_norm(g, norm_type, dtype=accumulate) for g in group]
+        for k, norm in zip(indices, result):
+            norms[dense[k]] = norm
+    return [n.float() for n in norms]  # type: ignore[union-attr]
+
+
+def combine_norms(norms: Tensor, norm_type: float, dim: int = 0) -> Tensor:
+    """The ``p``-norm of a vector of ``p``-norms (the norm of the concatenated tensors)."""
+    return torch.linalg.vector_norm(norms, norm_type, dim=dim)
+
+
+def segment_norms(norms: Tensor, index: Tensor, num_groups: int, norm_type: float) -> Tensor:
+    """Combine per-tensor norms into per-group norms; NaN and Inf propagate to their group."""
+    if norm_type == math.inf:
+        out = torch.full((num_groups,), -math.inf, dtype=norms.dtype, device=norms.device)
+        # amax keeps NaN (torch.maximum semantics), so a NaN tensor makes its layer NaN.
+        return out.scatter_reduce_(0, index, norms, reduce="amax", include_self=True)
+    out = torch.zeros(num_groups, dtype=norms.dtype, device=norms.device)
+    return out.index_add_(0, index, norms.pow(norm_type)).pow(1.0 / norm_type)
+
+
+def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.0) -> GradStats:
+    """Gradient norms per layer and overall, in one read of the gradients and with no host sync.
+
+    Args:
+        params: an ``nn.Module``, an iterable of parameters, or of ``(name, parameter)`` pairs.
+            Parameters whose ``.grad`` is None are left out.
+        groups: ``"module"`` (one group per module that owns parameters) or ``"param"`` (one per tensor).
+        norm_type: ``p`` of the norms: 2, 1, ``inf`` or any ``p > 0``.
+
+    Returns:
+        A :class:`GradStats`. With no gradient at all, ``total_norm`` is 0 and ``finite`` is True.
+    """
+    if groups not in _GROUPINGS:
+        raise ValueError(f"grad_stats: groups must be one of {_GROUPINGS}, got {groups!r}")
+    norm_type = check_norm_type(norm_type, "grad_stats")
+    named = [(name, p) for name, p in named_parameters_of(params) if p.grad is not None]
+    if not named:
+        zero = torch.zeros((), dtype=torch.float32)
+        empty = torch.zeros(0, dtype=torch.float32)
+        return GradStats(zero, empty, [], torch.ones((), dtype=torch.bool), norm_type, [], [], empty, [])
+
+    grads = [p.grad for _, p in named]
+    device = grads[0].device
+    param_norms = torch.stack([n.to(device) for n in per_tensor_norms(grads, norm_type)])
+
+    names: list[str] = []
+    group_of_name: dict[str, int] = {}
+    group_index: list[int] = []
+    for name, _ in named:
+        group = layer_name(name) if groups == "module" else name
+        if group not in group_of_name:
+            group_of_name[group] = len(names)
+            names.append(group)
+        group_index.append(group_of_name[group])
+
+    if len(names) == len(named):  # one tensor per group: nothing to combine
+        norms = param_norms
+    else:
+        index = torch.tensor(group_index, device=device)
+        norms = segment_norms(param_norms, index, len(names), norm_type)
+    total_norm = combine_norms(param_norms, norm_type)
+    finite = torch.isfinite(total_norm)
+    return GradStats(
+        total_norm=total_norm,
+        norms=norms,
+        names=names,
+        finite=finite,
+        norm_type=norm_type,
+        params=[p for _, p in named],
+        param_names=[name for name, _ in named],
+        param_norms=param_norms,
+        group_index=group_index,
+    )
