@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+from torch.utils._foreach_utils import _has_foreach_support
 
 from gradguard.stats import (
     GradStats,
     ParamsLike,
     check_norm_type,
     grad_stats,
+    group_by_device_and_dtype,
     named_parameters_of,
     per_tensor_norms,
 )
@@ -92,8 +93,7 @@ def scale_grads_(grads: list[Tensor], coef: Tensor) -> None:
     for g in grads:
         if g.is_sparse:
             g.mul_(coef.to(g.device))
-    groups = _group_tensors_by_device_and_dtype([dense])
-    for (device, _), ([group], _) in groups.items():
+    for (device, _), (group, _) in group_by_device_and_dtype(dense).items():
         if _has_foreach_support(group, device):
             torch._foreach_mul_(group, coef.to(device))
         else:
@@ -188,8 +188,7 @@ class Value(Clipper):
             return ClipResult(stats.total_norm, one, one < 1.0)
         device = grads[0].device
         max_abs = torch.stack([n.to(device) for n in per_tensor_norms(grads, math.inf)]).max()
-        groups = _group_tensors_by_device_and_dtype([grads])
-        for (device_, _), ([group], _) in groups.items():
+        for (device_, _), (group, _) in group_by_device_and_dtype(grads).items():
             if _has_foreach_support(group, device_):
                 torch._foreach_clamp_min_(group, -self.clip_value)
                 torch._foreach_clamp_max_(group, self.clip_value)
@@ -369,7 +368,9 @@ class ZClip(ScaleClipper):
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 1:
             raise ValueError(f"ZClip: warmup_steps must be an int >= 1, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
-        self.max_grad_norm = None if max_grad_norm is None else _positive(max_grad_norm, "max_grad_norm", "ZClip")
+        self.max_grad_norm = (
+            None if max_grad_norm is None else _positive(max_grad_norm, "max_grad_norm", "ZClip")
+        )
         self.eps = _positive(eps, "eps", "ZClip")
         if mode not in ("zscore", "percentile"):
             raise ValueError(f"ZClip: mode must be 'zscore' or 'percentile', got {mode!r}")
@@ -450,7 +451,12 @@ class ZClip(ScaleClipper):
         def copy(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.clone()
 
-        return {"step": self._step, "warmup": copy(self._warmup), "mean": copy(self._mean), "var": copy(self._var)}
+        return {
+            "step": self._step,
+            "warmup": copy(self._warmup),
+            "mean": copy(self._mean),
+            "var": copy(self._var),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._step = int(state["step"])

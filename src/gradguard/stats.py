@@ -102,6 +102,16 @@ def check_norm_type(norm_type: float, owner: str) -> float:
     return norm_type
 
 
+def group_by_device_and_dtype(
+    tensors: list[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
+    """``{(device, dtype): (tensors, their positions in the input)}``: the batches foreach kernels take."""
+    if not tensors:
+        return {}
+    groups = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
+    return {key: (group, indices) for key, ([group], indices) in groups.items()}
+
+
 def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     """One ``norm_type`` norm per tensor, in input order, each a float32 0-d tensor on its tensor's device.
 
@@ -113,8 +123,7 @@ def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     for i in set(range(len(tensors))) - set(dense):
         values = tensors[i].coalesce()._values()
         norms[i] = torch.linalg.vector_norm(values, norm_type, dtype=torch.float32)
-    groups = _group_tensors_by_device_and_dtype([[tensors[i] for i in dense]], with_indices=True)
-    for (device, dtype), ([group], indices) in groups.items():
+    for (device, dtype), (group, indices) in group_by_device_and_dtype([tensors[i] for i in dense]).items():
         # float32 grads: no dtype argument, the exact call clip_grad_norm_ makes (bit-equal results).
         accumulate = None if dtype in (torch.float32, torch.float64) else torch.float32
         if _has_foreach_support(group, device):
