@@ -324,7 +324,8 @@ class AutoClip(ScaleClipper):
         norms = state["norms"]
         if norms is not None and norms.shape != (self.history,):
             raise ValueError(
-                f"AutoClip: state holds a history of {tuple(norms.shape)}, this clipper keeps ({self.history},)"
+                f"AutoClip: state holds a history of {tuple(norms.shape)}, "
+                f"this clipper keeps ({self.history},)"
             )
         self._norms = None if norms is None else norms.clone()
         self._count = int(state["count"])
