@@ -30,7 +30,27 @@ def demo(
 
 # --- doctor command (issue 4) ---
 
-# --- report command (issue 6) ---
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="A JSON Lines run log written by gg.sinks.JSONL."),
+    output: str = typer.Option("report.html", "--output", "-o", help="Where to write the HTML page."),
+) -> None:
+    """Render a monitored run (loss, gradient norm, per-layer heatmap, events) as one HTML page."""
+    from gradguard.report.run import read_jsonl, render_run_report, summarize
+
+    try:
+        records = read_jsonl(run)
+        page = render_run_report(records, title=f"gradguard run report: {run}")
+    except (OSError, ValueError) as error:
+        typer.echo(f"gradguard report: {error}", err=True)
+        raise typer.Exit(2) from None
+    with open(output, "w", encoding="utf-8") as file:
+        file.write(page)
+    s = summarize(records)
+    typer.echo(
+        f"{s.steps} steps, {s.skipped} skipped, {s.clipped} clipped, {s.rollbacks} rollbacks, "
+        f"{s.lr_backoffs} LR back-offs; report written to {output}"
+    )
 
 
 def main() -> None:
