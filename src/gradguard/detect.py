@@ -1,0 +1,347 @@
+"""Detection: turn one step's gradient statistics and loss into on-device event flags.
+
+Every detection is a 0-d bool tensor; nothing here reads a tensor on the host, so the Guard can decide
+(skip, clip) with ``torch.where`` and read the flags once, or never (fused optimizers, see ``guard.py``).
+
+Kinds of event (``EVENT_KINDS``):
+
+* ``nonfinite_grad``: a gradient holds NaN or Inf (``stats.finite`` is False).
+* ``nonfinite_loss``: the loss is NaN or Inf.
+* ``grad_spike``: the log of the total gradient norm is more than ``z_thresh`` standard deviations above
+  its exponential moving average (after a warm-up). Scores are taken on the log of the norm because
+  gradient norms vary multiplicatively: a 10x jump is the same surprise at norm 0.1 and at norm 100.
+* ``loss_spike``: the same z-score on the log of the loss (positive losses only).
+* ``growth``: the norm rose at every step of the last ``growth_window`` steps, by at least
+  ``growth_factor`` per step on average: a run exploding before it turns into NaN.
+* ``nonfinite_param``: a parameter holds NaN or Inf after a step. It needs a pass over the weights, so the
+  Guard checks it when it flushes its history (:func:`nonfinite_layer`), not every step.
+
+Each step's :class:`Verdict` also names a layer: the first layer whose gradient norm is not finite, or
+else the layer whose log norm is furthest above its own moving average (the one that moved most).
+
+The moving statistics follow the exponentially weighted mean and variance of Finch (2009), "Incremental
+calculation of weighted mean and variance"::
+
+    d = x - mu ;  mu <- mu + (1 - alpha) * d ;  var <- alpha * (var + (1 - alpha) * d^2)
+
+started from the plain mean and variance of the first ``warmup_steps`` finite values (as ZClip does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradguard.stats import GradStats, per_tensor_norms
+
+#: Events one guarded step can raise, in the order of :attr:`Verdict.flags`.
+STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "growth")
+#: All kinds of event, the parameter check (at flush time) included.
+EVENT_KINDS = (*STEP_KINDS, "nonfinite_param")
+
+
+@dataclass
+class Verdict:
+    """What the detector saw at one step; all device tensors.
+
+    Attributes:
+        flags: bool tensor, one entry per kind of ``STEP_KINDS``.
+        grad_z: 0-d, z-score of the log total norm (0 during warm-up).
+        loss_z: 0-d, z-score of the log loss (0 during warm-up or when the loss is not scored).
+        spike_threshold: 0-d, the total norm above which a step is a spike (inf during warm-up).
+        norm_level: 0-d, the moving average of the total norm (``exp`` of the EMA of its log).
+        growth_rate: 0-d, the average factor per step by which the norm rose over the growth window.
+        layer: 0-d int64, the index (in ``stats.names``) of the layer the step's events point at.
+    """
+
+    flags: Tensor
+    grad_z: Tensor
+    loss_z: Tensor
+    spike_threshold: Tensor
+    norm_level: Tensor
+    growth_rate: Tensor
+    layer: Tensor
+
+    def flag(self, kind: str) -> Tensor:
+        return self.flags[STEP_KINDS.index(kind)]
+
+
+class MovingZScore:
+    """z-scores of a value (or a vector of values) against their exponentially weighted mean and variance.
+
+    The first ``warmup_steps`` calls only collect; ``ready`` (a host bool, from the call count) says when
+    scores mean something. ``sigma_floor`` bounds the standard deviation from below, so that a very steady
+    series does not turn a small wobble into a large z-score. Non-finite values are never learned.
+    """
+
+    def __init__(self, alpha: float, warmup_steps: int, sigma_floor: float):
+        self.alpha = alpha
+        self.warmup_steps = warmup_steps
+        self.sigma_floor = sigma_floor
+        self.calls = 0
+        self._count: Tensor | None = None  # warm-up: finite values seen, sum, sum of squares
+        self._sum: Tensor | None = None
+        self._sumsq: Tensor | None = None
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.calls >= self.warmup_steps
+
+    def std(self) -> Tensor:
+        assert self.var is not None
+        return self.var.sqrt().clamp(min=self.sigma_floor)
+
+    def score(self, x: Tensor) -> Tensor:
+        """``(x - mu) / max(sigma, floor)``; 0 before warm-up ends or while no finite value was seen."""
+        if not self.ready:
+            return torch.zeros_like(x)
+        assert self.mean is not None
+        z = (x - self.mean) / self.std()
+        return torch.where(torch.isfinite(self.mean), z, torch.zeros_like(z))
+
+    def update(self, x: Tensor, learn: Tensor) -> None:
+        """Learn ``x`` where ``learn`` (bool, same shape or 0-d) is True and ``x`` is finite."""
+        learn = learn & torch.isfinite(x)
+        x = torch.where(learn, x, torch.zeros_like(x))
+        if not self.ready:
+            if self._count is None or self._count.shape != x.shape:
+                self._count, self._sum, self._sumsq = (torch.zeros_like(x) for _ in range(3))
+            assert self._sum is not None and self._sumsq is not None
+            self._count = self._count + learn.to(x.dtype)
+            self._sum = self._sum + x
+            self._sumsq = self._sumsq + x * x
+            self.calls += 1
+            if self.ready:  # warm-up over: start from the plain moments (NaN when nothing was finite)
+                n = torch.where(self._count > 0, self._count, torch.full_like(self._count, math.nan))
+                self.mean = self._sum / n
+                self.var = (self._sumsq / n - self.mean**2).clamp(min=0.0)
+                self._count = self._sum = self._sumsq = None
+            return
+        assert self.mean is not None and self.var is not None
+        self.calls += 1
+        started = torch.isfinite(self.mean)
+        mean = torch.where(started, self.mean, x)  # nothing finite in warm-up: start from this value
+        var = torch.where(started, self.var, torch.zeros_like(self.var))
+        d = x - mean
+        new_mean = mean + (1.0 - self.alpha) * d
+        new_var = self.alpha * (var + (1.0 - self.alpha) * d * d)
+        self.mean = torch.where(learn, new_mean, self.mean)
+        self.var = torch.where(learn, new_var, self.var)
+
+    def state_dict(self) -> dict[str, Any]:
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
+        return {
+            "calls": self.calls,
+            "count": copy(self._count),
+            "sum": copy(self._sum),
+            "sumsq": copy(self._sumsq),
+            "mean": copy(self.mean),
+            "var": copy(self.var),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
+        self.calls = int(state["calls"])
+        self._count, self._sum, self._sumsq = copy(state["count"]), copy(state["sum"]), copy(state["sumsq"])
+        self.mean, self.var = copy(state["mean"]), copy(state["var"])
+
+
+class GrowthWindow:
+    """Sustained growth: ``log g_t`` rose at each of the last ``window`` steps, by ``log(factor)`` per step
+    on average. Keeps the last ``window + 1`` log norms in a ring on the device."""
+
+    def __init__(self, window: int, factor: float):
+        self.window = window
+        self.log_factor = math.log(factor)
+        self.calls = 0
+        self._ring: Tensor | None = None
+        self._order: dict[tuple[int, str], Tensor] = {}  # chronological index per ring position, cached
+
+    def update(self, log_norm: Tensor) -> tuple[Tensor, Tensor]:
+        """Push this step's log norm; returns (growth flag, average factor per step over the window)."""
+        size = self.window + 1
+        if self._ring is None or self._ring.device != log_norm.device:
+            self._ring = torch.full((size,), math.nan, dtype=torch.float32, device=log_norm.device)
+        position = self.calls % size
+        self._ring[position] = log_norm
+        self.calls += 1
+        key = (position, str(log_norm.device))
+        if key not in self._order:
+            self._order[key] = torch.tensor(
+                [(position + 1 + i) % size for i in range(size)], device=log_norm.device
+            )
+        history = self._ring.index_select(0, self._order[key])  # oldest first
+        steps = history[1:] - history[:-1]
+        rate = (history[-1] - history[0]) / self.window
+        full = self.calls >= size
+        growth = (steps > 0).all() & (rate > self.log_factor) & full
+        return growth, torch.exp(rate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "ring": None if self._ring is None else self._ring.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = int(state["calls"])
+        self._ring = None if state["ring"] is None else state["ring"].clone()
+
+
+def _check_detector_args(alpha: float, z_thresh: float, warmup_steps: int, growth_window: int,
+                         growth_factor: float, sigma_floor: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"Detector: alpha must be in (0, 1), got {alpha}")
+    if not (z_thresh > 0 and math.isfinite(z_thresh)):
+        raise ValueError(f"Detector: z_thresh must be a finite number > 0, got {z_thresh}")
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 2:
+        raise ValueError(f"Detector: warmup_steps must be an int >= 2, got {warmup_steps!r}")
+    if not isinstance(growth_window, int) or isinstance(growth_window, bool) or growth_window < 2:
+        raise ValueError(f"Detector: growth_window must be an int >= 2, got {growth_window!r}")
+    if not (growth_factor > 1.0 and math.isfinite(growth_factor)):
+        raise ValueError(f"Detector: growth_factor must be a finite number > 1, got {growth_factor}")
+    if not sigma_floor >= 0.0:
+        raise ValueError(f"Detector: sigma_floor must be >= 0, got {sigma_floor}")
+
+
+class Detector:
+    """Scores each step's total gradient norm, per-layer norms and loss; returns a :class:`Verdict`.
+
+    Args:
+        z_thresh: a step whose log norm (or log loss) is more than this many standard deviations above its
+            moving average is a spike.
+        alpha: EMA decay of the moving statistics (0.98: about the last 50 steps).
+        warmup_steps: steps collected before spikes are scored.
+        growth_window: steps over which sustained growth is measured.
+        growth_factor: average per-step factor of the norm over the window that counts as growth.
+        sigma_floor: lower bound on the standard deviation of the logs (0.1: a 10% wobble is one sigma).
+
+    Spikes teach the moving average only their threshold value (the clipped value, as in ZClip), so one
+    spike barely moves the baseline while a lasting change of scale is learned within some steps.
+    """
+
+    def __init__(
+        self,
+        z_thresh: float = 4.0,
+        alpha: float = 0.98,
+        warmup_steps: int = 25,
+        growth_window: int = 6,
+        growth_factor: float = 1.5,
+        sigma_floor: float = 0.1,
+    ):
+        _check_detector_args(alpha, z_thresh, warmup_steps, growth_window, growth_factor, sigma_floor)
+        self.z_thresh = float(z_thresh)
+        self.alpha = float(alpha)
+        self.warmup_steps = warmup_steps
+        self.growth_window = growth_window
+        self.growth_factor = float(growth_factor)
+        self.sigma_floor = float(sigma_floor)
+        self.norm = MovingZScore(alpha, warmup_steps, sigma_floor)
+        self.loss = MovingZScore(alpha, warmup_steps, sigma_floor)
+        self.layers = MovingZScore(alpha, warmup_steps, sigma_floor)
+        self.growth = GrowthWindow(growth_window, growth_factor)
+        self._layer_names: list[str] | None = None
+
+    def _spike(self, scorer: MovingZScore, x: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(spike flag, z, log threshold) of ``x``; learns ``min(x, threshold)``."""
+        z = scorer.score(x)
+        if scorer.ready:
+            assert scorer.mean is not None
+            threshold = scorer.mean + self.z_thresh * scorer.std()
+            threshold = torch.where(torch.isfinite(threshold), threshold, torch.full_like(x, math.inf))
+        else:
+            threshold = torch.full_like(x, math.inf)
+        spike = finite & (x > threshold)
+        scorer.update(torch.minimum(x, threshold), finite)
+        return spike, z, threshold
+
+    def update(self, stats: GradStats, loss: Tensor | None = None) -> Verdict:
+        """Score this step; advances the moving statistics (from finite values only)."""
+        device = stats.total_norm.device
+        total = stats.total_norm.to(device=device, dtype=torch.float32)
+        log_norm = torch.log(total.clamp(min=1e-30))
+        finite_grad = stats.finite.to(device)
+
+        spike, grad_z, log_threshold = self._spike(self.norm, log_norm, finite_grad)
+        assert self.norm.mean is not None or not self.norm.ready
+        norm_level = torch.exp(self.norm.mean) if self.norm.mean is not None else torch.full_like(total, math.inf)
+
+        if loss is None:
+            nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)
+            loss_spike = nonfinite_loss
+            loss_z = torch.zeros((), dtype=torch.float32, device=device)
+        else:
+            loss = loss.detach().to(device=device, dtype=torch.float32).reshape(())
+            nonfinite_loss = ~torch.isfinite(loss)
+            scored = ~nonfinite_loss & (loss > 0)
+            log_loss = torch.log(loss.clamp(min=1e-30))
+            loss_spike, loss_z, _ = self._spike(self.loss, log_loss, scored)
+
+        growth, growth_rate = self.growth.update(torch.where(finite_grad, log_norm, math.nan))
+        layer = self._layer(stats, finite_grad)
+        flags = torch.stack([~finite_grad, nonfinite_loss, spike, loss_spike, growth & finite_grad])
+        return Verdict(
+            flags=flags,
+            grad_z=grad_z,
+            loss_z=loss_z,
+            spike_threshold=torch.exp(log_threshold),
+            norm_level=norm_level,
+            growth_rate=growth_rate,
+            layer=layer,
+        )
+
+    def _layer(self, stats: GradStats, finite: Tensor) -> Tensor:
+        """First non-finite layer, else the layer furthest above its own moving average."""
+        device = stats.total_norm.device
+        if stats.norms.numel() == 0:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        if self._layer_names != stats.names:  # a different set of layers: start their history over
+            self._layer_names = list(stats.names)
+            self.layers = MovingZScore(self.alpha, self.warmup_steps, self.sigma_floor)
+        norms = stats.norms.to(device=device, dtype=torch.float32)
+        layer_finite = torch.isfinite(norms)
+        log_norms = torch.log(norms.clamp(min=1e-30))
+        moved = self.layers.score(log_norms) if self.layers.ready else log_norms
+        self.layers.update(log_norms, finite.expand_as(log_norms))
+        first_nonfinite = torch.argmax((~layer_finite).to(torch.uint8))
+        most_moved = torch.argmax(torch.where(layer_finite, moved, torch.full_like(moved, -math.inf)))
+        return torch.where(finite, most_moved, first_nonfinite)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "norm": self.norm.state_dict(),
+            "loss": self.loss.state_dict(),
+            "layers": self.layers.state_dict(),
+            "layer_names": None if self._layer_names is None else list(self._layer_names),
+            "growth": self.growth.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.norm.load_state_dict(state["norm"])
+        self.loss.load_state_dict(state["loss"])
+        self.layers.load_state_dict(state["layers"])
+        self._layer_names = None if state["layer_names"] is None else list(state["layer_names"])
+        self.growth.load_state_dict(state["growth"])
+
+
+def nonfinite_layer(named_params: list[tuple[str, Tensor]]) -> Tensor:
+    """Index of the first parameter holding NaN or Inf, or -1: one pass over the weights, on the device.
+
+    Used for the ``nonfinite_param`` check; the caller reads the result with its next host read.
+    """
+    if not named_params:
+        return torch.full((), -1, dtype=torch.int64)
+    params = [p.detach() for _, p in named_params]
+    device = params[0].device
+    # max |w| is finite iff every element is (the inf-norm cannot overflow); one fused read per group.
+    norms = torch.stack([n.to(device) for n in per_tensor_norms(params, math.inf)])
+    bad = ~torch.isfinite(norms)
+    first = torch.argmax(bad.to(torch.uint8))
+    return torch.where(bad.any(), first, torch.full_like(first, -1))

@@ -1,0 +1,232 @@
+"""History: a bounded ring buffer of per-step scalars on the device, read by the host in one copy.
+
+Each guarded step writes one row of ``FIELDS`` (float32) into a ``(capacity, len(FIELDS))`` tensor on the
+gradients' device, and every ``layer_every`` steps one row of per-layer norms into a second ring. Writing
+is a device copy; nothing is read. :meth:`History.drain` copies the filled rows to the host at once (the
+only host read of the monitoring path) and turns them into records, one dict per step::
+
+    {
+        "step": int,                  # optimizer step (accumulation boundary), from 0
+        "loss": float,                # loss passed to guard.step (summed over accumulated micro-batches)
+        "total_norm": float,          # global gradient norm before clipping (NaN/inf when not finite)
+        "coef": float,                # factor applied to the gradients (1.0 = not clipped)
+        "clip_threshold": float|None, # the total norm allowed this step: total_norm * coef when clipped,
+                                      # else the known ceiling (GlobalNorm's max_norm, the spike threshold
+                                      # when spikes are clipped); None when there is none
+        "skipped": bool,              # the optimizer did not update (parameters and its state unchanged)
+        "clipped": bool,              # the gradients were scaled down
+        "lr": float,                  # learning rate of the first parameter group at this step
+        "events": [                   # what the detector saw, and what the Guard did about it
+            {"step": int, "kind": str, "layer": str|None, "action": str, ...values},
+        ],
+        "layer_norms": {name: float}, # only on steps that are multiples of layer_every
+    }
+
+Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own actions ``"lr_backoff"`` and
+``"rollback"``. Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss; ``grad_spike``:
+total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step factor);
+``nonfinite_param``: none; ``lr_backoff``: lr_before, lr_after; ``rollback``: to_step, lr_after.
+Floats may be NaN or inf (the JSON Lines sink writes them as ``NaN`` / ``Infinity``, as ``json`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradguard.detect import STEP_KINDS
+
+#: Columns of a history row, in order.
+FIELDS = (
+    "loss",
+    "total_norm",
+    "coef",
+    "clip_threshold",
+    "skipped",
+    "clipped",
+    "flags",  # bit i set: STEP_KINDS[i] was detected
+    "grad_z",
+    "loss_z",
+    "spike_threshold",
+    "growth_rate",
+    "layer",
+)
+COLUMN = {name: i for i, name in enumerate(FIELDS)}
+
+
+def _float_or_none(x: float) -> float | None:
+    return None if math.isinf(x) and x > 0 else x
+
+
+class History:
+    """Bounded device ring buffer of per-step rows and periodic per-layer norms.
+
+    Args:
+        capacity: rows kept on the device; older unread rows are overwritten (the Guard drains every
+            ``log_every`` steps and sizes the ring to that, so nothing is lost).
+        layer_every: steps between two rows of per-layer norms (0: never).
+    """
+
+    def __init__(self, capacity: int, layer_every: int):
+        self.capacity = capacity
+        self.layer_every = layer_every
+        self._rows: Tensor | None = None
+        self._steps: list[int] = []  # host bookkeeping of the unread rows, oldest first
+        self._lrs: list[float] = []
+        self._names: list[list[str]] = []
+        self._written = 0
+        self._layer_rows: Tensor | None = None
+        self._layer_steps: list[int] = []
+        self._layer_names: list[str] = []
+        self._layer_written = 0
+
+    @property
+    def pending(self) -> int:
+        """Rows written and not yet drained."""
+        return len(self._steps)
+
+    def record(self, step: int, row: Tensor, lr: float, names: list[str], layer_norms: Tensor | None) -> None:
+        """Write one step: ``row`` is a float32 vector in ``FIELDS`` order (a device copy, no read)."""
+        if self._rows is None or self._rows.device != row.device:
+            self._rows = torch.zeros((self.capacity, len(FIELDS)), dtype=torch.float32, device=row.device)
+        self._rows[self._written % self.capacity] = row
+        self._written += 1
+        self._steps.append(step)
+        self._lrs.append(lr)
+        self._names.append(names)
+        if len(self._steps) > self.capacity:  # overwritten on the device: forget it here too
+            del self._steps[0], self._lrs[0], self._names[0]
+        if layer_norms is not None and self.layer_every and step % self.layer_every == 0:
+            self._record_layers(step, layer_norms, names)
+
+    def _record_layers(self, step: int, layer_norms: Tensor, names: list[str]) -> None:
+        size = max(1, math.ceil(self.capacity / self.layer_every) + 1)
+        reshape = self._layer_rows is None or self._layer_rows.shape != (size, layer_norms.numel())
+        if reshape or names != self._layer_names:
+            if self._layer_steps and names != self._layer_names:
+                # a new set of layers; the unread rows of the old set are dropped (rare: frozen layers)
+                self._layer_steps = []
+            self._layer_rows = torch.zeros(
+                (size, layer_norms.numel()), dtype=torch.float32, device=layer_norms.device
+            )
+            self._layer_names = list(names)
+            self._layer_written = 0
+        assert self._layer_rows is not None
+        self._layer_rows[self._layer_written % size] = layer_norms.float()
+        self._layer_written += 1
+        self._layer_steps.append(step)
+        if len(self._layer_steps) > size:
+            del self._layer_steps[0]
+
+    def _unread(self, rows: Tensor, written: int, count: int) -> Tensor:
+        size = rows.shape[0]
+        index = [(written - count + i) % size for i in range(count)]
+        return rows[torch.tensor(index, device=rows.device)]
+
+    def drain(self, extra: Tensor | None = None) -> tuple[list[dict[str, Any]], list[float]]:
+        """Copy the unread rows (and ``extra``, a small 1-d float tensor) to the host in one transfer.
+
+        Returns the raw rows (dicts of ``FIELDS`` plus ``step``, ``lr``, ``names`` and, when recorded,
+        ``layer_norms``) and ``extra`` as floats.
+        """
+        pieces: list[Tensor] = []
+        n = len(self._steps)
+        if n:
+            assert self._rows is not None
+            pieces.append(self._unread(self._rows, self._written, n).flatten())
+        n_layer = len(self._layer_steps)
+        if n_layer:
+            assert self._layer_rows is not None
+            pieces.append(self._unread(self._layer_rows, self._layer_written, n_layer).flatten())
+        if extra is not None:
+            pieces.append(extra.float().flatten())
+        if not pieces:
+            return [], []
+        device = pieces[0].device
+        flat = torch.cat([p.to(device) for p in pieces]).cpu().numpy().tolist()  # the one host read
+
+        width = len(FIELDS)
+        rows: list[dict[str, Any]] = []
+        for i in range(n):
+            values = flat[i * width : (i + 1) * width]
+            row: dict[str, Any] = dict(zip(FIELDS, values))
+            row.update(step=self._steps[i], lr=self._lrs[i], names=self._names[i])
+            rows.append(row)
+        offset = n * width
+        layers_of_step: dict[int, dict[str, float]] = {}
+        n_names = len(self._layer_names)
+        for j, step in enumerate(self._layer_steps):
+            values = flat[offset + j * n_names : offset + (j + 1) * n_names]
+            layers_of_step[step] = dict(zip(self._layer_names, values))
+        offset += n_layer * n_names
+        for row in rows:
+            if row["step"] in layers_of_step:
+                row["layer_norms"] = layers_of_step[row["step"]]
+        self._steps, self._lrs, self._names, self._layer_steps = [], [], [], []
+        return rows, flat[offset:]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Unread rows included, so that a resumed run flushes exactly what the uninterrupted one does."""
+        return {
+            "rows": None if self._rows is None else self._rows.clone(),
+            "steps": list(self._steps),
+            "lrs": list(self._lrs),
+            "names": [list(n) for n in self._names],
+            "written": self._written,
+            "layer_rows": None if self._layer_rows is None else self._layer_rows.clone(),
+            "layer_steps": list(self._layer_steps),
+            "layer_names": list(self._layer_names),
+            "layer_written": self._layer_written,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rows = None if state["rows"] is None else state["rows"].clone()
+        self._steps, self._lrs = list(state["steps"]), list(state["lrs"])
+        self._names = [list(n) for n in state["names"]]
+        self._written = int(state["written"])
+        self._layer_rows = None if state["layer_rows"] is None else state["layer_rows"].clone()
+        self._layer_steps = list(state["layer_steps"])
+        self._layer_names = list(state["layer_names"])
+        self._layer_written = int(state["layer_written"])
+
+
+def to_record(row: dict[str, Any], action_of_kind: dict[str, str]) -> dict[str, Any]:
+    """Turn a drained row into the public record format (see the module docstring)."""
+    names: list[str] = row["names"]
+    layer_index = int(row["layer"])
+    layer = names[layer_index] if 0 <= layer_index < len(names) else None
+    flags = int(row["flags"])
+    step = row["step"]
+    events: list[dict[str, Any]] = []
+    for bit, kind in enumerate(STEP_KINDS):
+        if not flags >> bit & 1:
+            continue
+        event: dict[str, Any] = {"step": step, "kind": kind, "layer": layer, "action": action_of_kind[kind]}
+        if kind in ("nonfinite_grad", "grad_spike", "growth"):
+            event["total_norm"] = row["total_norm"]
+        if kind in ("nonfinite_loss", "loss_spike"):
+            event["loss"] = row["loss"]
+        if kind == "grad_spike":
+            event.update(z=row["grad_z"], threshold=row["spike_threshold"])
+        if kind == "loss_spike":
+            event["z"] = row["loss_z"]
+        if kind == "growth":
+            event["rate"] = row["growth_rate"]
+        events.append(event)
+    record: dict[str, Any] = {
+        "step": step,
+        "loss": row["loss"],
+        "total_norm": row["total_norm"],
+        "coef": row["coef"],
+        "clip_threshold": _float_or_none(row["clip_threshold"]),
+        "skipped": bool(row["skipped"]),
+        "clipped": bool(row["clipped"]),
+        "lr": row["lr"],
+        "events": events,
+    }
+    if "layer_norms" in row:
+        record["layer_norms"] = row["layer_norms"]
+    return record

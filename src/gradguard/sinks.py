@@ -1,0 +1,128 @@
+"""Sinks: where the Guard's flushed history goes.
+
+A sink is any object with ``write(records)`` and ``close()`` (the :class:`Sink` protocol). The Guard calls
+``write`` every ``log_every`` steps with the records flushed since the last call, oldest first, and
+``close`` from ``guard.close()``. Records are plain dicts, one per optimizer step, in the format documented
+in :mod:`gradguard.history` (step, loss, total_norm, coef, clip_threshold, skipped, clipped, lr, events,
+and layer_norms every ``layer_every`` steps). A sink must not keep references it mutates: the same dicts
+go to every sink and to ``guard.history``.
+
+To add a sink (a TensorBoard writer, say), implement the two methods::
+
+    class TensorBoard:
+        def __init__(self, log_dir): self.writer = SummaryWriter(log_dir)
+        def write(self, records):
+            for r in records:
+                self.writer.add_scalar("grad/total_norm", r["total_norm"], r["step"])
+        def close(self): self.writer.close()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Protocol, runtime_checkable
+
+Record = dict[str, Any]
+
+__all__ = ["JSONL", "Callback", "Logging", "Record", "Sink"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives flushed history records."""
+
+    def write(self, records: Sequence[Record]) -> None:
+        """Take the records flushed since the last call, oldest first."""
+
+    def close(self) -> None:
+        """Release files or writers; called once, by ``Guard.close()``."""
+
+
+class JSONL:
+    """Writes one JSON object per line (JSON Lines). NaN and infinities are written as ``NaN`` and
+    ``Infinity``, as Python's ``json`` does (``json.loads`` reads them back).
+
+    Args:
+        path: the file; its folder is created.
+        append: add to an existing file (a resumed run) instead of starting a new one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], append: bool = False):
+        self.path = os.fspath(path)
+        self.append = append
+        self._file: IO[str] | None = None
+
+    def write(self, records: Sequence[Record]) -> None:
+        if self._file is None:
+            folder = os.path.dirname(self.path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")  # noqa: SIM115
+        for record in records:
+            self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a crash loses at most the rows not yet flushed by the Guard
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __repr__(self) -> str:
+        return f"JSONL({self.path!r})"
+
+
+class Logging:
+    """Logs through Python ``logging``: each event at WARNING, and one summary line per flush at ``level``.
+
+    Args:
+        logger: a ``logging.Logger`` or the name of one (default ``"gradguard"``).
+        level: level of the per-flush summary line.
+    """
+
+    def __init__(self, logger: logging.Logger | str = "gradguard", level: int = logging.INFO):
+        self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
+        self.level = level
+
+    def write(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        for record in records:
+            for event in record["events"]:
+                values = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("step", "kind"))
+                self.logger.warning("step %d: %s (%s)", event["step"], event["kind"], values)
+        last = records[-1]
+        skipped = sum(r["skipped"] for r in records)
+        clipped = sum(r["clipped"] for r in records)
+        self.logger.log(
+            self.level,
+            "steps %d-%d: loss %.4g, grad norm %.4g, %d skipped, %d clipped, lr %.3g",
+            records[0]["step"],
+            last["step"],
+            last["loss"],
+            last["total_norm"],
+            skipped,
+            clipped,
+            last["lr"],
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class Callback:
+    """Calls ``fn(record)`` for each flushed record, oldest first."""
+
+    def __init__(self, fn: Callable[[Record], Any]):
+        if not callable(fn):
+            raise ValueError(f"Callback: fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def write(self, records: Sequence[Record]) -> None:
+        for record in records:
+            self.fn(record)
+
+    def close(self) -> None:
+        pass
