@@ -27,8 +27,8 @@ clipping then cost no pass over the gradients beyond the norm. A fused optimizer
 ``AdamW``, ``SGD`` with ``fused=True``) takes the decision itself, as with ``torch.amp.GradScaler``: the
 skip flag goes in as ``found_inf`` and the clip coefficient is folded into ``grad_scale``
 (``grad_scale = 1 / coef``: fused kernels divide by it), so a guarded step reads nothing and clipping costs
-no pass at all. In that case the ``.grad`` tensors are left unclipped; the optimizer sees
-``grad / grad_scale``. Decisions that need the host (LR back-off, rollback, ``"raise"``) are then taken
+no pass of its own: the kernel divides each gradient as it reads it (torch's kernels write the clipped
+value back into ``.grad`` on a real step; a skipped step leaves ``.grad`` as it was). Decisions that need the host (LR back-off, rollback, ``"raise"``) are then taken
 when the history is flushed, every ``log_every`` steps, from the flushed rows, with the same rules; the
 weights are checked for NaN/Inf at the same moment on both paths. A ``scheduler`` given to a Guard with
 a fused optimizer costs one read per step (it must know whether the step happened).

@@ -1,0 +1,423 @@
+"""Guard: skip semantics, host reads per step, fused folding, GradScaler, accumulation, sinks, options."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randn(16, 6, generator=g)
+    return x, x[:, :1] * 2.0 - x[:, 1:2]
+
+
+def _backward(model: nn.Module, i: int, nan: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """Forward and backward of batch ``i``; ``scale`` multiplies the loss (a spike), ``nan`` poisons a grad."""
+    x, y = _batch(i)
+    loss = nn.functional.mse_loss(model(x), y) * scale
+    loss.backward()
+    if nan:
+        model[0].weight.grad[0, 0] = math.nan
+    return loss
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
+
+
+def _assert_same_state(a, b) -> None:
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    sa, sb = a[1]["state"], b[1]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(sa[k][name], sb[k][name]), name
+
+
+OPTIMIZERS = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2),
+    "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    "sgd_fused": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_nonfinite_step_is_skipped_params_optimizer_and_scheduler_unchanged(name):
+    model = _model()
+    optimizer = OPTIMIZERS[name](model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(1.0), scheduler=scheduler, log_every=4)
+    for i in range(3):
+        _backward(model, i)
+        assert bool(guard.step())
+        optimizer.zero_grad()
+    before, lr_before, epoch_before = _state(model, optimizer), optimizer.param_groups[0]["lr"], scheduler.last_epoch
+    _backward(model, 3, nan=True)
+    stepped = guard.step()
+    optimizer.zero_grad()
+    assert not bool(stepped) and guard.last_step_skipped
+    _assert_same_state(before, _state(model, optimizer))
+    assert optimizer.param_groups[0]["lr"] == lr_before and scheduler.last_epoch == epoch_before
+    _backward(model, 4)
+    assert bool(guard.step()) and not guard.last_step_skipped
+    assert scheduler.last_epoch == epoch_before + 1
+    guard.close()
+    assert guard.summary() == {"steps": 5, "skipped": 1, "clipped": guard.summary()["clipped"], "rollbacks": 0,
+                               "lr_backoffs": 0}
+    record = guard.history[3]
+    assert record["skipped"] and [e["kind"] for e in record["events"]] == ["nonfinite_grad"]
+    assert record["events"][0]["layer"] == "0"
+
+
+def _guard_reads(name: str, steps: int, **guard_kwargs) -> tuple[list[int], list[int]]:
+    """Host reads of each guard.step, and of the same bare optimizer.step on a twin, per step."""
+    model, twin = _model(), _model()
+    optimizer, twin_optimizer = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](twin.parameters())
+    guard = gg.Guard(model, optimizer, **guard_kwargs)
+    guard_reads, bare_reads = [], []
+    for i in range(steps):
+        fault = dict(nan=(i == 30), scale=100.0 if i == 35 else 1.0)
+        loss = _backward(model, i, **fault)
+        _backward(twin, i)
+        with gg.count_host_syncs() as syncs:
+            guard.step(loss)
+        guard_reads.append(syncs.count)
+        with gg.count_host_syncs() as syncs:
+            twin_optimizer.step()
+        bare_reads.append(syncs.count)
+        optimizer.zero_grad()
+        twin_optimizer.zero_grad()
+    return guard_reads, bare_reads
+
+
+@pytest.mark.parametrize("name", ["adamw_fused", "adam_fused", "sgd_fused"])
+@pytest.mark.parametrize("clip", [None, "global", "zclip"])
+def test_fused_optimizers_make_no_host_read_at_all(name, clip):
+    clipper = {None: None, "global": gg.clip.GlobalNorm(0.5), "zclip": gg.clip.ZClip(warmup_steps=5)}[clip]
+    reads, bare = _guard_reads(name, 40, clip=clipper, log_every=10, layer_every=5)
+    assert reads == [0] * 40  # flush steps (10, 20, ...) too: the history is copied, never .item()-ed
+    assert bare == [0] * 40
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_plain_optimizers_make_one_host_read_per_step(name):
+    reads, bare = _guard_reads(name, 40, clip=gg.clip.ZClip(warmup_steps=5), log_every=10)
+    # Adam's own reads (its CPU step counters) are the optimizer's, not the Guard's; a skipped step (30)
+    # does not call the optimizer at all.
+    extra = [r - (0 if i == 30 else b) for i, (r, b) in enumerate(zip(reads, bare))]
+    assert extra == [1] * 40
+
+
+def test_fused_scheduler_costs_one_read():
+    model = _model()
+    optimizer = OPTIMIZERS["adamw_fused"](model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.99)
+    guard = gg.Guard(model, optimizer, scheduler=scheduler)
+    for i in range(5):
+        loss = _backward(model, i)
+        with gg.count_host_syncs() as syncs:
+            guard.step(loss)
+        optimizer.zero_grad()
+        assert syncs.count == 1
+
+
+def _clip_grad_norm_run(fused: bool, steps: int = 12) -> list[torch.Tensor]:
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    for i in range(steps):
+        _backward(model, i)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _guarded_run(fused: bool, steps: int = 12) -> tuple[list[torch.Tensor], gg.Guard]:
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(0.3), on_spike="log", on_growth="log")
+    for i in range(steps):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], guard
+
+
+def test_plain_path_equals_clip_grad_norm_then_step_bitwise():
+    expected = _clip_grad_norm_run(fused=False)
+    got, guard = _guarded_run(fused=False)
+    assert guard.summary()["clipped"] > 0
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_fused_path_folds_the_coefficient_into_grad_scale():
+    expected = _clip_grad_norm_run(fused=True)
+    got, guard = _guarded_run(fused=True)
+    assert guard.summary()["clipped"] > 0
+    for a, b in zip(expected, got):  # g / (1 / coef) vs g * coef: equal to rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_path_clips_inside_the_kernel():
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(1e-3))
+    _backward(model, 0)
+    before = [p.grad.clone() for p in model.parameters()]
+    coef = 1e-3 / (gg.grad_stats(model).total_norm + 1e-6)
+    guard.step()
+    # torch's fused kernels write grad / grad_scale back as they read it: .grad ends clipped, no extra pass
+    for g, p in zip(before, model.parameters()):
+        torch.testing.assert_close(p.grad, g * coef)
+
+
+def test_grad_scaler_unscales_first_skips_inf_and_backs_off_the_scale():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    twin = _model()
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, scaler=scaler, on_spike="log", on_growth="log")
+    for i in range(4):
+        x, y = _batch(i)
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        nn.functional.mse_loss(twin(x), y).backward()
+        if i == 2:
+            model[2].bias.grad.fill_(math.inf)
+        guard.step()
+        if i != 2:
+            twin_optimizer.step()
+        optimizer.zero_grad()
+        twin_optimizer.zero_grad()
+        if i == 2:
+            assert guard.last_step_skipped and scaler.get_scale() == 2.0**9
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)  # unscaled before stepping: the same updates as without a scaler
+    assert guard.summary()["skipped"] == 1
+
+
+def test_gradient_accumulation_acts_on_boundaries_only():
+    model, twin = _model(), _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, accumulation_steps=3, on_spike="log", on_growth="log")
+    boundaries = []
+    for i in range(9):
+        _backward(model, i)
+        (loss := _backward(twin, i))
+        guard.step(loss)
+        boundaries.append(guard.sync_gradients)
+        if guard.sync_gradients:
+            optimizer.zero_grad()
+        if i % 3 == 2:
+            twin_optimizer.step()
+            twin_optimizer.zero_grad()
+    assert boundaries == [False, False, True] * 3
+    assert guard.summary()["steps"] == 3
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    guard.close()
+    assert [r["step"] for r in guard.history] == [0, 1, 2]
+
+
+def test_lr_backoff_after_n_skips_in_a_window():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, optimizer, backoff_after=2, backoff_window=10, lr_backoff=0.25, log_every=5)
+    for i in range(10):
+        guard.step(_backward(model, i, nan=i in (3, 6)))
+        optimizer.zero_grad()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    guard.close()
+    assert guard.summary()["lr_backoffs"] == 1
+    events = guard.history[6]["events"]
+    assert [e["kind"] for e in events] == ["nonfinite_grad", "lr_backoff"]
+    assert events[1]["lr_before"] == pytest.approx(0.1) and events[1]["lr_after"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    guard = gg.Guard(model, optimizer, snapshot_every=5, log_every=5, rollback_lr_factor=0.5)
+    for i in range(10):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    good = [p.detach().clone() for p in model.parameters()]  # snapshot taken at the flush of step 10
+    good_optimizer = copy.deepcopy(optimizer.state_dict()["state"])
+    for i in range(10, 13):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    with torch.no_grad():
+        model[2].weight.fill_(math.nan)  # a bad update (or a bit flip) the gradients did not show
+    for i in range(13, 15):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    # the flush at step 15 finds the NaN weight and restores the snapshot of step 10
+    for a, b in zip(good, model.parameters()):
+        assert torch.equal(a, b)
+    for k, v in good_optimizer.items():
+        assert torch.equal(v["exp_avg"], optimizer.state_dict()["state"][k]["exp_avg"])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert guard.summary()["rollbacks"] == 1
+    kinds = [e["kind"] for e in guard.history[-1]["events"]]
+    assert kinds[-2:] == ["nonfinite_param", "rollback"]
+    assert guard.history[-1]["events"][-2]["layer"] == "2.weight"
+
+
+def test_rollback_from_disk_snapshot(tmp_path):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, snapshot_every=2, log_every=2, snapshot_dir=str(tmp_path))
+    for i in range(4):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    assert (tmp_path / "gradguard_snapshot.pt").exists()
+    good = [p.detach().clone() for p in model.parameters()]
+    guard.step(_backward(model, 4))
+    optimizer.zero_grad()
+    with torch.no_grad():
+        model[0].bias.fill_(math.inf)
+    guard.step(_backward(model, 5))
+    for a, b in zip(good, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_training_diverged_when_the_rollback_budget_is_spent():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, max_rollbacks=1, snapshot_every=2, log_every=2)
+    with pytest.raises(gg.TrainingDiverged) as info:
+        for i in range(20):
+            with torch.no_grad():
+                if i >= 4:
+                    model[2].bias.fill_(math.nan)  # every snapshot restored goes bad again
+            guard.step(_backward(model, i))
+            optimizer.zero_grad()
+    error = info.value
+    assert "rollback budget is spent (1 of max_rollbacks=1)" in str(error)
+    assert "nonfinite_param in '2.bias'" in str(error)
+    assert error.summary["rollbacks"] == 1 and error.step == 7
+    assert guard.summary()["rollbacks"] == 1
+
+
+def test_raise_response_stops_at_once():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, on_nonfinite="raise")
+    guard.step(_backward(model, 0))
+    optimizer.zero_grad()
+    with pytest.raises(gg.TrainingDiverged, match="nonfinite_grad event at step 1"):
+        guard.step(_backward(model, 1, nan=True))
+
+
+def test_consecutive_skips_roll_back():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, max_consecutive_skips=4, backoff_after=100)
+    for i in range(6):
+        guard.step(_backward(model, i, nan=i >= 1))
+        optimizer.zero_grad()
+    assert guard.summary()["rollbacks"] == 1 and guard.summary()["skipped"] == 5
+
+
+def test_spike_clip_response_clips_to_the_detector_threshold():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, optimizer, detector=gg.detect.Detector(warmup_steps=10), log_every=50)
+    for i in range(30):
+        guard.step(_backward(model, i, scale=30.0 if i == 25 else 1.0))
+        optimizer.zero_grad()
+    guard.close()
+    spike = guard.history[25]
+    assert [e["kind"] for e in spike["events"]] == ["grad_spike", "loss_spike"]
+    assert spike["events"][0]["threshold"] == pytest.approx(spike["total_norm"] * spike["coef"], rel=1e-4)
+    assert spike["clipped"] and spike["coef"] < 1.0
+    assert spike["clip_threshold"] == pytest.approx(spike["total_norm"] * spike["coef"], rel=1e-5)
+    assert not guard.history[24]["clipped"]
+
+
+def test_record_format_and_layer_norms():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(0.5), log_every=4, layer_every=3)
+    for i in range(7):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    assert len(guard.history) == 4  # flushed at step 4 only
+    guard.close()
+    records = guard.history
+    assert [r["step"] for r in records] == list(range(7))
+    keys = {"step", "loss", "total_norm", "coef", "clip_threshold", "skipped", "clipped", "lr", "events"}
+    for r in records:
+        assert keys <= r.keys()
+        assert ("layer_norms" in r) == (r["step"] % 3 == 0)
+        assert isinstance(r["skipped"], bool) and isinstance(r["lr"], float)
+    stats_norms = records[0]["layer_norms"]
+    assert set(stats_norms) == {"0", "2"}
+    assert math.sqrt(sum(v * v for v in stats_norms.values())) == pytest.approx(records[0]["total_norm"], rel=1e-5)
+    unclipped = [r for r in records if not r["clipped"]]
+    assert all(r["clip_threshold"] == pytest.approx(0.5) for r in unclipped)
+
+
+def test_sinks_jsonl_logging_callback(tmp_path, caplog):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    seen = []
+    path = tmp_path / "run" / "guard.jsonl"
+    sinks = [gg.sinks.JSONL(path), gg.sinks.Logging("gradguard.test"), gg.sinks.Callback(seen.append)]
+    assert all(isinstance(s, gg.sinks.Sink) for s in sinks)
+    with caplog.at_level(logging.INFO, logger="gradguard.test"):
+        with gg.Guard(model, optimizer, sinks=sinks, log_every=3) as guard:
+            for i in range(5):
+                guard.step(_backward(model, i, nan=i == 1))
+                optimizer.zero_grad()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5 and len(seen) == 5
+    assert "NaN" in lines[1]  # json writes NaN as Python's json does
+    assert math.isnan(json.loads(lines[1])["total_norm"])
+    assert json.loads(lines[4])["step"] == 4
+    assert any("nonfinite_grad" in m for m in caplog.messages)
+    assert any("1 skipped" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"on_spike": "explode"}, "on_spike"),
+        ({"on_nonfinite": "clip"}, "on_nonfinite"),
+        ({"on_growth": "maybe"}, "on_growth"),
+        ({"responses": {"loss_explosion": "skip"}}, "unknown event kind 'loss_explosion'"),
+        ({"responses": {"nonfinite_param": "skip"}}, r"responses\['nonfinite_param'\]"),
+        ({"lr_backoff": -0.5}, "lr_backoff"),
+        ({"rollback_lr_factor": 2.0}, "rollback_lr_factor"),
+        ({"backoff_after": 0}, "backoff_after"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+        ({"accumulation_steps": 0}, "accumulation_steps"),
+        ({"log_every": 0}, "log_every"),
+        ({"snapshot_every": 0}, "snapshot_every"),
+        ({"clip": "global"}, "clip"),
+        ({"sinks": [object()]}, r"sinks\[0\]"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_the_option(kwargs, option):
+    model = _model()
+    with pytest.raises(ValueError, match=option):
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=1e-3), **kwargs)
