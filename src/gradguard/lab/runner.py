@@ -1,0 +1,156 @@
+"""Run a grid of configs in parallel processes, with a progress bar and a resumable on-disk cache.
+
+* Parallel: ``concurrent.futures.ProcessPoolExecutor`` with the ``spawn`` start method (no fork of a
+  process that already holds torch threads); each worker runs torch on one thread, so ``workers``
+  processes use ``workers`` cores. ``workers=1`` runs in this process.
+* Cached: a finished run is stored as ``OUT/cache/<scenario>-<key>.json``, ``key`` a hash of its config
+  (and of :data:`LAB_VERSION`). A second run of the same grid executes nothing; changing one config
+  reruns only that one. A run that raised is not cached (its record holds the error), so it runs again.
+* Deterministic: each run seeds torch, numpy and ``random`` from its config's seed and uses one thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gradguard.lab.scenarios import Record, RunConfig, execute
+
+#: bump when a change to the lab's code changes results, so that old cached runs are not reused
+LAB_VERSION = 1
+
+ProgressCallback = Callable[[RunConfig, Record], None]
+
+
+def config_key(config: RunConfig) -> str:
+    """A short stable hash of a config (JSON with sorted keys) and the lab version."""
+    payload = json.dumps({"lab_version": LAB_VERSION, "config": config}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_path(out_dir: Path, config: RunConfig) -> Path:
+    return out_dir / "cache" / f"{config['scenario']}-{config_key(config)}.json"
+
+
+def load_cached(out_dir: Path, config: RunConfig) -> Record | None:
+    path = cache_path(out_dir, config)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:  # a run killed while writing: run it again
+        return None
+    return record if record.get("config") == config else None
+
+
+def store(out_dir: Path, record: Record) -> None:
+    path = cache_path(out_dir, record["config"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, allow_nan=False))
+    os.replace(temporary, path)  # atomic: a killed run never leaves half a file
+
+
+def run_one(config: RunConfig) -> Record:
+    """Execute one config; never raises: an error becomes the record's ``error``."""
+    start = time.perf_counter()
+    try:
+        record = execute(config)
+    except Exception as error:  # one failing run must not lose the grid
+        record = {
+            "config": config,
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(limit=5),
+        }
+    record["wall_seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+@dataclass
+class GridResult:
+    records: list[Record]  # one per config, in the configs' order
+    executed: int  # how many runs this call actually executed (the others came from the cache)
+    seconds: float
+
+
+def run_grid(
+    configs: list[RunConfig],
+    out_dir: Path,
+    workers: int = 2,
+    on_record: ProgressCallback | None = None,
+) -> GridResult:
+    """Run every config not already in ``out_dir``'s cache; return all records in config order.
+
+    ``on_record(config, record)`` is called once per config as its record becomes available (cached
+    ones first), e.g. to advance a progress bar.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    keys = [config_key(config) for config in configs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("run_grid: two configs in the grid are identical")
+    records: dict[str, Record] = {}
+    pending: list[RunConfig] = []
+    for key, config in zip(keys, configs):
+        cached = load_cached(out_dir, config)
+        if cached is None:
+            pending.append(config)
+        else:
+            records[key] = cached
+            if on_record:
+                on_record(config, cached)
+
+    def finish(config: RunConfig, record: Record) -> None:
+        if "error" not in record:
+            store(out_dir, record)
+        records[config_key(config)] = record
+        if on_record:
+            on_record(config, record)
+
+    if workers == 1 or len(pending) <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for config in pending:
+                finish(config, run_one(config))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+            futures: dict[Future[Record], RunConfig] = {pool.submit(run_one, c): c for c in pending}
+            for future in as_completed(futures):
+                finish(futures[future], future.result())
+    return GridResult([records[key] for key in keys], len(pending), time.perf_counter() - start)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def describe_config(config: RunConfig) -> str:
+    return f"{config['scenario']}: {config['variant']} (seed {config['seed']})"
+
+
+def records_by_scenario(records: list[Record]) -> dict[str, list[Record]]:
+    grouped: dict[str, list[Record]] = {}
+    for record in records:
+        grouped.setdefault(record["config"]["scenario"], []).append(record)
+    return grouped
+
