@@ -1,0 +1,122 @@
+"""Two CPU processes on gloo: every rank takes the same decision, and sharded norms are global."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradguard as gg
+from gradguard import dist as gg_dist
+
+WORLD = 2
+NAN_STEP = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_run(rank: int, fused: bool) -> dict:
+    """DDP training where rank 1 alone sees a NaN gradient at NAN_STEP (after the gradient all-reduce)."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    guard = gg.Guard(model, optimizer, clip=gg.clip.ZClip(warmup_steps=3), log_every=3)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: losses differ across ranks
+    skipped = []
+    for step in range(8):
+        x = torch.randn(8, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        if rank == 1 and step == NAN_STEP:
+            model.module[0].weight.grad[0, 0] = math.nan
+        guard.step(loss)
+        optimizer.zero_grad()
+        skipped.append(guard.last_step_skipped)
+    guard.close()
+    return {
+        "skipped": skipped,
+        "params": [p.detach().clone() for p in model.parameters()],
+        "norms": [r["total_norm"] for r in guard.history],
+        "losses": [r["loss"] for r in guard.history],
+    }
+
+
+def _sharded_norm(rank: int) -> dict:
+    """DTensor gradients sharded on dim 0: the Guard's view of the norms is the norm of the full gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)  # the same full tensors on both ranks
+    full = {"a.weight": torch.randn(6, 3), "a.bias": torch.randn(6), "b.weight": torch.randn(2, 6)}
+    named = []
+    for name, grad in full.items():
+        placement = Replicate() if name == "a.bias" else Shard(0)
+        param = nn.Parameter(distribute_tensor(torch.zeros_like(grad), mesh, [placement]))
+        param.grad = distribute_tensor(grad, mesh, [placement])
+        named.append((name, param))
+    local, sharded = gg_dist.local_named_parameters(named)
+    stats = gg.grad_stats(local)
+    stats, loss = gg_dist.all_reduce_stats(stats, torch.tensor(float(rank)), dist.group.WORLD, sharded)
+    expected_layers = [
+        torch.cat([full["a.weight"].flatten(), full["a.bias"]]).norm(),
+        full["b.weight"].norm(),
+    ]
+    return {
+        "sharded": sharded,
+        "total": float(stats.total_norm),
+        "expected_total": float(torch.cat([g.flatten() for g in full.values()]).norm()),
+        "layers": stats.norms.tolist(),
+        "expected_layers": [float(n) for n in expected_layers],
+        "loss": float(loss),
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        result = {"plain": _ddp_run(rank, fused=False), "fused": _ddp_run(rank, fused=True)}
+        result["dtensor"] = _sharded_norm(rank)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    out_dir = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_a_nan_on_one_rank_makes_every_rank_skip_and_params_stay_identical(results, path):
+    rank0, rank1 = results[0][path], results[1][path]
+    expected = [step == NAN_STEP for step in range(8)]
+    assert rank0["skipped"] == expected and rank1["skipped"] == expected
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(p).all() for p in rank0["params"])
+    # the Guard saw global numbers: the same norm history and the mean loss on both ranks
+    assert repr(rank0["norms"]) == repr(rank1["norms"]) and math.isnan(rank0["norms"][NAN_STEP])
+    assert rank0["losses"] == rank1["losses"]
+
+
+def test_sharded_dtensor_gradients_give_the_norm_of_the_full_gradient(results):
+    for rank in results:
+        r = rank["dtensor"]
+        assert r["sharded"] == [True, False, True]
+        assert r["total"] == pytest.approx(r["expected_total"], rel=1e-5)
+        assert r["layers"] == pytest.approx(r["expected_layers"], rel=1e-5)
+        assert r["loss"] == pytest.approx(0.5)
