@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 Record = dict[str, Any]
 
-__all__ = ["JSONL", "Callback", "Logging", "Record", "Sink"]
+__all__ = ["JSONL", "Callback", "Logging", "Record", "Sink", "TensorBoard", "scalars_of"]
 
 
 @runtime_checkable
@@ -126,3 +126,59 @@ class Callback:
 
     def close(self) -> None:
         pass
+
+
+def scalars_of(record: Record) -> dict[str, float]:
+    """The scalars of a record under the tags every logging integration uses.
+
+    ``gradguard/{loss, total_norm, coef, clip_threshold, skipped, clipped, lr}`` and, on steps that carry
+    per-layer norms, ``gradguard_layers/<layer>``: one tag prefix, so TensorBoard shows the layers as one group.
+    Booleans become 0/1; a missing loss or threshold is left out; NaN and Inf are kept.
+    """
+    scalars = {}
+    for key in ("loss", "total_norm", "coef", "clip_threshold", "lr"):
+        if record.get(key) is not None:
+            scalars[f"gradguard/{key}"] = float(record[key])
+    for key in ("skipped", "clipped"):
+        scalars[f"gradguard/{key}"] = float(bool(record.get(key)))
+    for name, norm in (record.get("layer_norms") or {}).items():
+        scalars[f"gradguard_layers/{name}"] = float(norm)
+    return scalars
+
+
+class TensorBoard:
+    """Writes the records to TensorBoard with ``torch.utils.tensorboard.SummaryWriter``.
+
+    Tags are those of :func:`scalars_of`; each event of a step also becomes a text entry. Needs the
+    ``tensorboard`` package (``pip install gradguard[tensorboard]``).
+
+    Args:
+        log_dir: the run's folder (``tensorboard --logdir`` over its parent), or
+        writer: an existing ``SummaryWriter`` (e.g. Lightning's ``TensorBoardLogger.experiment``), which
+            ``close()`` leaves open.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, writer: Any = None):
+        if (log_dir is None) == (writer is None):
+            raise ValueError("TensorBoard: give exactly one of log_dir and writer")
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=os.fspath(log_dir))
+            self._owns_writer = True
+        else:
+            self._owns_writer = False
+        self.writer = writer
+
+    def write(self, records: Sequence[Record]) -> None:
+        for record in records:
+            for tag, value in scalars_of(record).items():
+                self.writer.add_scalar(tag, value, record["step"])
+            for event in record.get("events", ()):
+                details = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("step", "kind"))
+                self.writer.add_text(f"gradguard_events/{event['kind']}", details, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._owns_writer:
+            self.writer.close()
