@@ -26,7 +26,40 @@ def demo(
     run_demo(steps=steps, seed=seed)
 
 
-# --- lab command (issue 5) ---
+@app.command()
+def lab(
+    scenarios: list[str] | None = typer.Argument(  # noqa: B008 - typer's way of declaring an argument
+        None, help="Scenarios: depth, recurrence, learning_rate, regularization, faults (default: all)."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="The small grid: under 5 minutes on 2 cores."),
+    seeds: int = typer.Option(None, "--seeds", min=1, help="Seeds per variant (default: the scenario's)."),
+    out: str = typer.Option("gradguard-out", "--out", help="Output folder (report, results, run cache)."),
+    workers: int = typer.Option(None, "--workers", min=1, help="Parallel processes (default: CPU cores)."),
+    steps: int = typer.Option(None, "--steps", min=2, help="Training steps per run, overriding the scenarios'."),
+) -> None:
+    """Reproduce exploding gradients and every remedy on real tasks; write OUT/report.html."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from gradguard.lab.console import print_summary
+    from gradguard.lab.run import run_lab
+    from gradguard.lab.scenarios import all_scenarios
+
+    valid = list(all_scenarios())
+    unknown = [name for name in scenarios or [] if name not in valid]
+    if unknown:
+        raise typer.BadParameter(f"unknown scenario {unknown[0]!r}; valid scenarios: {', '.join(valid)}")
+    console = Console()
+    result = run_lab(scenarios or None, quick=quick, seeds=seeds, out=Path(out), workers=workers, steps=steps)
+    print_summary(result.records, console)
+    console.print(
+        f"{len(result.records)} runs ({result.executed} executed, {len(result.records) - result.executed} cached) "
+        f"in {result.seconds:.0f} s"
+    )
+    console.print(f"report: [bold]{result.report.resolve()}[/bold]")
+    console.print(f"results: {result.results_csv}, {result.results_json}")
+
 
 # --- doctor command (issue 4) ---
 

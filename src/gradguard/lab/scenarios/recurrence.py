@@ -60,6 +60,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
                     {
                         "scenario": NAME,
                         "variant": label,
+                        "part": f"{task.replace('_', ' ')} problem, T={seq_len}",
                         "seed": seed,
                         "task": task,
                         "seq_len": seq_len,

@@ -1,0 +1,251 @@
+""""What it shows": each scenario's paragraph, written from the measured numbers when the report is rendered.
+
+Nothing here is a pre-written conclusion: every sentence is chosen by comparing numbers in the rows
+(``summary.py``) and records, and states those numbers, including when they contradict the claim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Row = dict[str, Any]
+Record = dict[str, Any]
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for prose: 3 significant digits, scientific when very large or small; "n/a" for None."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _rows_by_variant(rows: list[Row]) -> dict[str, Row]:
+    return {row["variant"]: row for row in rows}
+
+
+def flow_ratio(record: Record) -> float | None:
+    """Gradient norm at the first layer over that at the last, at init (> 1: grows towards the input)."""
+    norms = (record.get("layer_flow") or {}).get("norms") or []
+    norms = [n for n in norms if n is not None]
+    if len(norms) < 2 or not norms[-1] or not all(math.isfinite(n) for n in (norms[0], norms[-1])):
+        return None
+    return norms[0] / norms[-1]
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman rank correlation (Pearson on ranks, ties averaged); None with < 3 points or no spread."""
+    if len(x) < 3:
+        return None
+
+    def ranks(values: list[float]) -> np.ndarray:
+        order = np.argsort(values, kind="stable")
+        result = np.empty(len(values))
+        result[order] = np.arange(len(values))
+        array = np.asarray(values)
+        for value in np.unique(array):  # average the ranks of ties
+            result[array == value] = result[array == value].mean()
+        return result
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def depth_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    lines = []
+    by_variant = _rows_by_variant(rows)
+    for activation in ("sigmoid", "tanh", "relu"):
+        group = [row for row in rows if row["variant"].startswith(activation + " /") and row["runs"]]
+        if not group:
+            continue
+        best = max(group, key=lambda row: row["test_accuracy"] or 0.0)
+        worst = min(group, key=lambda row: row["test_accuracy"] or 0.0)
+        ratios = {}
+        for row in group:
+            values = [flow_ratio(r) for r in records if r["config"]["variant"] == row["variant"]]
+            values = [v for v in values if v is not None]
+            ratios[row["variant"]] = float(np.median(values)) if values else None
+        normal = by_variant.get(f"{activation} / N(0,1)")
+        text = (
+            f"{activation}: the best initialization is {best['variant'].split(' / ')[1]} "
+            f"(test accuracy {pct(best['test_accuracy'])}), the worst {worst['variant'].split(' / ')[1]} "
+            f"({pct(worst['test_accuracy'])})."
+        )
+        if normal is not None:
+            ratio = ratios.get(normal["variant"])
+            text += (
+                f" With N(0,1) weights the gradient at the first layer is {fmt(ratio)}x the last layer's at "
+                f"init, and {normal['diverged']}/{normal['runs']} runs diverged."
+            )
+        others = [v for k, v in ratios.items() if normal is None or k != normal["variant"]]
+        others = [v for v in others if v is not None]
+        if others:
+            text += f" The other initializations give first/last ratios from {fmt(min(others))} to {fmt(max(others))}."
+        lines.append(text)
+    exploding = [row for row in rows if row["variant"].endswith("N(0,1)") and row["runs"]]
+    if exploding:
+        failed = sum(1 for row in exploding if row["diverged"] or (row["test_accuracy"] or 0) < 0.5)
+        lines.append(
+            f"Claim check: N(0,1) init failed (diverged or test accuracy below 50%) for {failed} of "
+            f"{len(exploding)} activations."
+        )
+    return lines
+
+
+def recurrence_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    rows = [row for row in rows if row["runs"]]
+    if not rows:
+        return []
+    lines = []
+    baseline = next((row for row in rows if row["variant"] == "no remedy"), None)
+    ranked = sorted(rows, key=lambda row: (-(row.get("solved") or 0), row["steps_to_target"] or math.inf))
+    best = ranked[0]
+    lines.append(
+        "Success rate (held-out score reached): "
+        + "; ".join(f"{row['variant']} {row.get('solved', 0)}/{row['runs']}" for row in ranked)
+        + "."
+    )
+    if baseline is not None:
+        low, high = baseline["solved_interval"]
+        beaten = [
+            row["variant"] for row in rows if row is not baseline and row["solved_interval"][0] > high
+        ]
+        lines.append(
+            f"Without a remedy the tanh RNN solved {baseline.get('solved', 0)}/{baseline['runs']} runs "
+            f"(95% interval {pct(low)}-{pct(high)}); its largest gradient norm was {fmt(baseline['max_grad_norm'])}. "
+            + (
+                f"Remedies whose interval lies entirely above it: {', '.join(beaten)}."
+                if beaten
+                else "No remedy's interval lies entirely above it with this many seeds."
+            )
+        )
+    lines.append(
+        f"Fastest to solve: {best['variant']} (median {fmt(best['steps_to_target'])} steps to a running-mean "
+        f"training loss at target, reached in {best['reached_target']}/{best['runs']} runs)."
+    )
+    threshold = next((row["clip_threshold"] for row in rows if row.get("clip_threshold")), None)
+    if threshold is not None:
+        lines.append(f"The Pascanu threshold (average gradient norm over 20 batches at init) was {fmt(threshold)}.")
+    return lines
+
+
+def learning_rate_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    rows = [row for row in rows if row["runs"]]
+    if not rows:
+        return []
+    lines = []
+    baseline = rows[0]
+    lines.append(
+        f"At a sane learning rate ({baseline['variant']}) the final training loss is {fmt(baseline['final_loss'])} "
+        f"with oscillation index {fmt(baseline['oscillation_index'])}."
+    )
+    high = rows[1:]
+    finite = [row for row in high if row["diverged"] == 0]
+    diverged = [row for row in high if row["diverged"] > 0]
+    if diverged:
+        lines.append(
+            "Diverged at the high learning rate: "
+            + "; ".join(f"{row['variant']} ({row['diverged']}/{row['runs']})" for row in diverged)
+            + "."
+        )
+    if finite:
+        best = min(finite, key=lambda row: row["final_loss"] if row["final_loss"] is not None else math.inf)
+        lines.append(
+            "Never diverged: "
+            + "; ".join(
+                f"{row['variant']} (final loss {fmt(row['final_loss'])}, oscillation {fmt(row['oscillation_index'])})"
+                for row in finite
+            )
+            + f". Best: {best['variant']}, "
+            + (
+                "as good as or better than the sane learning rate."
+                if (best["final_loss"] or math.inf) <= (baseline["final_loss"] or 0)
+                else f"{fmt((best['final_loss'] or math.inf) / (baseline['final_loss'] or 1))}x the sane run's loss."
+            )
+        )
+    return lines
+
+
+def regularization_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    rows = [row for row in rows if row["runs"]]
+    if not rows:
+        return []
+    lines = [
+        "; ".join(
+            f"{row['variant']}: gap {pct(row['generalization_gap'])} (train {pct(row['train_accuracy'])}, "
+            f"test {pct(row['test_accuracy'])}), weight norm {fmt(row['final_weight_norm'])}, "
+            f"median / largest gradient norm {fmt(row['median_grad_norm'])} / {fmt(row['max_grad_norm'])}"
+            for row in rows
+        )
+        + "."
+    ]
+    finished = [r for r in records if "error" not in r and r.get("generalization_gap") is not None]
+    pairs = [(r["max_grad_norm"], r["generalization_gap"]) for r in finished if r.get("max_grad_norm") is not None]
+    rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+    smallest_gap = min(rows, key=lambda row: row["generalization_gap"] if row["generalization_gap"] is not None else 1)
+    largest_norm = max(rows, key=lambda row: row["max_grad_norm"] or 0)
+    supports = rho is not None and rho > 0.5 and smallest_gap["variant"] != largest_norm["variant"]
+    lines.append(
+        f"Across all {len(pairs)} runs the Spearman correlation between the largest gradient norm and the "
+        f"train/test gap is {fmt(rho, 2)}. The smallest gap is {smallest_gap['variant']}'s; the largest "
+        f"gradient norms are {largest_norm['variant']}'s. "
+        + (
+            "These numbers are consistent with larger gradients going with more overfitting."
+            if supports
+            else "These numbers do not support the claim that larger gradients go with more overfitting here."
+        )
+    )
+    return lines
+
+
+def faults_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    rows = [row for row in rows if row["runs"]]
+    by_variant = _rows_by_variant(rows)
+    lines = []
+    clean = by_variant.get("clean / no remedy")
+    if clean is not None:
+        lines.append(f"Without faults the run reaches test accuracy {pct(clean['test_accuracy'])}.")
+    for fault in ("bad batch", "NaN grad"):
+        group = [row for row in rows if row["variant"].startswith(fault + " /")]
+        if not group:
+            continue
+        lines.append(
+            f"{fault}: "
+            + "; ".join(
+                f"{row['variant'].split(' / ')[1]} diverged {row['diverged']}/{row['runs']}, finite weights "
+                f"{row['params_finite']}/{row['runs']}, test accuracy {pct(row['test_accuracy'])}"
+                + (f", {row['skipped']} steps skipped" if row.get("skipped") else "")
+                for row in group
+            )
+            + "."
+        )
+    return lines
+
+
+FINDINGS: dict[str, Callable[[list[Row], list[Record]], list[str]]] = {
+    "depth": depth_findings,
+    "recurrence": recurrence_findings,
+    "learning_rate": learning_rate_findings,
+    "regularization": regularization_findings,
+    "faults": faults_findings,
+}
+
+
+def findings_for(scenario: str, rows: list[Row], records: list[Record]) -> list[str]:
+    finished = [record for record in records if "error" not in record]
+    lines = FINDINGS[scenario](rows, finished) if scenario in FINDINGS else []
+    failed = [row for row in rows if row["errors"]]
+    for row in failed:
+        lines.append(f"{row['variant']}: {row['errors']} run(s) failed: {row['error']}")
+    return lines

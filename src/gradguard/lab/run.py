@@ -1,0 +1,81 @@
+"""``gradguard lab``: build the grid, run it (cached, in parallel), write results and the HTML report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradguard.lab.export import write_csv, write_json
+from gradguard.lab.runner import GridResult, default_workers, describe_config, run_grid
+from gradguard.lab.scenarios import build_grid
+
+Record = dict[str, Any]
+
+
+@dataclass
+class LabResult:
+    records: list[Record]
+    executed: int
+    seconds: float
+    report: Path
+    results_json: Path
+    results_csv: Path
+
+
+def run_lab(
+    scenarios: list[str] | None = None,
+    quick: bool = False,
+    seeds: int | None = None,
+    out: Path = Path("gradguard-out"),
+    workers: int | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+) -> LabResult:
+    """Run the lab and write ``out/report.html``, ``out/results.json`` and ``out/results.csv``.
+
+    Args:
+        scenarios: names (see ``gradguard.lab.scenarios.all_scenarios``); None or empty: all of them.
+        quick: the small grid (under 5 minutes on 2 cores) instead of the full one.
+        seeds: seeds per variant, overriding each scenario's default.
+        out: output folder; finished runs are cached in ``out/cache`` and not run again.
+        workers: parallel processes (default: one per CPU core).
+        steps: training steps per run, overriding the scenarios' (for tests).
+        progress: show a rich progress bar.
+    """
+    from gradguard.report.lab_report import render_lab_report
+
+    configs = build_grid(scenarios, quick=quick, seeds=seeds, steps=steps)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or default_workers()
+    if progress:
+        result = _run_with_progress(configs, out, workers)
+    else:
+        result = run_grid(configs, out, workers)
+    report = render_lab_report(result.records, out / "report.html", quick=quick, seconds=result.seconds)
+    return LabResult(
+        records=result.records,
+        executed=result.executed,
+        seconds=result.seconds,
+        report=report,
+        results_json=write_json(result.records, out / "results.json"),
+        results_csv=write_csv(result.records, out / "results.csv"),
+    )
+
+
+def _run_with_progress(configs: list[dict[str, Any]], out: Path, workers: int) -> GridResult:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[bold]lab"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("", total=len(configs))
+
+        def advance(config: dict[str, Any], record: Record) -> None:
+            status = "failed" if "error" in record else "done"
+            bar.update(task, advance=1, description=f"{describe_config(config)} {status}")
+
+        return run_grid(configs, out, workers, on_record=advance)
