@@ -1,0 +1,241 @@
+"""``gg.doctor(model, batch, loss_fn)``: one traced forward/backward pass, the measurements, the findings.
+
+The order of work:
+
+1. one forward and backward pass on ``batch`` under a :class:`~gradguard.doctor.trace.ForwardTrace`
+   (``nn.RNN/GRU/LSTM`` stepped by hand, see ``recurrent.py``), the input made a leaf that takes a
+   gradient; then ``grad_stats(model)`` for the weight gradients;
+2. gradient flow across depth (``flow.py``) and, for a recurrent model, across time (``time_flow.py``);
+3. activation statistics, init audit and recurrent bounds from the same pass;
+4. the relative update of one (undone) optimizer step, when an optimizer is given;
+5. when the loss or a gradient is not finite, :func:`locate_nonfinite` names where it starts;
+6. Jacobian spectral norms, input-output and per block, by power iteration;
+7. findings, ranked.
+
+The model is left as it was: parameters, ``.grad``, optimizer state and training mode. Layers are the
+modules that own parameters directly; activations are seen only when they are modules (``nn.ReLU``, not
+``torch.relu``); dropout makes the Jacobian iterations noisy (call ``model.eval()`` first to avoid it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard.doctor.activation_stats import activation_stats
+from gradguard.doctor.findings import build_findings
+from gradguard.doctor.flow import depth_flow
+from gradguard.doctor.init_audit import audit_init, audit_recurrent
+from gradguard.doctor.jacobian import spectral_norm
+from gradguard.doctor.learning_rate import relative_updates
+from gradguard.doctor.nonfinite import locate_nonfinite
+from gradguard.doctor.report import DoctorReport
+from gradguard.doctor.time_flow import RecurrentRecorder, TimeFlow, cell_time_flow, rnn_time_flow
+from gradguard.doctor.trace import ForwardTrace, ModuleCall, RecurrentCell, find_recurrent_cells, flat_tensors
+from gradguard.init import following_in_order
+from gradguard.stats import grad_stats
+
+__all__ = ["doctor"]
+
+
+def _check_arguments(model: object, batch: object, loss_fn: object, optimizer: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"doctor: model must be an nn.Module, got {type(model).__name__}")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError("doctor: batch must be an (inputs, targets) pair; the model is called as model(inputs)")
+    if not callable(loss_fn):
+        raise TypeError(f"doctor: loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"doctor: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if next(model.parameters(), None) is None:
+        raise ValueError("doctor: model has no parameters to diagnose")
+
+
+def _execution_order(calls: list[ModuleCall]) -> list[tuple[str, nn.Module]]:
+    """Leaf modules (and recurrent modules) in the order of their first call."""
+    seen: set[int] = set()
+    order: list[tuple[str, nn.Module]] = []
+    for call in calls:
+        if call.name and call.is_leaf and id(call.module) not in seen:
+            seen.add(id(call.module))
+            order.append((call.name, call.module))
+    return order
+
+
+def _inside(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _cell_square_weights(cells: list[RecurrentCell]) -> set[int]:
+    square: set[int] = set()
+    for cell in cells:
+        sizes = {cell.calls[0].inputs[i].shape[-1] for i in cell.state_inputs}
+        for param in cell.calls[0].module.parameters():
+            if param.dim() == 2 and param.shape[0] == param.shape[1] and param.shape[0] in sizes:
+                square.add(id(param))
+    return square
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's blocks: the children of the first module (from the root down) with more than one child."""
+    prefix, module = "", model
+    while True:
+        children = list(module.named_children())
+        if len(children) != 1:
+            break
+        name, module = children[0]
+        prefix = f"{prefix}{name}."
+    return [(prefix + name, child) for name, child in children
+            if next(child.parameters(), None) is not None]
+
+
+def _first_floating(call: ModuleCall) -> int | None:
+    leaves = [i for i, x in enumerate(call.args) if isinstance(x, Tensor)]
+    return next((i for i in leaves if call.args[i].is_floating_point()), None)
+
+
+def _jacobians(model: nn.Module, inputs: Any, calls: list[ModuleCall], iterations: int,
+               notes: list[str]) -> dict[str, Any]:
+    """Largest singular value of the input-output Jacobian and of each block's Jacobian."""
+    result: dict[str, Any] = {"input_output": None, "blocks": {}}
+    if isinstance(inputs, Tensor) and inputs.is_floating_point():
+        try:
+            result["input_output"] = spectral_norm(lambda x: tuple(flat_tensors(model(x))), (inputs,),
+                                                   iterations).value
+        except Exception as error:  # an op without forward-mode AD, a data-dependent branch...
+            notes.append(f"input-output Jacobian not measured: {type(error).__name__}: {error}")
+    else:
+        notes.append("input-output Jacobian not measured: the model input is not a floating-point tensor")
+    first_call = {}
+    for call in calls:
+        first_call.setdefault(id(call.module), call)
+    for name, block in _blocks(model):
+        call = first_call.get(id(block))
+        position = _first_floating(call) if call is not None else None
+        if call is None or position is None:
+            continue
+        args = list(call.args)
+
+        def block_fn(x: Tensor, block: nn.Module = block, args: list = args, position: int = position,
+                     kwargs: dict = call.kwargs) -> tuple:
+            return tuple(flat_tensors(block(*args[:position], x, *args[position + 1:], **kwargs)))
+
+        try:
+            result["blocks"][name] = spectral_norm(block_fn, (args[position].detach(),), iterations).value
+        except Exception as error:
+            result["blocks"][name] = None
+            notes.append(f"Jacobian of block {name} not measured: {type(error).__name__}: {error}")
+    return result
+
+
+def _time_flow(trace: ForwardTrace, recorder: RecurrentRecorder, cells: list[RecurrentCell],
+               iterations: int, notes: list[str]) -> TimeFlow | None:
+    """Time flow of the recurrent module that runs first."""
+    position = {id(call): i for i, call in enumerate(trace.calls)}
+    first_position = {}
+    for i, call in enumerate(trace.calls):
+        first_position.setdefault(call.name, i)
+    candidates: list[tuple[int, Callable[[], TimeFlow]]] = []
+    for run in recorder.runs:
+        candidates.append((first_position.get(run.name, 0), lambda run=run: rnn_time_flow(run, iterations)))
+    for cell in cells:
+        candidates.append((position[id(cell.calls[0])], lambda cell=cell: cell_time_flow(cell, iterations)))
+    for name, reason in recorder.skipped.items():
+        notes.append(f"time flow of {name} not measured: {reason}")
+    if not candidates:
+        return None
+    try:
+        return min(candidates, key=lambda c: c[0])[1]()
+    except Exception as error:
+        notes.append(f"time flow not measured: {type(error).__name__}: {error}")
+        return None
+
+
+def doctor(
+    model: nn.Module,
+    batch: tuple[Any, Any],
+    loss_fn: Callable[[Any, Any], Tensor],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    jacobian_iterations: int = 20,
+) -> DoctorReport:
+    """Diagnose how gradients flow through ``model`` at its current weights, and what to change.
+
+    Args:
+        model: called as ``model(inputs)``.
+        batch: ``(inputs, targets)``; a few dozen samples are enough.
+        loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar.
+        optimizer: optional; when given, the relative update of one step is measured (and undone).
+        jacobian_iterations: power-iteration steps for each Jacobian spectral norm.
+
+    Returns:
+        A :class:`DoctorReport`: ``print(report)``, ``report.verdict``, ``report.start_layer``,
+        ``report.findings``, ``report.time_flow``, ``report.to_dict()``, ``report.to_html(path)``.
+    """
+    _check_arguments(model, batch, loss_fn, optimizer)
+    inputs, targets = batch
+    notes: list[str] = []
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    leaf_input = inputs.detach().requires_grad_(True) if isinstance(inputs, Tensor) and inputs.is_floating_point() \
+        else inputs
+    recorder = RecurrentRecorder()
+    try:
+        for p, _ in saved_grads:
+            p.grad = None
+        with ForwardTrace(model, rewrite_output=recorder) as trace:
+            loss = loss_fn(model(leaf_input), targets)
+        if not (isinstance(loss, Tensor) and loss.numel() == 1):
+            raise TypeError(f"doctor: loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+        loss.backward()
+        stats = grad_stats(model)
+        input_grad = leaf_input.grad if isinstance(leaf_input, Tensor) and leaf_input.requires_grad else None
+        input_grad_norm = torch.linalg.vector_norm(input_grad, dtype=torch.float32) if input_grad is not None \
+            else None
+
+        cells = find_recurrent_cells(trace.calls)
+        cell_names = [c.name for c in cells]
+        recurrent_call_ids = {id(c) for c in trace.calls
+                              if isinstance(c.module, nn.RNNBase) or _inside(c.name, cell_names)}
+        inside_cells = {id(c.module) for c in trace.calls if _inside(c.name, cell_names)}
+        depth = depth_flow(trace.calls, stats, input_grad_norm, recurrent_call_ids, inside_cells)
+        time = _time_flow(trace, recorder, cells, jacobian_iterations, notes)
+
+        order = _execution_order(trace.calls)
+        weight_layers = {id(m) for _, m in order if next(m.parameters(recurse=False), None) is not None}
+        activations = activation_stats(trace.calls, weight_layers)
+        square = _cell_square_weights(cells)
+        init_checks = audit_init(order, following_in_order(order), square)
+        cell_leaves = {c: [m for n, m in order if _inside(n, [c])] for c in cell_names}
+        bounds = audit_recurrent(order, cells, cell_leaves)
+        updates = relative_updates(model, optimizer) if optimizer is not None else None
+
+        loss_value = float(loss.detach())
+        total_norm = float(stats.total_norm)
+        origin = None
+        if not (math.isfinite(loss_value) and math.isfinite(total_norm)):
+            origin = locate_nonfinite(model, batch, loss_fn)
+        jacobian = _jacobians(model, inputs, trace.calls, jacobian_iterations, notes)
+    finally:
+        for p, grad in saved_grads:
+            p.grad = grad
+
+    verdicts = [depth.verdict] + ([time.verdict] if time is not None else [])
+    verdict = next((v for v in ("exploding", "vanishing") if v in verdicts), "stable")
+    if origin is not None:
+        verdict, start = "exploding", origin.module
+    elif depth.verdict == verdict and verdict != "stable":
+        start = depth.start_layer
+    elif time is not None and time.verdict == verdict and verdict != "stable":
+        start = time.module
+    else:
+        start = None
+    findings = build_findings(depth=depth, time=time, init_checks=init_checks, bounds=bounds,
+                              activations=activations, updates=updates, origin=origin, jacobian=jacobian,
+                              model=model, cells_present=any(square))
+    return DoctorReport(verdict, start, findings, depth, time, activations, init_checks, bounds, jacobian,
+                        updates, origin, loss_value, total_norm, notes)

@@ -1,0 +1,290 @@
+"""Findings: what is wrong, the numbers that show it, and the change that fixes it, ranked by severity.
+
+Each rule below reads the measurements of one cause and returns findings. A finding's ``fix`` is Python
+that applies the fix, written against the names a user has at hand: ``gg`` (gradguard), ``nn``
+(torch.nn), ``torch``, ``model``, ``batch`` (the ``(inputs, targets)`` given to the doctor) and
+``optimizer``. The tests run each recommended fix with ``exec`` and diagnose again.
+
+Severity: ``"error"`` when training is not expected to work as is (a flow that explodes or vanishes, NaN or
+Inf at initialisation, updates larger than the weights), ``"warning"`` for a likely cause that has not (yet)
+broken the flow, ``"info"`` for measurements worth knowing. Within a severity, findings are sorted by
+``score``, how far the measurement is from healthy (in orders of magnitude where it is a ratio).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from gradguard.activations import SATURATING
+from gradguard.doctor.activation_stats import ActivationStats
+from gradguard.doctor.flow import DepthFlow, verdict_of
+from gradguard.doctor.init_audit import InitCheck, RecurrentBound
+from gradguard.doctor.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
+from gradguard.doctor.nonfinite import NonfiniteOrigin
+from gradguard.doctor.time_flow import TimeFlow
+
+__all__ = ["DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "rank"]
+
+SEVERITIES = ("error", "warning", "info")
+DEAD_LIMIT = 0.5  # more than half the units of a ReLU layer dead for the whole batch
+SATURATED_LIMIT = 0.5  # more than half the units of a tanh/sigmoid layer saturated
+HEALTHY_UPDATE = 1e-3  # the update/weight ratio a learning-rate fix aims at (see learning_rate.py)
+
+
+@dataclass
+class Finding:
+    """One diagnosis.
+
+    Attributes:
+        severity: ``"error"``, ``"warning"`` or ``"info"``.
+        layer: the module it is about (None for the whole model).
+        message: one sentence, with the numbers.
+        fix: Python code that applies the fix (see the module docstring for the names it uses).
+        evidence: the measurements behind it (JSON-serialisable).
+        cause: a short key: ``"init_scale"``, ``"activation"``, ``"depth"``, ``"recurrent"``,
+            ``"learning_rate"``, ``"nonfinite"``, ``"dead_units"``, ``"saturation"``, ``"jacobian"``.
+        score: how far from healthy, for ranking within a severity.
+    """
+
+    severity: str
+    layer: str | None
+    message: str
+    fix: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    cause: str = ""
+    score: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"Finding: severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"severity": self.severity, "layer": self.layer, "message": self.message, "fix": self.fix,
+                "evidence": self.evidence, "cause": self.cause, "score": self.score}
+
+
+def rank(findings: list[Finding]) -> list[Finding]:
+    """Errors first, then warnings, then info; within each, the largest ``score`` first."""
+    return sorted(findings, key=lambda f: (SEVERITIES.index(f.severity), -f.score))
+
+
+def _orders(ratio: float) -> float:
+    """How many orders of magnitude ``ratio`` is away from 1 (inf for non-finite or zero ratios)."""
+    if not math.isfinite(ratio) or ratio <= 0:
+        return math.inf
+    return abs(math.log10(ratio))
+
+
+def _saturating_present(model: nn.Module) -> list[type[nn.Module]]:
+    present = []
+    for cls in SATURATING:
+        if any(type(m) is cls for m in model.modules()):
+            present.append(cls)
+    return present
+
+
+def _init_fix(cells_present: bool) -> str:
+    # auto_ finds hand-written recurrent cells only by running the model once.
+    return "gg.init.auto_(model, batch[0])" if cells_present else "gg.init.auto_(model)"
+
+
+def init_explained_growth(depth: DepthFlow, init_checks: list[InitCheck]) -> float:
+    """The growth the init error alone predicts: ``prod_l std_l / prescribed_l`` over the counted layers.
+
+    Each layer scales the backward signal in proportion to its weights' std, and the prescribed std gives a
+    gain of 1 (Glorot & Bengio 2010; He et al. 2015), so the ratios multiply. A predicted growth past the
+    verdict line on the measured side names the init as the cause even when no single layer is off by 2x
+    (Xavier in a ReLU network: 1/sqrt(2) per layer).
+    """
+    ratio = {c.layer: c.ratio for c in init_checks if c.param == "weight"}
+    product = 1.0
+    for layer in depth.layers:
+        if layer.gain is not None and not layer.recurrent and layer.name in ratio:
+            product *= ratio[layer.name]
+    return product
+
+
+def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Module,
+                   cells_present: bool) -> list[Finding]:
+    if depth.verdict == "stable":
+        return []
+    flagged = [c for c in init_checks if c.flagged and c.scheme != "orthogonal"]
+    explained = init_explained_growth(depth, init_checks)
+    verb = "grows" if depth.verdict == "exploding" else "shrinks"
+    start = next((layer for layer in depth.layers if layer.name == depth.start_layer), None)
+    evidence: dict[str, Any] = {
+        "total_growth": depth.total_growth,
+        "growth_per_layer": depth.growth_per_layer,
+        "counted_gains": depth.counted_gains,
+        "start_layer": depth.start_layer,
+        "start_gain": start.gain if start else None,
+        "growth_explained_by_init": explained,
+    }
+    saturating = _saturating_present(model)
+    if flagged or verdict_of(explained) == depth.verdict:
+        cause = "init_scale"
+        off = [c for c in init_checks if c.scheme != "orthogonal"]
+        worst = max(off, key=lambda c: _orders(c.ratio))
+        why = (f"the weights' std, off by x{worst.ratio:.2g} ({worst.layer!r}: {worst.std:.3g} vs "
+               f"{worst.scheme} {worst.prescribed:.3g} for {worst.activation}), compounds to "
+               f"x{explained:.3g} over the layers")
+        fix = _init_fix(cells_present)
+        evidence["mis_initialised_layers"] = [c.layer for c in flagged]
+    elif depth.verdict == "vanishing" and saturating:
+        cause = "activation"
+        names = ", ".join(cls.__name__ for cls in saturating)
+        why = f"the saturating activation(s) {names} pass at most 1 (tanh) or 1/4 (sigmoid) of the signal"
+        fix = "; ".join(f"gg.activations.replace_(model, nn.{cls.__name__}, nn.ReLU)" for cls in saturating)
+        fix += "; " + _init_fix(cells_present)
+    else:
+        cause = "depth"
+        why = "the weights match their prescribed scale, so the network's depth and structure compound it"
+        fix = "gg.init.lsuv_(model, batch[0])"
+    message = (f"error signal {verb} x{depth.total_growth:.3g} from the last layer to the first "
+               f"(x{depth.growth_per_layer:.3g} per layer over {depth.counted_gains} layers), "
+               f"starting at {depth.start_layer!r}: {why}")
+    return [Finding("error", depth.start_layer, f"{depth.verdict} across depth: {message}", fix, evidence,
+                    cause, _orders(depth.total_growth))]
+
+
+def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_present: bool) -> list[Finding]:
+    if time is None or time.verdict == "stable":
+        return []
+    evidence = {"steps": time.steps, "total_growth": time.total_growth, "growth_per_step": time.growth_per_step,
+                "dhT_dh0": time.dhT_dh0}
+    above = [b for b in bounds if b.layer == time.module and b.exceeds]
+    if time.verdict == "exploding":
+        if above:
+            why = (f"sigma_max({above[0].param}) = {above[0].spectral_norm:.3g} > {above[0].bound:.3g}, "
+                   f"the bound of Pascanu et al. 2013 for {above[0].activation}")
+        else:
+            why = "the gates or inputs amplify the state"
+        fix = _init_fix(cells_present) + "  # orthogonal hidden-to-hidden weights (Saxe et al. 2014)"
+        cause = "recurrent"
+    else:
+        why = "each step contracts the state; gated units keep an error signal over long spans"
+        fix = "# replace nn.RNN by nn.LSTM or nn.GRU (Hochreiter & Schmidhuber 1997), or shorten the sequences"
+        cause = "recurrent"
+    message = (f"{time.verdict} over time in {time.module}: ||dL/dh_t|| x{time.total_growth:.3g} from t=T to t=1 "
+               f"over T={time.steps} steps, ||dh_T/dh_0|| = {time.dhT_dh0:.3g}; {why}")
+    score = max(_orders(time.total_growth), _orders(time.dhT_dh0))
+    return [Finding("error", time.module, message, fix, evidence, cause, score)]
+
+
+def init_findings(init_checks: list[InitCheck], cells_present: bool) -> list[Finding]:
+    flagged = [c for c in init_checks if c.flagged]
+    if not flagged:
+        return []
+    worst = max(flagged, key=lambda c: _orders(c.ratio))
+    listed = ", ".join(f"{c.layer} ({c.ratio:.2g}x)" for c in flagged[:4]) + (" ..." if len(flagged) > 4 else "")
+    message = (f"{len(flagged)} weight(s) off their prescribed std by more than 2x: {listed}; e.g. "
+               f"{worst.layer}.{worst.param} std {worst.std:.3g}, {worst.scheme} for {worst.activation} "
+               f"prescribes {worst.prescribed:.3g}")
+    evidence = {"layers": [c.to_dict() for c in flagged]}
+    return [Finding("warning", worst.layer, message, _init_fix(cells_present), evidence, "init_scale",
+                    _orders(worst.ratio))]
+
+
+def recurrent_bound_findings(bounds: list[RecurrentBound]) -> list[Finding]:
+    findings = []
+    for b in bounds:
+        if not b.exceeds:
+            continue
+        message = (f"{b.layer}.{b.param}: spectral norm {b.spectral_norm:.3g} > 1/gamma = {b.bound:.3g} "
+                   f"({b.activation}): the necessary condition for exploding gradients over time holds "
+                   "(Pascanu et al. 2013)")
+        fix = f'gg.init.orthogonal_(model.get_submodule("{b.layer}"))'
+        findings.append(Finding("warning", b.layer, message, fix, b.to_dict(), "recurrent",
+                                _orders(b.spectral_norm / b.bound)))
+    return findings
+
+
+def _layer_list(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def activation_findings(stats: list[ActivationStats], init_flagged: bool, cells_present: bool) -> list[Finding]:
+    """One finding for dead ReLU layers, one for saturated tanh/sigmoid layers, each naming the worst."""
+    findings = []
+    dead = sorted((s for s in stats if s.dead is not None and s.dead > DEAD_LIMIT), key=lambda s: -s.dead)
+    if dead:
+        fix = _init_fix(cells_present) if init_flagged else "gg.activations.replace_(model, nn.ReLU, nn.LeakyReLU)"
+        message = (f"{len(dead)} ReLU layer(s) with more than {DEAD_LIMIT:.0%} of their units at 0 for the whole "
+                   f"batch (dead, they pass no gradient): {_layer_list([s.name for s in dead])}; "
+                   f"worst {dead[0].dead:.0%}")
+        findings.append(Finding("warning", dead[0].name, message, fix,
+                                {"layers": {s.name: s.dead for s in dead}}, "dead_units", dead[0].dead))
+    saturated = sorted((s for s in stats if s.saturated is not None and s.saturated > SATURATED_LIMIT),
+                       key=lambda s: -s.saturated)
+    if saturated:
+        fix = _init_fix(cells_present) if init_flagged else "gg.init.lsuv_(model, batch[0])"
+        message = (f"{len(saturated)} tanh/sigmoid layer(s) with more than {SATURATED_LIMIT:.0%} of their units "
+                   f"saturated (derivative < 5% of its maximum): {_layer_list([s.name for s in saturated])}; "
+                   f"worst {saturated[0].saturated:.0%}")
+        findings.append(Finding("warning", saturated[0].name, message, fix,
+                                {"layers": {s.name: s.saturated for s in saturated}}, "saturation",
+                                saturated[0].saturated))
+    return findings
+
+
+def learning_rate_findings(updates: list[UpdateSize] | None) -> list[Finding]:
+    if not updates:
+        return []
+    worst = max(updates, key=lambda u: u.update_ratio)
+    if worst.update_ratio <= UPDATE_WARNING:
+        return []
+    severity = "error" if worst.update_ratio > UPDATE_ERROR else "warning"
+    factor = HEALTHY_UPDATE / worst.update_ratio if math.isfinite(worst.update_ratio) else 1e-3
+    large = [u for u in updates if u.update_ratio > UPDATE_WARNING]
+    message = (f"one optimizer step changes {worst.layer} by {worst.update_ratio:.3g} of its norm (lr {worst.lr:.3g}; "
+               f"{len(large)} layer(s) above {UPDATE_WARNING:g}, ~1e-3 is healthy)")
+    fix = f'for group in optimizer.param_groups: group["lr"] *= {factor:.2g}'
+    return [Finding(severity, worst.layer, message, fix, {"layers": [u.to_dict() for u in large]},
+                    "learning_rate", _orders(worst.update_ratio / HEALTHY_UPDATE))]
+
+
+def nonfinite_findings(origin: NonfiniteOrigin | None) -> list[Finding]:
+    if origin is None:
+        return []
+    where = "output" if origin.phase == "forward" else "gradient"
+    message = f"{origin.kind.upper()} first appears in the {where} of {origin.module!r} ({origin.phase} pass)"
+    if not origin.inputs_finite:
+        message += "; its inputs were already non-finite (an operation outside any module or the data)"
+    fix = (f"# make {origin.module!r} finite: add an epsilon to divisors, clamp before log/sqrt/exp; "
+           "meanwhile skip bad steps with gg.Guard(model, optimizer, on_nonfinite='skip')")
+    return [Finding("error", origin.module, message, fix, origin.to_dict(), "nonfinite", math.inf)]
+
+
+def jacobian_findings(jacobian: dict[str, Any]) -> list[Finding]:
+    sigma = jacobian.get("input_output")
+    if sigma is None:
+        return []
+    blocks = jacobian.get("blocks", {})
+    worst = max(blocks.items(), key=lambda kv: kv[1] if kv[1] is not None else -1.0, default=(None, None))
+    message = f"largest singular value of the input-output Jacobian: {sigma:.3g}"
+    if worst[0] is not None and worst[1] is not None:
+        message += f"; largest block: {worst[0]} ({worst[1]:.3g})"
+    return [Finding("info", worst[0], message, "# no change needed", dict(jacobian), "jacobian",
+                    _orders(sigma))]
+
+
+def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list[InitCheck],
+                   bounds: list[RecurrentBound], activations: list[ActivationStats],
+                   updates: list[UpdateSize] | None, origin: NonfiniteOrigin | None,
+                   jacobian: dict[str, Any], model: nn.Module, cells_present: bool) -> list[Finding]:
+    """Every rule's findings, ranked (see :func:`rank`)."""
+    init_flagged = any(c.flagged for c in init_checks)
+    findings: list[Finding] = nonfinite_findings(origin)
+    if origin is None:  # with NaN in the pass the flow numbers say nothing more
+        findings += depth_findings(depth, init_checks, model, cells_present)
+        findings += time_findings(time, bounds, cells_present)
+    findings += init_findings(init_checks, cells_present)
+    findings += recurrent_bound_findings(bounds)
+    findings += activation_findings(activations, init_flagged, cells_present)
+    findings += learning_rate_findings(updates)
+    findings += jacobian_findings(jacobian)
+    return rank(findings)

@@ -1,0 +1,134 @@
+"""Init audit: each weight's std against the scheme its activation calls for, and recurrent spectral norms.
+
+* Linear/Conv weights, and the input-to-hidden weights of recurrent modules: the measured std against
+  ``gradguard.init.prescribed_std`` — He et al. 2015 (``gain / sqrt(fan_in)``) when a rectifier follows
+  the layer in the forward order, Xavier, Glorot & Bengio 2010 (``sqrt(2 / (fan_in + fan_out))``),
+  otherwise. Flagged when off by more than 2x either way: a 2x error in std is a 4x error in variance per
+  layer, which compounds with depth.
+* Hidden-to-hidden weights: std against an orthogonal matrix's ``1/sqrt(hidden)`` (Saxe et al. 2014), and
+  the spectral norm against the bound of Pascanu et al. 2013: with ``|phi'| <= gamma``, the gradient
+  through time can explode only if ``sigma_max(W_hh) > 1/gamma`` (``gamma = 1`` for tanh, ``1/4`` for
+  sigmoid). Above the bound explosion is possible, not certain; below it it cannot happen. Checked for
+  ``nn.RNN`` (tanh or relu, gamma = 1) and hand-written cells (the square ``hidden x hidden`` weights,
+  gamma of the last activation module the cell runs, 1 when it runs none). Gated units (GRU, LSTM) get
+  the std check only: their gates change the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard.activations import activation_kind, derivative_bound
+from gradguard.doctor.trace import RecurrentCell
+from gradguard.init import RECURRENT_MODULES, WEIGHT_LAYERS, prescribed_std, recurrent_weight_blocks
+
+__all__ = ["INIT_TOLERANCE", "InitCheck", "RecurrentBound", "audit_init", "audit_recurrent"]
+
+INIT_TOLERANCE = 2.0
+
+
+@dataclass
+class InitCheck:
+    """One weight's std against its prescription.
+
+    Attributes:
+        layer: module path; param: parameter name in it.
+        activation: what follows the layer (``"relu"``, ``"tanh"``, ``"linear"``, ...).
+        scheme: ``"he"``, ``"xavier"`` or ``"orthogonal"``.
+        std: measured std; prescribed: the scheme's std; ratio: ``std / prescribed``.
+        flagged: ratio beyond ``INIT_TOLERANCE`` either way.
+    """
+
+    layer: str
+    param: str
+    activation: str
+    scheme: str
+    std: float
+    prescribed: float
+    ratio: float
+    flagged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RecurrentBound:
+    """A hidden-to-hidden weight against Pascanu et al. 2013's bound ``sigma_max(W_hh) <= 1/gamma``."""
+
+    layer: str
+    param: str
+    activation: str
+    spectral_norm: float
+    bound: float
+    exceeds: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check(layer: str, param: str, weight: Tensor, activation: nn.Module | None, gates: int = 1,
+           orthogonal: bool = False) -> InitCheck:
+    std = float(weight.detach().float().std())
+    if orthogonal:
+        scheme, prescribed = "orthogonal", 1.0 / math.sqrt(weight.shape[1])
+    else:
+        scheme, prescribed = prescribed_std(weight, activation, gates)
+    ratio = std / prescribed
+    label = (activation_kind(activation) or type(activation).__name__) if activation is not None else "linear"
+    flagged = not (1.0 / INIT_TOLERANCE <= ratio <= INIT_TOLERANCE)
+    return InitCheck(layer, param, label, scheme, std, prescribed, ratio, flagged)
+
+
+def audit_init(order: list[tuple[str, nn.Module]], following: dict[str, nn.Module | None],
+               cell_square_weights: set[int]) -> list[InitCheck]:
+    """Check every Linear/Conv and recurrent weight of the modules in ``order`` (forward order)."""
+    checks: list[InitCheck] = []
+    for name, module in order:
+        if isinstance(module, RECURRENT_MODULES):
+            for param_name, weight, gates in recurrent_weight_blocks(module):
+                hidden = param_name.startswith("weight_hh")
+                if hidden and gates == 1:
+                    checks.append(_check(name, param_name, weight, None, orthogonal=True))
+                else:  # Xavier per gate block: fan_out is one block's rows
+                    checks.append(_check(name, param_name, weight, None, gates))
+        elif isinstance(module, WEIGHT_LAYERS):
+            square = id(module.weight) in cell_square_weights
+            checks.append(_check(name, "weight", module.weight, following.get(name), orthogonal=square))
+    return checks
+
+
+def _cell_gamma(cell: RecurrentCell, leaf_modules: list[nn.Module]) -> tuple[str, float]:
+    kinds = [activation_kind(m) for m in leaf_modules]
+    kinds = [k for k in kinds if k is not None]
+    kind = kinds[-1] if kinds else "linear"
+    return kind, derivative_bound(kind)
+
+
+def audit_recurrent(modules: list[tuple[str, nn.Module]], cells: list[RecurrentCell],
+                    cell_leaves: dict[str, list[nn.Module]]) -> list[RecurrentBound]:
+    """Spectral norm of each ``nn.RNN`` hidden weight and each hand-written cell's square weights."""
+    bounds: list[RecurrentBound] = []
+    for name, module in modules:
+        if isinstance(module, (nn.RNN, nn.RNNCell)):
+            kind = "tanh" if module.nonlinearity == "tanh" else "relu"
+            for param_name, weight, _ in recurrent_weight_blocks(module):
+                if param_name.startswith("weight_hh"):
+                    sigma = float(torch.linalg.matrix_norm(weight.detach().float(), 2))
+                    bound = 1.0 / derivative_bound(kind)
+                    bounds.append(RecurrentBound(name, param_name, kind, sigma, bound, sigma > bound))
+    for cell in cells:
+        if isinstance(cell.calls[0].module, RECURRENT_MODULES):
+            continue
+        kind, gamma = _cell_gamma(cell, cell_leaves.get(cell.name, []))
+        sizes = {cell.calls[0].inputs[i].shape[-1] for i in cell.state_inputs}
+        for param_name, param in cell.calls[0].module.named_parameters():
+            if param.dim() == 2 and param.shape[0] == param.shape[1] and param.shape[0] in sizes:
+                sigma = float(torch.linalg.matrix_norm(param.detach().float(), 2))
+                bounds.append(RecurrentBound(cell.name, param_name, kind, sigma, 1.0 / gamma, sigma > 1.0 / gamma))
+    return bounds

@@ -1,0 +1,167 @@
+"""The doctor's report: a verdict, ranked findings and the measurements behind them.
+
+``print(report)`` is a short diagnosis; ``report.to_dict()`` is for programs and is stable:
+
+```
+{
+  "verdict": "exploding" | "vanishing" | "stable",
+  "start_layer": str | None,
+  "healthy": bool,                     # no finding of severity "error"
+  "loss": float | None, "total_grad_norm": float | None,
+  "findings": [{"severity", "layer", "message", "fix", "evidence", "cause", "score"}, ...],   # ranked
+  "depth_flow": {"layers": [{"name", "error_signal", "weight_grad", "weight_norm", "grad_to_weight",
+                             "gain", "recurrent"}, ...],          # forward order
+                 "input_error_signal", "growth_per_layer", "total_growth", "counted_gains",
+                 "verdict", "start_layer"},
+  "time_flow": None | {"module", "steps", "grad_norm_per_step" (t = 1..T), "dhT_dh0",
+                       "growth_per_step", "total_growth", "verdict"},
+  "activations": [{"name", "kind", "mean", "std", "saturated", "dead"}, ...],
+  "init_audit": [{"layer", "param", "activation", "scheme", "std", "prescribed", "ratio", "flagged"}, ...],
+  "recurrent_bounds": [{"layer", "param", "activation", "spectral_norm", "bound", "exceeds"}, ...],
+  "jacobian": {"input_output": float | None, "blocks": {name: float | None}},
+  "learning_rate": None | [{"layer", "lr", "sgd_ratio", "update_ratio"}, ...],
+  "nonfinite": None | {"module", "phase", "kind", "inputs", "inputs_finite", "grad_outputs"},
+  "notes": [str, ...],                 # what could not be measured, and why
+}
+```
+
+Every float is finite or ``None``: NaN and Inf are written as ``None`` so the dict survives strict JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradguard.doctor.activation_stats import ActivationStats
+from gradguard.doctor.findings import Finding
+from gradguard.doctor.flow import DepthFlow
+from gradguard.doctor.init_audit import InitCheck, RecurrentBound
+from gradguard.doctor.learning_rate import UpdateSize
+from gradguard.doctor.nonfinite import NonfiniteOrigin
+from gradguard.doctor.time_flow import TimeFlow
+
+__all__ = ["DoctorReport", "json_safe"]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/Inf floats replaced by None, tuples by lists, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+@dataclass
+class DoctorReport:
+    """What ``gg.doctor`` found. See the module docstring for ``to_dict()``'s layout.
+
+    Attributes:
+        verdict: ``"exploding"``, ``"vanishing"`` or ``"stable"`` (over depth and, if recurrent, time).
+        start_layer: the layer where the explosion/vanishing starts, or None.
+        findings: ranked :class:`Finding` s.
+        depth: the gradient flow across depth.
+        time: the gradient flow across time of the first recurrent module, or None.
+        activations, init_checks, recurrent_bounds, updates, nonfinite: the measurements.
+        jacobian: ``{"input_output": sigma_max or None, "blocks": {name: sigma_max}}``.
+        loss, total_grad_norm: of the doctor's pass.
+        notes: what could not be measured and why.
+    """
+
+    verdict: str
+    start_layer: str | None
+    findings: list[Finding]
+    depth: DepthFlow
+    time: TimeFlow | None
+    activations: list[ActivationStats]
+    init_checks: list[InitCheck]
+    recurrent_bounds: list[RecurrentBound]
+    jacobian: dict[str, Any]
+    updates: list[UpdateSize] | None
+    nonfinite: NonfiniteOrigin | None
+    loss: float | None
+    total_grad_norm: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def time_flow(self) -> dict[str, Any] | None:
+        """Recurrent models: ``{"grad_norm_per_step": [...], "dhT_dh0": float, ...}``; else None."""
+        return json_safe(self.time.to_dict()) if self.time is not None else None
+
+    @property
+    def healthy(self) -> bool:
+        """True when no finding has severity ``"error"`` (the CLI's exit code 0)."""
+        return not any(f.severity == "error" for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-serialisable (NaN/Inf as None)."""
+        return json_safe({
+            "verdict": self.verdict,
+            "start_layer": self.start_layer,
+            "healthy": self.healthy,
+            "loss": self.loss,
+            "total_grad_norm": self.total_grad_norm,
+            "findings": [f.to_dict() for f in self.findings],
+            "depth_flow": {**asdict(self.depth), "layers": [asdict(layer) for layer in self.depth.layers]},
+            "time_flow": self.time.to_dict() if self.time is not None else None,
+            "activations": [a.to_dict() for a in self.activations],
+            "init_audit": [c.to_dict() for c in self.init_checks],
+            "recurrent_bounds": [b.to_dict() for b in self.recurrent_bounds],
+            "jacobian": self.jacobian,
+            "learning_rate": [u.to_dict() for u in self.updates] if self.updates is not None else None,
+            "nonfinite": self.nonfinite.to_dict() if self.nonfinite is not None else None,
+            "notes": list(self.notes),
+        })
+
+    def summary_lines(self) -> list[str]:
+        """The head of the diagnosis: verdict, flow over depth and time, loss and norms."""
+        head = f"gradguard doctor: {self.verdict.upper()}"
+        if self.start_layer is not None:
+            head += f" (starts at {self.start_layer})"
+        lines = [head]
+        d = self.depth
+        if d.counted_gains:
+            lines.append(f"  depth: error signal x{_fmt(d.total_growth)} from the last layer to the first "
+                         f"(x{_fmt(d.growth_per_layer)} per layer over {d.counted_gains} layers): {d.verdict}")
+        if self.time is not None:
+            t = self.time
+            lines.append(f"  time:  {t.module}, T={t.steps}: ||dL/dh_t|| x{_fmt(t.total_growth)} from t=T to t=1, "
+                         f"||dh_T/dh_0|| = {_fmt(t.dhT_dh0)}: {t.verdict}")
+        sigma = self.jacobian.get("input_output")
+        lines.append(f"  loss {_fmt(self.loss)}, gradient norm {_fmt(self.total_grad_norm)}"
+                     + (f", input-output Jacobian sigma_max {_fmt(sigma)}" if sigma is not None else ""))
+        return lines
+
+    def __str__(self) -> str:
+        lines = self.summary_lines()
+        if not self.findings:
+            lines.append("no findings: gradients flow at initialisation")
+        else:
+            counts = {s: sum(f.severity == s for f in self.findings) for s in ("error", "warning", "info")}
+            lines.append("")
+            lines.append(f"findings: {counts['error']} error(s), {counts['warning']} warning(s), "
+                         f"{counts['info']} info")
+            for i, f in enumerate(self.findings, 1):
+                lines.append(f"{i:>2}. [{f.severity}] {f.message}")
+                if not f.fix.startswith("# no change"):
+                    lines.append(f"    fix: {f.fix}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write one self-contained HTML page (plots embedded as PNG data URIs); returns its path."""
+        from gradguard.doctor.html import render_html
+
+        path = Path(path)
+        path.write_text(render_html(self), encoding="utf-8")
+        return path
