@@ -71,7 +71,7 @@ def fans(weight: Tensor) -> tuple[int, int]:
 
 
 def prescribed_init(activation: nn.Module | None) -> tuple[InitChoice, float]:
-    """``("he", gain)`` for the rectifier family, ``("xavier", 1.0)`` for anything else.
+    """``("he", gain)`` for the rectifier family, ``("xavier", 1.0)`` for anything else (unknown too).
 
     He et al. 2015: ``gain = sqrt(2 / (1 + a^2))`` (``a`` the negative slope); SELU keeps gain 1 (LeCun
     normal, Klambauer et al. 2017).
@@ -219,11 +219,12 @@ def following_in_order(order: list[tuple[str, nn.Module]]) -> dict[str, nn.Modul
             continue
         following[name] = None
         for _, later in order[i + 1:]:
-            if type(later) in RECTIFIERS or type(later) in SATURATING:
-                following[name] = later
-                break
-            if not isinstance(later, TRANSPARENT):
-                break
+            if isinstance(later, TRANSPARENT):
+                continue
+            if not isinstance(later, WEIGHT_LAYERS + RECURRENT_MODULES) and \
+                    next(later.parameters(recurse=False), None) is None:
+                following[name] = later  # an activation, known (activation_kind) or not
+            break
     return following
 
 

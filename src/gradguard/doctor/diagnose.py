@@ -161,6 +161,7 @@ def doctor(
     loss_fn: Callable[[Any, Any], Tensor],
     *,
     optimizer: torch.optim.Optimizer | None = None,
+    jacobians: bool = True,
     jacobian_iterations: int = 20,
 ) -> DoctorReport:
     """Diagnose how gradients flow through ``model`` at its current weights, and what to change.
@@ -170,13 +171,17 @@ def doctor(
         batch: ``(inputs, targets)``; a few dozen samples are enough.
         loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar.
         optimizer: optional; when given, the relative update of one step is measured (and undone).
-        jacobian_iterations: power-iteration steps for each Jacobian spectral norm.
+        jacobians: measure the input-output and per-block Jacobian spectral norms (the costliest part:
+            ``2 * jacobian_iterations`` passes per block). ``||dh_T/dh_0||`` is always measured.
+        jacobian_iterations: power-iteration steps at most for each spectral norm.
 
     Returns:
         A :class:`DoctorReport`: ``print(report)``, ``report.verdict``, ``report.start_layer``,
         ``report.findings``, ``report.time_flow``, ``report.to_dict()``, ``report.to_html(path)``.
     """
     _check_arguments(model, batch, loss_fn, optimizer)
+    if jacobian_iterations < 1:
+        raise ValueError(f"doctor: jacobian_iterations must be >= 1, got {jacobian_iterations}")
     inputs, targets = batch
     notes: list[str] = []
     saved_grads = [(p, p.grad) for p in model.parameters()]
@@ -219,7 +224,8 @@ def doctor(
         origin = None
         if not (math.isfinite(loss_value) and math.isfinite(total_norm)):
             origin = locate_nonfinite(model, batch, loss_fn)
-        jacobian = _jacobians(model, inputs, trace.calls, jacobian_iterations, notes)
+        jacobian = _jacobians(model, inputs, trace.calls, jacobian_iterations, notes) if jacobians \
+            else {"input_output": None, "blocks": {}}
     finally:
         for p, grad in saved_grads:
             p.grad = grad

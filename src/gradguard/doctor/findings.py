@@ -100,7 +100,7 @@ def init_explained_growth(depth: DepthFlow, init_checks: list[InitCheck]) -> flo
     verdict line on the measured side names the init as the cause even when no single layer is off by 2x
     (Xavier in a ReLU network: 1/sqrt(2) per layer).
     """
-    ratio = {c.layer: c.ratio for c in init_checks if c.param == "weight"}
+    ratio = {c.layer: c.ratio for c in init_checks if c.param == "weight" and c.scheme != "unknown"}
     product = 1.0
     for layer in depth.layers:
         if layer.gain is not None and not layer.recurrent and layer.name in ratio:
@@ -127,7 +127,7 @@ def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Mod
     saturating = _saturating_present(model)
     if flagged or verdict_of(explained) == depth.verdict:
         cause = "init_scale"
-        off = [c for c in init_checks if c.scheme != "orthogonal"]
+        off = [c for c in init_checks if c.scheme not in ("orthogonal", "unknown")]
         worst = max(off, key=lambda c: _orders(c.ratio))
         why = (f"the weights' std, off by x{worst.ratio:.2g} ({worst.layer!r}: {worst.std:.3g} vs "
                f"{worst.scheme} {worst.prescribed:.3g} for {worst.activation}), compounds to "
@@ -180,7 +180,10 @@ def init_findings(init_checks: list[InitCheck], cells_present: bool) -> list[Fin
     if not flagged:
         return []
     worst = max(flagged, key=lambda c: _orders(c.ratio))
-    listed = ", ".join(f"{c.layer} ({c.ratio:.2g}x)" for c in flagged[:4]) + (" ..." if len(flagged) > 4 else "")
+    def label(c: InitCheck) -> str:
+        return c.layer if c.param == "weight" else f"{c.layer}.{c.param}"
+
+    listed = ", ".join(f"{label(c)} ({c.ratio:.2g}x)" for c in flagged[:4]) + (" ..." if len(flagged) > 4 else "")
     message = (f"{len(flagged)} weight(s) off their prescribed std by more than 2x: {listed}; e.g. "
                f"{worst.layer}.{worst.param} std {worst.std:.3g}, {worst.scheme} for {worst.activation} "
                f"prescribes {worst.prescribed:.3g}")

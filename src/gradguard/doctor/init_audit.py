@@ -1,6 +1,7 @@
 """Init audit: each weight's std against the scheme its activation calls for, and recurrent spectral norms.
 
-* Linear/Conv weights, and the input-to-hidden weights of recurrent modules: the measured std against
+* Linear/Conv weights (followed by an activation module gradguard does not know: shown against Xavier,
+  scheme ``"unknown"``, never flagged), and the input-to-hidden weights of recurrent modules: the measured std against
   ``gradguard.init.prescribed_std`` — He et al. 2015 (``gain / sqrt(fan_in)``) when a rectifier follows
   the layer in the forward order, Xavier, Glorot & Bengio 2010 (``sqrt(2 / (fan_in + fan_out))``),
   otherwise. Flagged when off by more than 2x either way: a 2x error in std is a 4x error in variance per
@@ -30,6 +31,8 @@ from gradguard.init import RECURRENT_MODULES, WEIGHT_LAYERS, prescribed_std, rec
 __all__ = ["INIT_TOLERANCE", "InitCheck", "RecurrentBound", "audit_init", "audit_recurrent"]
 
 INIT_TOLERANCE = 2.0
+# An orthogonal W_hh sits exactly on the bound; float error must not flag it.
+BOUND_RTOL = 1e-3
 
 
 @dataclass
@@ -82,6 +85,9 @@ def _check(layer: str, param: str, weight: Tensor, activation: nn.Module | None,
     ratio = std / prescribed
     label = (activation_kind(activation) or type(activation).__name__) if activation is not None else "linear"
     flagged = not (1.0 / INIT_TOLERANCE <= ratio <= INIT_TOLERANCE)
+    if activation is not None and activation_kind(activation) is None:
+        # An activation no prescription knows (a custom module): shown against Xavier, never flagged.
+        scheme, flagged = "unknown", False
     return InitCheck(layer, param, label, scheme, std, prescribed, ratio, flagged)
 
 
@@ -121,7 +127,7 @@ def audit_recurrent(modules: list[tuple[str, nn.Module]], cells: list[RecurrentC
                 if param_name.startswith("weight_hh"):
                     sigma = float(torch.linalg.matrix_norm(weight.detach().float(), 2))
                     bound = 1.0 / derivative_bound(kind)
-                    bounds.append(RecurrentBound(name, param_name, kind, sigma, bound, sigma > bound))
+                    bounds.append(RecurrentBound(name, param_name, kind, sigma, bound, sigma > bound * (1 + BOUND_RTOL)))
     for cell in cells:
         if isinstance(cell.calls[0].module, RECURRENT_MODULES):
             continue
@@ -130,5 +136,7 @@ def audit_recurrent(modules: list[tuple[str, nn.Module]], cells: list[RecurrentC
         for param_name, param in cell.calls[0].module.named_parameters():
             if param.dim() == 2 and param.shape[0] == param.shape[1] and param.shape[0] in sizes:
                 sigma = float(torch.linalg.matrix_norm(param.detach().float(), 2))
-                bounds.append(RecurrentBound(cell.name, param_name, kind, sigma, 1.0 / gamma, sigma > 1.0 / gamma))
+                bound = 1.0 / gamma
+                bounds.append(RecurrentBound(cell.name, param_name, kind, sigma, bound,
+                                             sigma > bound * (1 + BOUND_RTOL)))
     return bounds

@@ -7,7 +7,8 @@ For ``y = f(x)`` with Jacobian ``J``, power iteration on ``J^T J``
 needs one Jacobian-vector product (``torch.func.jvp``, forward mode) and one vector-Jacobian product
 (``torch.func.vjp``, reverse mode) per step: the cost of about two forward passes and one backward, whatever
 the sizes of ``x`` and ``y``. ``||J v||`` rises to ``sigma_max`` at the rate ``(sigma_2 / sigma_1)^2`` per
-step (Golub & Van Loan, section 8.2).
+step (Golub & Van Loan, section 8.2): the estimate is a lower bound, and stopping when a step changes it
+by less than ``tol`` leaves an error of about ``tol / (1 - (sigma_2 / sigma_1)^2)``.
 
 The same routine measures the input-output Jacobian of a model, of each of its blocks, and ``dh_T/dh_0`` of
 a recurrent model (Pascanu et al. 2013: the long-term factor whose norm explodes or vanishes). A batch is

@@ -1,0 +1,258 @@
+"""The doctor across depth: the issue's checks on deep MLPs, the recommended fixes, the report's shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.doctor import doctor
+from gradguard.doctor.report import DoctorReport
+
+WIDTH = 48
+IN, OUT = 16, 10
+
+
+def mlp(depth: int, activation: type[nn.Module], init) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        linear = nn.Linear(IN if i == 0 else WIDTH, OUT if i == depth - 1 else WIDTH)
+        init(linear)
+        layers.append(linear)
+        if i < depth - 1:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def xavier(layer: nn.Linear) -> None:
+    nn.init.xavier_normal_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+def he(layer: nn.Linear) -> None:
+    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    nn.init.zeros_(layer.bias)
+
+
+def standard_normal(layer: nn.Linear) -> None:
+    nn.init.normal_(layer.weight, 0.0, 1.0)
+    nn.init.zeros_(layer.bias)
+
+
+def partially_normal(first_bad: int):
+    """Xavier for layers before ``first_bad``, N(0, 1) from it on."""
+    count = {"i": 0}
+
+    def init(layer: nn.Linear) -> None:
+        (standard_normal if count["i"] >= first_bad else xavier)(layer)
+        count["i"] += 1
+
+    return init
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(64, IN, generator=generator), torch.randint(0, OUT, (64,), generator=generator)
+
+
+def diagnose(model: nn.Module, batch, **kwargs) -> DoctorReport:
+    return doctor(model, batch, nn.functional.cross_entropy, jacobians=False, **kwargs)
+
+
+def apply_fix(fix: str, model: nn.Module, batch, optimizer=None) -> None:
+    """Run a finding's fix exactly as the report prints it."""
+    exec(fix, {"gg": gg, "nn": nn, "torch": torch, "model": model, "batch": batch, "optimizer": optimizer})
+
+
+def test_relu_mlp_30_layers_xavier_vanishes_and_he_is_stable(batch) -> None:
+    xavier_report = diagnose(mlp(30, nn.ReLU, xavier), batch)
+    assert xavier_report.verdict == "vanishing"
+    # Glorot & Bengio / He et al.: 1/sqrt(2) per layer for the error signal's norm with Xavier under ReLU.
+    assert 0.6 < xavier_report.depth.growth_per_layer < 0.8
+    assert xavier_report.depth.total_growth < 1e-3
+    # The forward face: activation variance halves per layer, so std at layer 28 is ~2^-7 of layer 0's.
+    stds = [a.std for a in xavier_report.activations if a.kind == "Linear"]
+    assert stds[-2] / stds[0] < 2.0 ** -5
+
+    he_report = diagnose(mlp(30, nn.ReLU, he), batch)
+    assert he_report.verdict == "stable"
+    assert he_report.start_layer is None
+    assert not [f for f in he_report.findings if f.severity == "error"]
+
+
+def test_error_signal_moves_while_weight_gradients_stay_level(batch) -> None:
+    """Glorot & Bengio 2010 eqs. 13-14: in a deep linear net with a gain c per layer, the forward signal
+    grows as c^l and the error signal as c^(L-l), so the weight gradients (their product) stay level."""
+
+    def scaled(layer: nn.Linear) -> None:
+        nn.init.normal_(layer.weight, 0.0, 1.5 / layer.in_features**0.5)
+        nn.init.zeros_(layer.bias)
+
+    report = diagnose(mlp(20, nn.Identity, scaled), batch)
+    hidden = report.depth.layers[1:-1]  # equal widths: the geometric law holds exactly in expectation
+    signal_ratio = hidden[0].error_signal / hidden[-1].error_signal
+    weight_ratio = hidden[0].weight_grad / hidden[-1].weight_grad
+    assert signal_ratio > 1.5 ** 17 / 10  # ~1.5 per layer over 17 layers
+    assert 1 / 3 < weight_ratio < 3
+    assert report.verdict == "exploding"
+
+
+def test_tanh_mlp_20_layers_standard_normal_explodes_from_the_first_layer(batch) -> None:
+    report = diagnose(mlp(20, nn.Tanh, standard_normal), batch)
+    assert report.verdict == "exploding"
+    assert report.start_layer == "0"
+    assert report.findings[0].severity == "error"
+    assert report.findings[0].layer == "0"
+    assert report.findings[0].cause == "init_scale"
+
+
+def test_explosion_starting_mid_network_is_located_there(batch) -> None:
+    """Layers 0-9 Xavier, 10-19 N(0, 1): the first bad Linear is module '20' of the Sequential."""
+    report = diagnose(mlp(20, nn.Tanh, partially_normal(first_bad=10)), batch)
+    assert report.verdict == "exploding"
+    assert report.start_layer == "20"
+
+
+@pytest.mark.parametrize(
+    "depth, activation, init",
+    [(20, nn.Tanh, standard_normal), (30, nn.ReLU, xavier), (20, nn.Sigmoid, xavier)],
+    ids=["tanh-normal", "relu-xavier", "sigmoid-xavier"],
+)
+def test_each_recommended_fix_turns_the_verdict_stable(batch, depth, activation, init) -> None:
+    torch.manual_seed(0)
+    model = mlp(depth, activation, init)
+    report = diagnose(model, batch)
+    assert report.verdict != "stable"
+    top = report.findings[0]
+    assert top.severity == "error"
+    apply_fix(top.fix, model, batch)
+    fixed = diagnose(model, batch)
+    assert fixed.verdict == "stable", (top.fix, str(fixed))
+
+
+def test_fix_for_sigmoid_swaps_the_activation(batch) -> None:
+    report = diagnose(mlp(20, nn.Sigmoid, xavier), batch)
+    assert report.verdict == "vanishing"
+    assert report.findings[0].cause == "activation"
+    assert "replace_(model, nn.Sigmoid, nn.ReLU)" in report.findings[0].fix
+
+
+def test_lsuv_fix_is_recommended_when_init_is_not_the_cause_and_it_works(batch) -> None:
+    """ReLU MLP He-initialised but with a 4x gain per layer put in the activation: init audit passes."""
+
+    class Scaled(nn.ReLU):  # a rectifier (He applies) whose output is 4x larger: the flow explodes
+        def forward(self, x):
+            return 4 * super().forward(x)
+
+    model = mlp(12, Scaled, he)
+    report = diagnose(model, batch)
+    assert report.verdict == "exploding"
+    top = report.findings[0]
+    assert top.cause == "depth" and top.fix == "gg.init.lsuv_(model, batch[0])"
+    apply_fix(top.fix, model, batch)
+    assert diagnose(model, batch).verdict == "stable"
+
+
+def test_saturation_and_dead_units_are_measured(batch) -> None:
+    saturated = diagnose(mlp(8, nn.Tanh, standard_normal), batch)
+    tanh_stats = [a for a in saturated.activations if a.kind == "tanh"]
+    assert tanh_stats and all(a.saturated > 0.5 for a in tanh_stats[1:])
+    assert any(f.cause == "saturation" for f in saturated.findings)
+
+    model = mlp(4, nn.ReLU, he)
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit of the first ReLU is negative for every sample
+    dead = diagnose(model, batch)
+    assert dead.activations[1].kind == "relu" and dead.activations[1].dead == 1.0
+    assert any(f.cause == "dead_units" for f in dead.findings)
+
+
+def test_init_audit_uses_the_activation_that_follows_in_forward_order(batch) -> None:
+    """Registration order says tanh follows fc1; the forward runs ReLU after it: He is the prescription."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tanh = nn.Tanh()  # registered first, runs last
+            self.fc1 = nn.Linear(IN, WIDTH)
+            self.relu = nn.ReLU()
+            self.fc2 = nn.Linear(WIDTH, OUT)
+
+        def forward(self, x):
+            return self.tanh(self.fc2(self.relu(self.fc1(x))))
+
+    report = diagnose(Net(), batch)
+    checks = {c.layer: c for c in report.init_checks}
+    assert checks["fc1"].activation == "relu" and checks["fc1"].scheme == "he"
+    assert checks["fc2"].activation == "tanh" and checks["fc2"].scheme == "xavier"
+
+
+def test_learning_rate_update_is_measured_and_undone(batch) -> None:
+    model = mlp(4, nn.ReLU, he)
+    optimizer = torch.optim.SGD(model.parameters(), lr=10.0, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    report = diagnose(model, batch, optimizer=optimizer)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert optimizer.state_dict()["state"] == {}
+    assert report.updates is not None
+    for update in report.updates:  # SGD's first step is exactly lr * g (momentum buffer starts at g)
+        assert update.update_ratio == pytest.approx(update.sgd_ratio, rel=1e-4)
+    top = next(f for f in report.findings if f.cause == "learning_rate")
+    assert top.severity == "error"
+    apply_fix(top.fix, model, batch, optimizer)
+    again = diagnose(model, batch, optimizer=optimizer)
+    assert not any(f.cause == "learning_rate" for f in again.findings)
+
+
+def test_doctor_leaves_gradients_and_mode_as_they_were(batch) -> None:
+    model = mlp(3, nn.ReLU, he)
+    model.eval()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    diagnose(model, batch)
+    assert not model.training
+    assert all(torch.all(p.grad == 7.0) for p in model.parameters())
+
+
+def test_jacobian_spectral_norms_match_the_dense_jacobian() -> None:
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    x = torch.randn(1, 6)
+    report = doctor(model, (x, torch.randn(1, 3)), nn.functional.mse_loss, jacobian_iterations=200)
+    dense = torch.autograd.functional.jacobian(model, x).reshape(3, 6)
+    exact_weight_norm = float(torch.linalg.matrix_norm(model[0].weight.detach(), 2))
+    # Power iteration approaches sigma_max from below and stops when a step changes it by < 1e-4.
+    assert report.jacobian["input_output"] == pytest.approx(float(torch.linalg.matrix_norm(dense, 2)), rel=5e-3)
+    assert report.jacobian["input_output"] <= float(torch.linalg.matrix_norm(dense, 2)) * (1 + 1e-6)
+    assert report.jacobian["blocks"]["0"] == pytest.approx(exact_weight_norm, rel=5e-3)
+
+
+def test_report_prints_a_short_diagnosis_and_dict_is_strict_json(batch) -> None:
+    report = doctor(mlp(20, nn.Tanh, standard_normal), batch, nn.functional.cross_entropy, jacobian_iterations=5)
+    text = str(report)
+    assert text.startswith("gradguard doctor: EXPLODING (starts at 0)")
+    assert "fix: gg.init.auto_(model)" in text
+    assert len(text.splitlines()) < 20
+    data = report.to_dict()
+    json.dumps(data, allow_nan=False)  # raises on NaN/Inf
+    assert data["verdict"] == "exploding" and data["start_layer"] == "0" and data["healthy"] is False
+    assert len(data["depth_flow"]["layers"]) == 20
+    assert {"name", "error_signal", "weight_grad", "grad_to_weight", "gain"} <= set(data["depth_flow"]["layers"][0])
+    assert data["time_flow"] is None
+    assert [f["severity"] for f in data["findings"]] == sorted(
+        (f["severity"] for f in data["findings"]), key=("error", "warning", "info").index)
+
+
+def test_bad_arguments_name_what_is_wrong(batch) -> None:
+    model = mlp(2, nn.ReLU, he)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        doctor("model", batch, nn.functional.cross_entropy)
+    with pytest.raises(TypeError, match=r"batch must be an \(inputs, targets\) pair"):
+        doctor(model, batch[0], nn.functional.cross_entropy)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        doctor(model, batch, "mse")
+    with pytest.raises(TypeError, match="loss_fn must return a scalar"):
+        doctor(model, batch, lambda out, y: out)
