@@ -119,9 +119,9 @@ def test_fused_optimizers_make_no_host_read_at_all(name, clip):
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_plain_optimizers_make_one_host_read_per_step(name):
     reads, bare = _guard_reads(name, 40, clip=gg.clip.ZClip(warmup_steps=5), log_every=10)
-    # Adam's own reads (its CPU step counters) are the optimizer's, not the Guard's; a skipped step (30)
-    # does not call the optimizer at all.
-    extra = [r - (0 if i == 30 else b) for i, (r, b) in enumerate(zip(reads, bare))]
+    # Adam's own reads (its CPU step counters) are the optimizer's, not the Guard's; skipped steps (30: NaN,
+    # 35: loss spike) do not call the optimizer at all.
+    extra = [r - (0 if i in (30, 35) else b) for i, (r, b) in enumerate(zip(reads, bare))]
     assert extra == [1] * 40
 
 
@@ -240,7 +240,7 @@ def test_gradient_accumulation_acts_on_boundaries_only():
 def test_lr_backoff_after_n_skips_in_a_window():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = gg.Guard(model, optimizer, backoff_after=2, backoff_window=10, lr_backoff=0.25, log_every=5)
+    guard = gg.Guard(model, optimizer, backoff_after=2, skip_window=10, lr_backoff=0.25, log_every=5)
     for i in range(10):
         guard.step(_backward(model, i, nan=i in (3, 6)))
         optimizer.zero_grad()
@@ -328,10 +328,10 @@ def test_raise_response_stops_at_once():
         guard.step(_backward(model, 1, nan=True))
 
 
-def test_consecutive_skips_roll_back():
+def test_many_skips_roll_back():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = gg.Guard(model, optimizer, max_consecutive_skips=4, backoff_after=100)
+    guard = gg.Guard(model, optimizer, rollback_after=5, backoff_after=100)
     for i in range(6):
         guard.step(_backward(model, i, nan=i >= 1))
         optimizer.zero_grad()
@@ -341,7 +341,8 @@ def test_consecutive_skips_roll_back():
 def test_spike_clip_response_clips_to_the_detector_threshold():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    guard = gg.Guard(model, optimizer, detector=gg.detect.Detector(warmup_steps=10), log_every=50)
+    guard = gg.Guard(model, optimizer, detector=gg.detect.Detector(warmup_steps=10), log_every=50,
+                     on_loss_spike="log")
     for i in range(30):
         guard.step(_backward(model, i, scale=30.0 if i == 25 else 1.0))
         optimizer.zero_grad()

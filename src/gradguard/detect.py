@@ -223,8 +223,10 @@ class Detector:
         growth_factor: average per-step factor of the norm over the window that counts as growth.
         sigma_floor: lower bound on the standard deviation of the logs (0.1: a 10% wobble is one sigma).
 
-    Spikes teach the moving average only their threshold value (the clipped value, as in ZClip), so one
-    spike barely moves the baseline while a lasting change of scale is learned within some steps.
+    A gradient-norm spike teaches the moving average only its threshold value (the clipped value, as in
+    ZClip), so one spike barely moves the baseline while a lasting change of scale is learned within some
+    steps. A loss spike teaches nothing: a loss that stays far above its history means the weights went
+    bad (the Guard skips, then rolls back), not a new normal.
     """
 
     def __init__(
@@ -249,8 +251,10 @@ class Detector:
         self.growth = GrowthWindow(growth_window, growth_factor)
         self._layer_names: list[str] | None = None
 
-    def _spike(self, scorer: MovingZScore, x: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(spike flag, z, log threshold) of ``x``; learns ``min(x, threshold)``."""
+    def _spike(
+        self, scorer: MovingZScore, x: Tensor, finite: Tensor, learn_spikes: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(spike flag, z, log threshold) of ``x``; learns ``min(x, threshold)``, or only non-spikes."""
         z = scorer.score(x)
         if scorer.ready:
             assert scorer.mean is not None
@@ -259,7 +263,7 @@ class Detector:
         else:
             threshold = torch.full_like(x, math.inf)
         spike = finite & (x > threshold)
-        scorer.update(torch.minimum(x, threshold), finite)
+        scorer.update(torch.minimum(x, threshold), finite if learn_spikes else finite & ~spike)
         return spike, z, threshold
 
     def update(self, stats: GradStats, loss: Tensor | None = None) -> Verdict:
@@ -269,7 +273,7 @@ class Detector:
         log_norm = torch.log(total.clamp(min=1e-30))
         finite_grad = stats.finite.to(device)
 
-        spike, grad_z, log_threshold = self._spike(self.norm, log_norm, finite_grad)
+        spike, grad_z, log_threshold = self._spike(self.norm, log_norm, finite_grad, learn_spikes=True)
         assert self.norm.mean is not None or not self.norm.ready
         norm_level = torch.exp(self.norm.mean) if self.norm.mean is not None else torch.full_like(total, math.inf)
 
@@ -282,7 +286,7 @@ class Detector:
             nonfinite_loss = ~torch.isfinite(loss)
             scored = ~nonfinite_loss & (loss > 0)
             log_loss = torch.log(loss.clamp(min=1e-30))
-            loss_spike, loss_z, _ = self._spike(self.loss, log_loss, scored)
+            loss_spike, loss_z, _ = self._spike(self.loss, log_loss, scored, learn_spikes=False)
 
         growth, growth_rate = self.growth.update(torch.where(finite_grad, log_norm, math.nan))
         layer = self._layer(stats, finite_grad)

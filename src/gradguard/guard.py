@@ -105,21 +105,21 @@ def _factor(value: Any, name: str) -> float:
 
 
 def _resolve_responses(
-    on_nonfinite: str, on_spike: str, on_growth: str, responses: dict[str, str] | None
+    on_nonfinite: str, on_spike: str, on_loss_spike: str, on_growth: str, responses: dict[str, str] | None
 ) -> dict[str, str]:
     chosen = {
         "nonfinite_grad": on_nonfinite,
         "nonfinite_loss": on_nonfinite,
         "grad_spike": on_spike,
-        "loss_spike": on_spike,
+        "loss_spike": on_loss_spike,
         "growth": on_growth,
         "nonfinite_param": "rollback",
     }
-    for option, kinds in (("on_nonfinite", ("nonfinite_grad",)), ("on_spike", ("grad_spike",)),
-                          ("on_growth", ("growth",))):
-        allowed = ALLOWED_ACTIONS[kinds[0]]
-        if chosen[kinds[0]] not in allowed:
-            raise ValueError(f"Guard: {option} must be one of {allowed}, got {chosen[kinds[0]]!r}")
+    for option, kind in (("on_nonfinite", "nonfinite_grad"), ("on_spike", "grad_spike"),
+                         ("on_loss_spike", "loss_spike"), ("on_growth", "growth")):
+        allowed = ALLOWED_ACTIONS[kind]
+        if chosen[kind] not in allowed:
+            raise ValueError(f"Guard: {option} must be one of {allowed}, got {chosen[kind]!r}")
     for kind, action in (responses or {}).items():
         if kind not in ALLOWED_ACTIONS:
             raise ValueError(f"Guard: responses has an unknown event kind {kind!r}; kinds are {EVENT_KINDS}")
@@ -147,8 +147,12 @@ class Guard:
         clip: a ``gradguard.clip`` strategy applied at every step, or None. Scale strategies
             (GlobalNorm, AutoClip, ZClip) are folded into fused optimizers' ``grad_scale``.
         on_nonfinite: response to NaN/Inf gradients or loss: ``"skip"``, ``"rollback"`` or ``"raise"``.
-        on_spike: response to gradient-norm and loss spikes: ``"clip"`` (to the detector's threshold),
+        on_spike: response to a gradient-norm spike: ``"clip"`` (to the detector's threshold),
             ``"skip"``, ``"rollback"``, ``"raise"`` or ``"log"``.
+        on_loss_spike: response to a loss spike (same choices). ``"skip"`` by default: a batch whose loss
+            is far above the run's is an outlier not to learn from, and when the weights themselves went
+            bad (a learning rate far too high) every following step is skipped until the skips call for a
+            rollback.
         on_growth: response to sustained growth of the norm: ``"clip"`` (to its moving average), ...
         responses: per-kind overrides, ``{kind: action}``; kinds are ``gradguard.detect.EVENT_KINDS``
             (``nonfinite_param`` accepts ``"rollback"`` or ``"raise"``).
@@ -159,10 +163,13 @@ class Guard:
         log_every: steps between two flushes of the history to the host and the sinks.
         layer_every: steps between two records of per-layer norms (0: never).
         sinks: where flushed records go (``gradguard.sinks``).
-        lr_backoff: factor on the learning rate after ``backoff_after`` skips within ``backoff_window``.
+        lr_backoff: factor on the learning rate after ``backoff_after`` skips within ``skip_window`` steps
+            (at most one back-off per ``skip_window`` steps).
+        rollback_after: skips within ``skip_window`` steps that call for a rollback.
         rollback_lr_factor: factor on the learning rate after a rollback.
         max_rollbacks: rollbacks allowed before ``TrainingDiverged``.
-        max_consecutive_skips: skipped steps in a row that call for a rollback.
+        lr_recover_after: real steps after a cut (back-off or rollback) before it is undone, one at a time;
+            None: cuts are kept for good.
         snapshot_every: steps between two snapshots (taken at a flush, after checking the weights are
             finite); None: no snapshots, and a needed rollback raises ``TrainingDiverged``.
         snapshot_dir: keep the snapshot in this folder instead of memory.
@@ -179,6 +186,7 @@ class Guard:
         *,
         on_nonfinite: str = "skip",
         on_spike: str = "clip",
+        on_loss_spike: str = "skip",
         on_growth: str = "clip",
         responses: dict[str, str] | None = None,
         detector: Detector | None = None,
@@ -189,11 +197,12 @@ class Guard:
         layer_every: int = 10,
         sinks: Sequence[Sink] | Iterable[Sink] = (),
         lr_backoff: float = 0.5,
-        backoff_after: int = 3,
-        backoff_window: int = 50,
+        backoff_after: int = 5,
+        rollback_after: int = 10,
+        skip_window: int = 50,
         rollback_lr_factor: float = 0.5,
         max_rollbacks: int = 3,
-        max_consecutive_skips: int = 20,
+        lr_recover_after: int | None = 50,
         snapshot_every: int | None = 100,
         snapshot_dir: str | None = None,
         groups: str = "module",
@@ -208,7 +217,7 @@ class Guard:
             raise ValueError(f"Guard: clip must be a gradguard.clip strategy or None, got {type(clip).__name__}")
         if detector is not None and not isinstance(detector, Detector):
             raise ValueError(f"Guard: detector must be a gradguard.detect.Detector, got {type(detector).__name__}")
-        self.responses = _resolve_responses(on_nonfinite, on_spike, on_growth, responses)
+        self.responses = _resolve_responses(on_nonfinite, on_spike, on_loss_spike, on_growth, responses)
         self.accumulation_steps = _int_at_least(accumulation_steps, 1, "accumulation_steps")
         self.log_every = _int_at_least(log_every, 1, "log_every")
         self.layer_every = _int_at_least(layer_every, 0, "layer_every")
@@ -219,10 +228,12 @@ class Guard:
         self.policy = RecoveryPolicy(
             lr_backoff=_factor(lr_backoff, "lr_backoff"),
             backoff_after=_int_at_least(backoff_after, 1, "backoff_after"),
-            backoff_window=_int_at_least(backoff_window, 1, "backoff_window"),
+            rollback_after=_int_at_least(rollback_after, 1, "rollback_after"),
+            skip_window=_int_at_least(skip_window, 1, "skip_window"),
             rollback_lr_factor=_factor(rollback_lr_factor, "rollback_lr_factor"),
             max_rollbacks=_int_at_least(max_rollbacks, 0, "max_rollbacks"),
-            max_consecutive_skips=_int_at_least(max_consecutive_skips, 1, "max_consecutive_skips"),
+            lr_recover_after=None if lr_recover_after is None else _int_at_least(
+                lr_recover_after, 1, "lr_recover_after"),
         )
         self.sinks: list[Sink] = list(sinks)
         for i, sink in enumerate(self.sinks):
@@ -231,6 +242,9 @@ class Guard:
 
         self.model = model
         self.optimizer = optimizer
+        # The step method as it is now: integrations may route the framework's optimizer.step() call to
+        # this Guard (see gradguard.integrations), and the Guard must still reach the real step.
+        self._optimizer_step = optimizer.step
         self.clip = clip
         self.detector = detector if detector is not None else Detector()
         self.scaler = scaler
@@ -357,7 +371,7 @@ class Guard:
             if not skipped:
                 if code & 2:
                     scale_grads_(stats.grads, fold_coef)
-                self.optimizer.step()
+                self._optimizer_step()
                 if self.scheduler is not None:
                     self.scheduler.step()
             self._last_skipped_host = skipped
@@ -381,7 +395,7 @@ class Guard:
         opt.grad_scale = torch.where(skip, torch.ones_like(fold_coef), 1.0 / fold_coef).float()
         opt.found_inf = skip.float()
         try:
-            opt.step()
+            self._optimizer_step()
         finally:
             del opt.grad_scale
             del opt.found_inf
@@ -437,21 +451,31 @@ class Guard:
         rung = self.policy.observe(step, skipped)
         if rung == "lr_backoff":
             self._lr_backoff(step)
+        elif rung == "lr_recover":
+            self._lr_recover(step)
         elif rung == "rollback":
-            self._rollback(step, f"{self.policy.consecutive_skips} skipped steps in a row")
+            self._rollback(step, f"{len(self.policy.skips)} skipped steps within {self.policy.skip_window}")
 
     def _note_action(self, step: int, event: dict[str, Any]) -> None:
         self._actions.setdefault(step, []).append(event)
         self._recent_events.append(event)
 
+    def _scale_lr(self, factor: float) -> tuple[float, float]:
+        before = float(self.optimizer.param_groups[0]["lr"])
+        scale_lr_(self.optimizer, factor, self.scheduler)
+        return before, float(self.optimizer.param_groups[0]["lr"])
+
     def _lr_backoff(self, step: int) -> None:
-        before = self.optimizer.param_groups[0]["lr"]
-        scale_lr_(self.optimizer, self.policy.lr_backoff, self.scheduler)
+        before, after = self._scale_lr(self.policy.lr_backoff)
+        self.policy.cuts.append(self.policy.lr_backoff)
         self.policy.lr_backoffs += 1
-        self.policy.lr_factor_since_snapshot *= self.policy.lr_backoff
-        after = self.optimizer.param_groups[0]["lr"]
         self._note_action(step, {"step": step, "kind": "lr_backoff", "layer": None, "action": "lr_backoff",
-                                 "lr_before": float(before), "lr_after": float(after)})
+                                 "lr_before": before, "lr_after": after})
+
+    def _lr_recover(self, step: int) -> None:
+        before, after = self._scale_lr(1.0 / self.policy.cuts.pop())
+        self._note_action(step, {"step": step, "kind": "lr_recover", "layer": None, "action": "lr_recover",
+                                 "lr_before": before, "lr_after": after})
 
     def _rollback(self, step: int, reason: str) -> None:
         if self.snapshot.step is None:
@@ -460,14 +484,21 @@ class Guard:
         if self.policy.rollbacks >= self.policy.max_rollbacks:
             self._diverge(f"{reason} at step {step} called for a rollback, and the rollback budget is spent "
                           f"({self.policy.rollbacks} of max_rollbacks={self.policy.max_rollbacks})", step)
+        # the learning rates in force survive the restore: the snapshot brings back weights and moments
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        base_lrs = list(getattr(self.scheduler, "base_lrs", []))
         self._training_state.restore(self.snapshot.load())
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        if base_lrs:
+            self.scheduler.base_lrs = base_lrs
+        before, after = self._scale_lr(self.policy.rollback_lr_factor)
+        self.policy.cuts.append(self.policy.rollback_lr_factor)
         self.policy.rollbacks += 1
-        self.policy.lr_factor_since_snapshot *= self.policy.rollback_lr_factor
-        scale_lr_(self.optimizer, self.policy.lr_factor_since_snapshot, self.scheduler)
         self.policy.after_rollback()
         self._note_action(step, {"step": step, "kind": "rollback", "layer": None, "action": "rollback",
-                                 "reason": reason, "to_step": self.snapshot.step,
-                                 "lr_after": float(self.optimizer.param_groups[0]["lr"])})
+                                 "reason": reason, "to_step": self.snapshot.step, "lr_before": before,
+                                 "lr_after": after})
 
     def _diverge(self, reason: str, step: int) -> None:
         if not self._in_flush:  # publish what is on the device, so the account and the sinks have it
@@ -560,7 +591,6 @@ class Guard:
         )
         if due:
             self.snapshot.save(self.step_count, self._training_state.capture())
-            self.policy.lr_factor_since_snapshot = 1.0
 
     def _publish(self, records: list[dict[str, Any]]) -> None:
         for record in records:

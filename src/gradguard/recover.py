@@ -1,16 +1,20 @@
 """Recovery: what the Guard does on the host when skipping a step is not enough.
 
-Escalation, one rung at a time:
+Escalation, one rung at a time (and back down once training is healthy again):
 
-1. **LR back-off**: ``backoff_after`` skipped steps within ``backoff_window`` steps multiply every
+1. **LR back-off**: ``backoff_after`` skipped steps within ``skip_window`` steps multiply every
    parameter group's learning rate by ``lr_backoff`` (and an attached scheduler's ``base_lrs``, so that
    schedulers that recompute the rate from them keep the cut).
-2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``max_consecutive_skips`` skipped steps
-   in a row restore the last good :class:`Snapshot` (model, optimizer, scaler, scheduler, the Guard's
-   detector and clipper) and cut the learning rate by ``rollback_lr_factor`` (compounding when the same
-   snapshot is restored again).
+2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``rollback_after`` skipped steps
+   within ``skip_window`` steps restore the last good :class:`Snapshot` (model, optimizer state, scaler, scheduler, the
+   Guard's detector and clipper) and cut the learning rate by ``rollback_lr_factor``. The learning rate
+   itself is not taken from the snapshot: it stays what it was (the user's schedule, earlier cuts), times
+   the cut.
 3. **TrainingDiverged**: a rollback needed when ``max_rollbacks`` were spent (or none is possible)
    raises, with an account of what happened. Training never goes on silently with NaN weights.
+
+Cuts are not for good: ``lr_recover_after`` real steps after a cut, the last outstanding cut is undone
+(as ``GradScaler`` grows its scale back), so that a transient fault costs a transient slow-down.
 
 Snapshots are taken only when the weights were just checked finite, every ``snapshot_every`` steps; in
 memory (a clone of every tensor, on its device) or, with ``snapshot_dir``, in one file on disk written
@@ -128,55 +132,73 @@ def scale_lr_(optimizer: torch.optim.Optimizer, factor: float, scheduler: Any = 
 
 @dataclass
 class RecoveryPolicy:
-    """Host-side escalation counters: which rung to climb after each step. See the module docstring."""
+    """Host-side escalation counters: which rung to climb (or step down) after each step.
+
+    All counts are over the skipped steps of the last ``skip_window`` steps:
+
+    * ``"lr_backoff"``: ``backoff_after`` skips, at most once per ``skip_window`` steps (while most steps
+      are skipped the learning rate changes little, so cutting it again and again would only compound).
+    * ``"rollback"``: ``rollback_after`` skips: the weights themselves are probably bad.
+    * ``"lr_recover"``: ``lr_recover_after`` real steps since the last cut (or the last recovery) undo the
+      last outstanding cut, as ``torch.amp.GradScaler`` grows its scale back after ``growth_interval``
+      steps: a transient fault does not leave the run at a fraction of its learning rate for good.
+    """
 
     lr_backoff: float = 0.5
-    backoff_after: int = 3
-    backoff_window: int = 50
+    backoff_after: int = 5
+    rollback_after: int = 10
+    skip_window: int = 50
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
-    max_consecutive_skips: int = 20
-    skips: deque[int] = field(default_factory=deque)  # steps of the recent skips
-    consecutive_skips: int = 0
+    lr_recover_after: int | None = 50
+    skips: deque[int] = field(default_factory=deque)  # steps of the skips within the window
+    last_backoff: int | None = None
+    clean_steps: int = 0  # real steps since the last LR change
+    cuts: list[float] = field(default_factory=list)  # outstanding LR factors, oldest first
     rollbacks: int = 0
     lr_backoffs: int = 0
-    lr_factor_since_snapshot: float = 1.0
 
     def observe(self, step: int, skipped: bool) -> str | None:
-        """Count one step; returns ``"rollback"``, ``"lr_backoff"`` or None."""
-        if not skipped:
-            self.consecutive_skips = 0
-            return None
-        self.consecutive_skips += 1
-        if self.consecutive_skips >= self.max_consecutive_skips:
-            return "rollback"
-        self.skips.append(step)
-        while self.skips and self.skips[0] <= step - self.backoff_window:
+        """Count one step; returns ``"rollback"``, ``"lr_backoff"``, ``"lr_recover"`` or None."""
+        while self.skips and self.skips[0] <= step - self.skip_window:
             self.skips.popleft()
-        if len(self.skips) >= self.backoff_after:
-            self.skips.clear()
+        if not skipped:
+            self.clean_steps += 1
+            if self.cuts and self.lr_recover_after is not None and self.clean_steps >= self.lr_recover_after:
+                self.clean_steps = 0
+                return "lr_recover"
+            return None
+        self.skips.append(step)
+        if len(self.skips) >= self.rollback_after:
+            return "rollback"
+        cooling = self.last_backoff is not None and step - self.last_backoff < self.skip_window
+        if len(self.skips) >= self.backoff_after and not cooling:
+            self.last_backoff = step
+            self.clean_steps = 0
             return "lr_backoff"
         return None
 
     def after_rollback(self) -> None:
         self.skips.clear()
-        self.consecutive_skips = 0
+        self.clean_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "skips": list(self.skips),
-            "consecutive_skips": self.consecutive_skips,
+            "last_backoff": self.last_backoff,
+            "clean_steps": self.clean_steps,
+            "cuts": list(self.cuts),
             "rollbacks": self.rollbacks,
             "lr_backoffs": self.lr_backoffs,
-            "lr_factor_since_snapshot": self.lr_factor_since_snapshot,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skips = deque(int(s) for s in state["skips"])
-        self.consecutive_skips = int(state["consecutive_skips"])
+        self.last_backoff = None if state["last_backoff"] is None else int(state["last_backoff"])
+        self.clean_steps = int(state["clean_steps"])
+        self.cuts = [float(c) for c in state["cuts"]]
         self.rollbacks = int(state["rollbacks"])
         self.lr_backoffs = int(state["lr_backoffs"])
-        self.lr_factor_since_snapshot = float(state["lr_factor_since_snapshot"])
 
 
 @dataclass
