@@ -13,19 +13,19 @@ Record = dict[str, Any]
 def headline(scenario: str, row: dict[str, Any]) -> str:
     """The one number that answers each scenario's question for a variant."""
     if row["runs"] == 0:
-        return f"failed: {row['error']}"[:60]
+        return f"{row['errors']} failed (see report)"
     if scenario == "recurrence":
         low, high = row["solved_interval"]
-        return f"solved {row['solved']}/{row['runs']} [{pct(low)}-{pct(high)}]"
+        return f"solved {row['solved']}/{row['runs']} (CI {100 * low:.0f}-{100 * high:.0f}%)"
     if scenario == "learning_rate":
         return f"val loss {fmt(row['val_loss'])}"
     if scenario == "regularization":
-        return f"gap {pct(row['generalization_gap'])}, |w| {fmt(row['final_weight_norm'])}"
+        return f"gap {pct(row['generalization_gap'])} |w| {fmt(row['final_weight_norm'])}"
     return f"test acc {pct(row['test_accuracy'])}"
 
 
 def summary_rows(records: list[Record]) -> list[list[str]]:
-    """[scenario, variant, diverged, key result, final loss, largest |g|] per variant, in grid order."""
+    """[scenario, variant, diverged, key result, largest |g|] per variant, in grid order."""
     grouped: dict[tuple[str, str], list[Record]] = {}
     for record in records:
         config = record["config"]
@@ -33,10 +33,10 @@ def summary_rows(records: list[Record]) -> list[list[str]]:
     lines = []
     for (scenario, part), group in grouped.items():
         for row in summarize(group):
-            name = scenario if not part else f"{scenario} ({part})"
+            name = scenario if not part else f"{scenario}: {part.split(',')[0].replace(' problem', '')}"
             lines.append([
                 name, row["variant"], f"{row['diverged']}/{row['runs']}", headline(scenario, row),
-                fmt(row["final_loss"]), fmt(row["max_grad_norm"]),
+                fmt(row["max_grad_norm"]),
             ])
     return lines
 
@@ -47,11 +47,16 @@ def print_summary(records: list[Record], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    for header in ("scenario", "variant", "diverged", "key result", "final loss", "largest |g|"):
-        table.add_column(header, justify="left" if header in ("scenario", "variant", "key result") else "right")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), title="gradguard lab summary")
+    table.add_column("variant", no_wrap=True, min_width=20)
+    table.add_column("diverged", justify="right")
+    table.add_column("key result", no_wrap=True)
+    table.add_column("largest |g|", justify="right")
     previous = None
     for line in summary_rows(records):
-        table.add_row(line[0] if line[0] != previous else "", *line[1:])
-        previous = line[0]
+        if line[0] != previous:
+            table.add_section()
+            table.add_row(f"[bold]{line[0]}[/bold]", "", "", "")
+            previous = line[0]
+        table.add_row(*line[1:])
     console.print(table)

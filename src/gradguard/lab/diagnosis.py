@@ -1,8 +1,10 @@
 """The doctor's view of a lab model at initialization, as JSON values for a run's record.
 
-The gradient flow comes from ``gg.doctor`` (issue 4): the norm of the error signal at each layer's
-output, in depth order (Glorot & Bengio 2010, eqs. 13-14). Where the doctor is not available, the
-per-layer weight-gradient norms of one backward pass (``gg.grad_stats``) stand in, and the record says so.
+The gradient flow comes from ``gg.doctor`` (issue 4): the norm of the error signal ``||dL/dy_l||`` at
+each layer's output, in depth order (Glorot & Bengio 2010, eqs. 13-14), its fitted total growth and the
+doctor's verdict; for recurrent models also ``||dL/dh_t||`` over time. Where the doctor is not
+available, the per-layer weight-gradient norms of one backward pass (``gg.grad_stats``) stand in, and
+the record says so (``source``).
 """
 
 from __future__ import annotations
@@ -14,23 +16,36 @@ from torch import nn
 from gradguard.lab.remedies import Batch, LossFn
 from gradguard.stats import grad_stats
 
+JACOBIAN_ITERATIONS = 3  # the lab reads the flow, not the Jacobian: keep the doctor's power iteration short
+
 
 def gradient_flow_at_init(model: nn.Module, batch: Batch, loss_fn: LossFn) -> dict[str, Any]:
-    """``{"source", "names", "norms", "verdict", "start_layer"}``: per-layer gradient norms at init."""
-    import gradguard
-
-    doctor = getattr(gradguard, "doctor", None)
-    if not callable(doctor):  # the doctor (issue 4) is not in this version
+    """``{"source", "names", "norms", "weight_grads", "total_growth", "verdict", "start_layer", "time"}``."""
+    try:
+        from gradguard.doctor import doctor
+    except ImportError:  # the doctor (issue 4) is not in this version
         return _weight_gradient_flow(model, batch, loss_fn)
-    report = doctor(model, batch, loss_fn)
-    flow = doctor_layer_flow(report.to_dict())
-    return {"source": "doctor", **flow, "verdict": report.verdict, "start_layer": report.start_layer}
+    report = doctor(model, batch, loss_fn, jacobian_iterations=JACOBIAN_ITERATIONS).to_dict()
+    return {"source": "doctor", **doctor_layer_flow(report)}
 
 
-def doctor_layer_flow(report: dict[str, Any]) -> dict[str, list]:
-    """Per-layer names and gradient norms from ``report.to_dict()``."""
-    layers = report["gradient_flow"]["layers"]
-    return {"names": [layer["name"] for layer in layers], "norms": [layer["grad_norm"] for layer in layers]}
+def doctor_layer_flow(report: dict[str, Any]) -> dict[str, Any]:
+    """The lab's fields from ``DoctorReport.to_dict()``."""
+    depth = report["depth_flow"]
+    time = report.get("time_flow")
+    return {
+        "names": [layer["name"] for layer in depth["layers"]],
+        "norms": [layer["error_signal"] for layer in depth["layers"]],
+        "weight_grads": [layer["weight_grad"] for layer in depth["layers"]],
+        "total_growth": depth["total_growth"],
+        "verdict": report["verdict"],
+        "start_layer": report["start_layer"],
+        "time": None if time is None else {
+            "grad_norm_per_step": time.get("grad_norm_per_step"),
+            "total_growth": time.get("total_growth"),
+            "verdict": time.get("verdict"),
+        },
+    }
 
 
 def _weight_gradient_flow(model: nn.Module, batch: Batch, loss_fn: LossFn) -> dict[str, Any]:
@@ -39,10 +54,14 @@ def _weight_gradient_flow(model: nn.Module, batch: Batch, loss_fn: LossFn) -> di
     loss_fn(model(inputs), targets).backward()
     stats = grad_stats(model)
     model.zero_grad(set_to_none=True)
+    norms = stats.norms.tolist()
     return {
         "source": "grad_stats",
         "names": stats.names,
-        "norms": stats.norms.tolist(),
+        "norms": norms,
+        "weight_grads": norms,
+        "total_growth": None,
         "verdict": None,
         "start_layer": None,
+        "time": None,
     }

@@ -5,6 +5,8 @@ Definitions (the report prints them):
 * **diverged**: the loss became non-finite (NaN/Inf), or the running median of the loss over
   ``window`` steps rose above ``factor`` (10) times the initial loss. The median ignores a single bad
   batch; a run whose loss stays up counts.
+* **recovered**: diverged at some step, yet ended with finite weights and a final loss at most ``factor``
+  times the initial loss (e.g. the Guard rolled back and lowered the learning rate).
 * **final loss**: mean of the last ``window`` losses; NaN when the run diverged to a non-finite loss.
 * **steps to target**: the first step at which the running mean of the loss over ``window`` steps is
   at or below the target; None when never reached.
@@ -133,10 +135,12 @@ def run_metrics(
     """The per-run metrics that every scenario reports, from the loss and gradient-norm curves."""
     largest, median = grad_norm_summary(grad_norms)
     step = divergence_step(losses)
+    last = final_loss(losses)
     return {
         "diverged": step is not None,
         "divergence_step": step,
-        "final_loss": final_loss(losses),
+        "recovered": step is not None and math.isfinite(last) and last <= DIVERGENCE_FACTOR * losses[0],
+        "final_loss": last,
         "steps_to_target": None if target is None else steps_to_target(losses, target),
         "oscillation_index": oscillation_index(losses),
         "max_grad_norm": largest,

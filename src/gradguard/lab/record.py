@@ -27,6 +27,7 @@ def make_record(config: dict[str, Any], log: TrainLog, target: float | None = No
     metrics = run_metrics(log.losses, log.grad_norms, target=target)
     if log.stopped_at is not None:  # non-finite weights, or the Guard gave up: the run diverged there
         metrics["diverged"] = True
+        metrics["recovered"] = False
         step = metrics["divergence_step"]
         metrics["divergence_step"] = log.stopped_at if step is None else min(step, log.stopped_at)
     loss_steps, loss_values = downsample(log.losses, CURVE_POINTS, "mean")

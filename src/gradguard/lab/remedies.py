@@ -29,6 +29,16 @@ REMEDY_LABELS = {
     "guard": "Guard",
 }
 
+
+
+def remedy_label(spec: dict[str, Any]) -> str:
+    """The label of a remedy spec: ``{"name": "guard", "clip": {"name": "zclip"}}`` -> "Guard + ZClip"."""
+    label = REMEDY_LABELS[spec["name"]]
+    if spec["name"] == "guard" and spec.get("clip"):
+        label += " + " + REMEDY_LABELS[spec["clip"]["name"]]
+    return label
+
+
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -93,11 +103,8 @@ def pascanu_threshold(
     """The clipping threshold heuristic of Pascanu, Mikolov & Bengio 2013 (section 3.2: "look at
     statistics on the average norm over a sufficiently large number of updates"), from the doctor's
     ``gg.suggest_clip_threshold``."""
-    import gradguard
+    from gradguard.doctor import suggest_clip_threshold
 
-    suggest_clip_threshold = getattr(gradguard, "suggest_clip_threshold", None)
-    if suggest_clip_threshold is None:  # exported by the doctor's issue; the function itself lives here
-        from gradguard.doctor.clip_threshold import suggest_clip_threshold
     return float(suggest_clip_threshold(model, list(batches), loss_fn, steps=steps))
 
 

@@ -58,6 +58,7 @@ def summarize_variant(variant: str, records: list[Record]) -> dict[str, Any]:
         "errors": len(records) - len(finished),
         "error": next((record["error"] for record in records if "error" in record), None),
         "diverged": count_of(finished, lambda r: bool(r.get("diverged"))),
+        "recovered": count_of(finished, lambda r: bool(r.get("recovered"))),
         "params_finite": count_of(finished, lambda r: bool(r.get("params_finite"))),
         "final_loss": median_of(finished, "final_loss"),
         "oscillation_index": median_of(finished, "oscillation_index"),

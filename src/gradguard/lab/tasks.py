@@ -33,7 +33,8 @@ def adding_problem(n: int, seq_len: int, generator: torch.Generator) -> tuple[Te
     Each time step is a pair (value, marker). Values are uniform in [-1, 1]. Exactly two pairs are
     marked with 1.0: one chosen among the first 10 pairs (its value is X1), one among the first
     ``seq_len // 2 - 1`` pairs that are still unmarked (X2). The first and last pairs carry the marker
-    -1.0 unless marked; all other markers are 0. When the first pair is the marked one, X1 is set to 0.
+    -1.0 unless marked; all other markers are 0. When the first pair is marked, its value is set to 0
+    (the paper's "rare case"; here either marker can land there).
 
     The paper's target is ``0.5 + (X1 + X2) / 4`` for a sigmoid output unit; here the output is linear
     and the target is the sum ``X1 + X2`` (as in Pascanu et al. 2013). The paper draws lengths in
@@ -54,7 +55,7 @@ def adding_problem(n: int, seq_len: int, generator: torch.Generator) -> tuple[Te
     second = offset + (offset >= first).long()
     markers[rows, first] = 1.0
     markers[rows, second] = 1.0
-    values[rows[first == 0], 0] = 0.0
+    values[rows[(first == 0) | (second == 0)], 0] = 0.0
     inputs = torch.stack([values, markers], dim=-1)
     targets = (values[rows, first] + values[rows, second]).unsqueeze(1)
     return inputs, targets

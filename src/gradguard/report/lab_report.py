@@ -31,6 +31,11 @@ def _count(key: str) -> Callable[[Row], str]:
     return lambda row: f"{row[key]}/{row['runs']}"
 
 
+def _diverged(row: Row) -> str:
+    text = f"{row['diverged']}/{row['runs']}"
+    return text + (f" ({row['recovered']} recovered)" if row.get("recovered") else "")
+
+
 def _number(key: str) -> Callable[[Row], str]:
     return lambda row: fmt(row.get(key))
 
@@ -49,7 +54,7 @@ def _solved(row: Row) -> str:
 COMMON_END: list[Column] = [("wall s / run", _number("wall_seconds"))]
 COLUMNS: dict[str, list[Column]] = {
     "depth": [
-        ("diverged", _count("diverged")),
+        ("diverged", _diverged),
         ("final loss", _number("final_loss")),
         ("test acc", _percent("test_accuracy")),
         ("gen gap", _percent("generalization_gap")),
@@ -60,14 +65,14 @@ COLUMNS: dict[str, list[Column]] = {
     "recurrence": [
         ("solved [95% CI]", _solved),
         ("steps to solve", _number("steps_to_target")),
-        ("diverged", _count("diverged")),
+        ("diverged", _diverged),
         ("largest |g|", _number("max_grad_norm")),
         ("median |g|", _number("median_grad_norm")),
         ("oscillation", _number("oscillation_index")),
         ("final loss", _number("final_loss")),
     ],
     "learning_rate": [
-        ("diverged", _count("diverged")),
+        ("diverged", _diverged),
         ("final loss", _number("final_loss")),
         ("val loss", _number("val_loss")),
         ("oscillation", _number("oscillation_index")),
@@ -84,7 +89,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("final loss", _number("final_loss")),
     ],
     "faults": [
-        ("diverged", _count("diverged")),
+        ("diverged", _diverged),
         ("finite weights", _count("params_finite")),
         ("test acc", _percent("test_accuracy")),
         ("final loss", _number("final_loss")),

@@ -37,7 +37,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
     configs = []
     for activation in ACTIVATIONS:
         for init in INITS:
-            for seed in seed_list(quick, seeds, quick_default=1, full_default=3):
+            for seed in seed_list(quick, seeds, quick_default=2, full_default=5):
                 configs.append(
                     {
                         "scenario": NAME,
@@ -47,7 +47,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
                         "init": init,
                         "depth": 12 if quick else 20,
                         "width": 64,
-                        "steps": steps or (300 if quick else 1500),
+                        "steps": steps or (600 if quick else 2000),
                         "batch_size": 64,
                         "lr": 0.05,
                     }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gradguard.lab.models import DeepMLP
 from gradguard.lab.record import make_record
-from gradguard.lab.remedies import REMEDY_LABELS, make_remedy
+from gradguard.lab.remedies import make_remedy, remedy_label
 from gradguard.lab.scenarios import Record, RunConfig, seed_list
 from gradguard.lab.tasks import digits_split
 from gradguard.lab.training import Faults, accuracy, evaluate_loss, train
@@ -45,7 +45,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
                 configs.append(
                     {
                         "scenario": NAME,
-                        "variant": f"{fault} / {REMEDY_LABELS[remedy]}",
+                        "variant": f"{fault} / {remedy_label(REMEDIES[remedy])}",
                         "seed": seed,
                         "fault": fault,
                         "fault_steps": fault_steps(fault, total_steps),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gradguard.lab.models import CausalTransformer
 from gradguard.lab.record import make_record
-from gradguard.lab.remedies import REMEDY_LABELS, make_remedy
+from gradguard.lab.remedies import make_remedy, remedy_label
 from gradguard.lab.scenarios import Record, RunConfig, seed_list
 from gradguard.lab.tasks import char_batch, char_corpus
 from gradguard.lab.training import evaluate_loss, train
@@ -37,13 +37,14 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "autoclip": {"name": "autoclip"},
     "agc": {"name": "agc", "exclude": ["head"]},
     "guard": {"name": "guard"},
+    "guard_zclip": {"name": "guard", "clip": {"name": "zclip"}},
 }
 
 
 def _config(seed: int, lr: float, remedy: str, quick: bool, steps: int | None) -> RunConfig:
     return {
         "scenario": NAME,
-        "variant": f"lr {lr:g} / {REMEDY_LABELS[remedy]}",
+        "variant": f"lr {lr:g} / {remedy_label(REMEDIES[remedy])}",
         "seed": seed,
         "lr": lr,
         "remedy": REMEDIES[remedy],

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gradguard.lab.diagnosis import gradient_flow_at_init
 from gradguard.lab.models import LSTMModel, TanhRNN
 from gradguard.lab.record import make_record
-from gradguard.lab.remedies import REMEDY_LABELS, make_remedy
+from gradguard.lab.remedies import make_remedy, remedy_label
 from gradguard.lab.scenarios import Record, RunConfig, seed_list
 from gradguard.lab.tasks import adding_problem, temporal_order_problem
 from gradguard.lab.training import accuracy, evaluate_loss, train
@@ -39,6 +39,7 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "autoclip": {"name": "autoclip"},
     "agc": {"name": "agc", "exclude": ["head"]},  # Brock et al. do not clip the final layer
     "guard": {"name": "guard"},
+    "guard_zclip": {"name": "guard", "clip": {"name": "zclip"}},
 }
 
 # A run solves its task when the held-out score reaches these (Hochreiter & Schmidhuber 1997 use an
@@ -54,7 +55,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
     for task, seq_len in tasks:
         variants = [("tanh RNN", remedy) for remedy in REMEDIES] + [("LSTM", "none")]
         for model, remedy in variants:
-            label = REMEDY_LABELS[remedy] if model == "tanh RNN" else "LSTM (no clipping)"
+            label = remedy_label(REMEDIES[remedy]) if model == "tanh RNN" else "LSTM (no clipping)"
             for seed in seed_list(quick, seeds, quick_default=4, full_default=10):
                 configs.append(
                     {
@@ -68,7 +69,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
                         "hidden": 32,
                         "spectral_radius": 1.5,
                         "remedy": REMEDIES[remedy],
-                        "steps": steps or (600 if quick else 3000),
+                        "steps": steps or (400 if quick else 3000),
                         "batch_size": 64,
                         "lr": 0.05,
                     }
