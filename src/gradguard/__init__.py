@@ -1,7 +1,8 @@
 """gradguard: see, stop, explain and prevent exploding gradients in PyTorch training."""
 
-from gradguard import clip, detect, sinks
+from gradguard import activations, clip, detect, doctor, init, regularize, sinks
 from gradguard.clip import ClipResult
+from gradguard.doctor import locate_nonfinite, suggest_clip_threshold
 from gradguard.guard import Guard
 from gradguard.recover import TrainingDiverged
 from gradguard.stats import GradStats, grad_stats
@@ -12,10 +13,16 @@ __all__ = [
     "GradStats",
     "Guard",
     "TrainingDiverged",
+    "activations",
     "clip",
     "count_host_syncs",
     "detect",
+    "doctor",
     "grad_stats",
+    "init",
+    "locate_nonfinite",
+    "regularize",
     "sinks",
+    "suggest_clip_threshold",
 ]
 __version__ = "0.1.0"

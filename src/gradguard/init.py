@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from gradguard.activations import RECTIFIERS, SATURATING, activation_kind, negative_slope
+from gradguard.activations import RECTIFIERS, activation_kind, negative_slope
 
 __all__ = [
     "InitChoice",

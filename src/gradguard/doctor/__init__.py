@@ -8,6 +8,10 @@ statistics (``activation_stats.py``), an init audit (``init_audit.py``), Jacobia
 ``gg.suggest_clip_threshold`` (``clip_threshold.py``) gives Pascanu et al. 2013's clipping threshold.
 """
 
+import sys
+import types
+from typing import Any
+
 from gradguard.doctor.clip_threshold import suggest_clip_threshold
 from gradguard.doctor.diagnose import doctor
 from gradguard.doctor.findings import Finding
@@ -23,3 +27,17 @@ __all__ = [
     "locate_nonfinite",
     "suggest_clip_threshold",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``gg.doctor(...)`` is the function and ``gradguard.doctor`` the package, at once.
+
+    Binding the function to the package's own name on ``gradguard`` would hide the package, and
+    ``import gradguard.doctor.report`` would then fail; a callable package keeps both working.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DoctorReport:
+        return doctor(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -18,6 +18,7 @@ over the samples.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,7 +77,10 @@ def spectral_norm(
     for step in range(1, iterations + 1):
         # Forward mode needs no autograd graph; with parameters that require grad, building one makes the
         # product ~10x slower on CPU.
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's first forward-AD call loads its jvp decompositions through torch.jit.script, which
+            # warns that it is deprecated: torch's own business, not the caller's.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
             _, jv = torch.func.jvp(lambda *xs: _as_tuple(fn(*xs)), primals, v)
         new_sigma = float(_norm(jv))
         jtjv = tuple(t.detach() for t in vjp_fn(jv))
