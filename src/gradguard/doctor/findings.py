@@ -234,20 +234,27 @@ def activation_findings(stats: list[ActivationStats], init_flagged: bool, cells_
     return findings
 
 
-def learning_rate_findings(updates: list[UpdateSize] | None) -> list[Finding]:
+def learning_rate_findings(updates: list[UpdateSize] | None, flow_verdict: str) -> list[Finding]:
+    """Updates above 1e-2 of the weights: a warning, above 1 an error — unless the gradients themselves
+    explode, in which case the step size is a symptom: a warning that says to fix the flow first."""
     if not updates:
         return []
     worst = max(updates, key=lambda u: u.update_ratio)
     if worst.update_ratio <= UPDATE_WARNING:
         return []
+    large = [u for u in updates if u.update_ratio > UPDATE_WARNING]
+    message = (f"one optimizer step changes {worst.layer!r} by {worst.update_ratio:.3g}x its norm (lr {worst.lr:.3g}; "
+               f"{len(large)} layer(s) above {UPDATE_WARNING:g}; about 1e-3 is healthy)")
+    evidence = {"layers": [u.to_dict() for u in large]}
+    score = _orders(worst.update_ratio / HEALTHY_UPDATE)
+    if flow_verdict == "exploding":
+        message += ": a symptom of the exploding gradient, measure again once the flow is fixed"
+        return [Finding("warning", worst.layer, message, "# fix the exploding gradient first, then re-run the doctor",
+                        evidence, "learning_rate", score)]
     severity = "error" if worst.update_ratio > UPDATE_ERROR else "warning"
     factor = HEALTHY_UPDATE / worst.update_ratio if math.isfinite(worst.update_ratio) else 1e-3
-    large = [u for u in updates if u.update_ratio > UPDATE_WARNING]
-    message = (f"one optimizer step changes {worst.layer} by {worst.update_ratio:.3g} of its norm (lr {worst.lr:.3g}; "
-               f"{len(large)} layer(s) above {UPDATE_WARNING:g}, ~1e-3 is healthy)")
     fix = f'for group in optimizer.param_groups: group["lr"] *= {factor:.2g}'
-    return [Finding(severity, worst.layer, message, fix, {"layers": [u.to_dict() for u in large]},
-                    "learning_rate", _orders(worst.update_ratio / HEALTHY_UPDATE))]
+    return [Finding(severity, worst.layer, message, fix, evidence, "learning_rate", score)]
 
 
 def nonfinite_findings(origin: NonfiniteOrigin | None) -> list[Finding]:
@@ -288,6 +295,7 @@ def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list
     findings += init_findings(init_checks, cells_present)
     findings += recurrent_bound_findings(bounds)
     findings += activation_findings(activations, init_flagged, cells_present)
-    findings += learning_rate_findings(updates)
+    flow_verdict = "exploding" if "exploding" in (depth.verdict, time.verdict if time else "") else "stable"
+    findings += learning_rate_findings(updates, flow_verdict)
     findings += jacobian_findings(jacobian)
     return rank(findings)

@@ -1,0 +1,87 @@
+"""Load a user's ``(model, batch, loss_fn)`` factory from ``package.module:function`` or ``path/file.py:function``.
+
+The command line (``gradguard doctor TARGET``) diagnoses whatever the factory returns: ``(model, batch,
+loss_fn)``, or ``(model, batch, loss_fn, optimizer)`` to also measure the update sizes. Every problem is
+raised as :class:`FactoryError` with a message that says what was wrong, which the CLI prints before
+exiting with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FactoryError", "Patient", "load_patient"]
+
+
+class FactoryError(ValueError):
+    """The target could not be loaded, or its factory returned something the doctor cannot use."""
+
+
+@dataclass
+class Patient:
+    """What the factory returned."""
+
+    model: nn.Module
+    batch: tuple[Any, Any]
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise FactoryError(f"no such file: {path}")
+    name = f"_gradguard_patient_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FactoryError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _import(location: str) -> Any:
+    if location.endswith(".py") or "/" in location or "\\" in location:
+        return _import_file(Path(location))
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like `python -m`, modules of the current directory import
+    try:
+        return importlib.import_module(location)
+    except ModuleNotFoundError as error:
+        raise FactoryError(f"cannot import module {location!r}: {error}") from error
+
+
+def load_patient(target: str) -> Patient:
+    """Import ``target`` (``"package.module:factory"`` or ``"path/to/file.py:factory"``) and call the factory."""
+    location, colon, attribute = target.rpartition(":")
+    if not colon or not location or not attribute:
+        raise FactoryError(f"target must look like package.module:factory or path/file.py:factory, got {target!r}")
+    module = _import(location)
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise FactoryError(f"{location} has no attribute {attribute!r}")
+    if not callable(factory):
+        raise FactoryError(f"{location}:{attribute} is not callable (a function returning (model, batch, loss_fn))")
+    result = factory()
+    if not (isinstance(result, (tuple, list)) and len(result) in (3, 4)):
+        raise FactoryError(f"{target} must return (model, batch, loss_fn) or (model, batch, loss_fn, optimizer), "
+                           f"got {type(result).__name__}" + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+    model, batch, loss_fn, *rest = result
+    optimizer = rest[0] if rest else None
+    if not isinstance(model, nn.Module):
+        raise FactoryError(f"{target}: the model (item 0) must be an nn.Module, got {type(model).__name__}")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise FactoryError(f"{target}: the batch (item 1) must be an (inputs, targets) pair")
+    if not callable(loss_fn):
+        raise FactoryError(f"{target}: the loss function (item 2) must be callable, got {type(loss_fn).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise FactoryError(f"{target}: item 3 must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return Patient(model, tuple(batch), loss_fn, optimizer)  # type: ignore[arg-type]
