@@ -61,7 +61,34 @@ def lab(
     console.print(f"results: {result.results_csv}, {result.results_json}")
 
 
-# --- doctor command (issue 4) ---
+@app.command()
+def doctor(
+    target: str = typer.Argument(
+        ..., help="package.module:factory or path/to/file.py:factory; the factory returns (model, batch, "
+        "loss_fn) or (model, batch, loss_fn, optimizer)."),
+    html: str | None = typer.Option(None, "--html", help="Also write the report as one HTML page here."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write report.to_dict() as JSON here."),
+) -> None:
+    """Diagnose a model's gradient flow at initialisation. Exit code: 0 healthy, 1 error finding, 2 bad input."""
+    import json
+    from pathlib import Path
+
+    from gradguard.doctor import doctor as run_doctor
+    from gradguard.doctor.factory import FactoryError, load_patient
+
+    try:
+        patient = load_patient(target)
+        report = run_doctor(patient.model, patient.batch, patient.loss_fn, optimizer=patient.optimizer)
+    except (FactoryError, TypeError, ValueError) as error:
+        typer.echo(f"gradguard doctor: {error}", err=True)
+        raise typer.Exit(code=2) from error
+    typer.echo(str(report))
+    if html is not None:
+        typer.echo(f"report written to {report.to_html(html)}")
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False), encoding="utf-8")
+        typer.echo(f"report data written to {json_path}")
+    raise typer.Exit(code=0 if report.healthy else 1)
 
 @app.command()
 def report(
