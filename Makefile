@@ -21,7 +21,7 @@ $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@ $(VENV)/.lab-installed
 
 demo: $(VENV)/.lab-installed
-	$(BIN)/python -m gradguard demo
+	$(BIN)/python -m gradguard lab --quick
 
 test: $(VENV)/.dev-installed browser
 	$(BIN)/python -m pytest
