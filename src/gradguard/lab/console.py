@@ -24,6 +24,11 @@ def headline(scenario: str, row: dict[str, Any]) -> str:
     return f"test acc {pct(row['test_accuracy'])}"
 
 
+def diverged_cell(row: dict[str, Any]) -> str:
+    text = f"{row['diverged']}/{row['runs']}"
+    return text + (f" ({row['recovered']} rec.)" if row.get("recovered") else "")
+
+
 def summary_rows(records: list[Record]) -> list[list[str]]:
     """[scenario, variant, diverged, key result, largest |g|] per variant, in grid order."""
     grouped: dict[tuple[str, str], list[Record]] = {}
@@ -35,7 +40,7 @@ def summary_rows(records: list[Record]) -> list[list[str]]:
         for row in summarize(group):
             name = scenario if not part else f"{scenario}: {part.split(',')[0].replace(' problem', '')}"
             lines.append([
-                name, row["variant"], f"{row['diverged']}/{row['runs']}", headline(scenario, row),
+                name, row["variant"], diverged_cell(row), headline(scenario, row),
                 fmt(row["max_grad_norm"]),
             ])
     return lines

@@ -76,6 +76,12 @@ def depth_findings(rows: list[Row], records: list[Record]) -> list[str]:
             values = [flow_ratio(r) for r in records if r["config"]["variant"] == row["variant"]]
             values = [v for v in values if v is not None]
             ratios[row["variant"]] = float(np.median(values)) if values else None
+        verdicts = {}
+        for row in group:
+            flows = [r.get("layer_flow") or {} for r in records if r["config"]["variant"] == row["variant"]]
+            found = sorted({flow["verdict"] for flow in flows if flow.get("verdict")})
+            if found:
+                verdicts[row["variant"].split(" / ")[1]] = "/".join(found)
         normal = by_variant.get(f"{activation} / N(0,1)")
         text = (
             f"{activation}: the best initialization is {best['variant'].split(' / ')[1]} "
@@ -92,6 +98,8 @@ def depth_findings(rows: list[Row], records: list[Record]) -> list[str]:
         others = [v for v in others if v is not None]
         if others:
             text += f" The other initializations give first/last ratios from {fmt(min(others))} to {fmt(max(others))}."
+        if verdicts:
+            text += " Doctor's verdict at init: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()) + "."
         lines.append(text)
     exploding = [row for row in rows if row["variant"].endswith("N(0,1)") and row["runs"]]
     if exploding:
@@ -156,7 +164,12 @@ def learning_rate_findings(rows: list[Row], records: list[Record]) -> list[str]:
     if diverged:
         lines.append(
             "Diverged at the high learning rate: "
-            + "; ".join(f"{row['variant']} ({row['diverged']}/{row['runs']})" for row in diverged)
+            + "; ".join(
+                f"{row['variant']} ({row['diverged']}/{row['runs']}"
+                + (f", {row['recovered']} recovered to a final loss of {fmt(row['final_loss'])}" if row["recovered"] else "")
+                + ")"
+                for row in diverged
+            )
             + "."
         )
     if finite:
@@ -193,12 +206,15 @@ def regularization_findings(rows: list[Row], records: list[Record]) -> list[str]
     finished = [r for r in records if "error" not in r and r.get("generalization_gap") is not None]
     pairs = [(r["max_grad_norm"], r["generalization_gap"]) for r in finished if r.get("max_grad_norm") is not None]
     rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+    median_pairs = [(r["median_grad_norm"], r["generalization_gap"]) for r in finished if r.get("median_grad_norm")]
+    rho_median = spearman([p[0] for p in median_pairs], [p[1] for p in median_pairs])
     smallest_gap = min(rows, key=lambda row: row["generalization_gap"] if row["generalization_gap"] is not None else 1)
     largest_norm = max(rows, key=lambda row: row["max_grad_norm"] or 0)
     supports = rho is not None and rho > 0.5 and smallest_gap["variant"] != largest_norm["variant"]
     lines.append(
         f"Across all {len(pairs)} runs the Spearman correlation between the largest gradient norm and the "
-        f"train/test gap is {fmt(rho, 2)}. The smallest gap is {smallest_gap['variant']}'s; the largest "
+        f"train/test gap is {fmt(rho, 2)} (with the median gradient norm: {fmt(rho_median, 2)}; the norms are "
+        f"those of the penalised loss, the gradient the optimizer follows). The smallest gap is {smallest_gap['variant']}'s; the largest "
         f"gradient norms are {largest_norm['variant']}'s. "
         + (
             "These numbers are consistent with larger gradients going with more overfitting."

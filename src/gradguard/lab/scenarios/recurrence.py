@@ -56,7 +56,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
         variants = [("tanh RNN", remedy) for remedy in REMEDIES] + [("LSTM", "none")]
         for model, remedy in variants:
             label = remedy_label(REMEDIES[remedy]) if model == "tanh RNN" else "LSTM (no clipping)"
-            for seed in seed_list(quick, seeds, quick_default=4, full_default=10):
+            for seed in seed_list(quick, seeds, quick_default=4, full_default=8):
                 configs.append(
                     {
                         "scenario": NAME,
