@@ -52,16 +52,17 @@ def print_summary(records: list[Record], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), title="gradguard lab summary")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), title="gradguard lab summary",
+                  caption="diverged: runs that diverged (rec.: recovered by the end) / runs; max |g|: largest "
+                  "gradient norm over seeds")
     table.add_column("variant", no_wrap=True, min_width=20)
-    table.add_column("diverged", justify="right")
+    table.add_column("diverged", justify="right", no_wrap=True)
     table.add_column("key result", no_wrap=True)
-    table.add_column("largest |g|", justify="right")
+    table.add_column("max |g|", justify="right", no_wrap=True)
     previous = None
     for line in summary_rows(records):
         if line[0] != previous:
-            table.add_section()
-            table.add_row(f"[bold]{line[0]}[/bold]", "", "", "")
+            table.add_row(f"[bold underline]{line[0]}[/bold underline]", "", "", "")
             previous = line[0]
-        table.add_row(*line[1:])
+        table.add_row("  " + line[1], *line[2:])
     console.print(table)

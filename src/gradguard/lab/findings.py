@@ -119,8 +119,13 @@ def recurrence_findings(rows: list[Row], records: list[Record]) -> list[str]:
     baseline = next((row for row in rows if row["variant"] == "no remedy"), None)
     ranked = sorted(rows, key=lambda row: (-(row.get("solved") or 0), row["steps_to_target"] or math.inf))
     best = ranked[0]
+    task = records[0]["config"].get("task") if records else None
+    criterion = {
+        "temporal_order": "accuracy of at least 99% on 1000 held-out sequences",
+        "adding": "mean squared error of at most 0.01 on 1000 held-out sequences",
+    }.get(task, "the held-out score")
     lines.append(
-        "Success rate (held-out score reached): "
+        f"Solved means {criterion}. Success rate: "
         + "; ".join(f"{row['variant']} {row.get('solved', 0)}/{row['runs']}" for row in ranked)
         + "."
     )
@@ -161,6 +166,15 @@ def learning_rate_findings(rows: list[Row], records: list[Record]) -> list[str]:
     high = rows[1:]
     finite = [row for row in high if row["diverged"] == 0]
     diverged = [row for row in high if row["diverged"] > 0]
+    finite_weights = [
+        row for row in diverged if row["params_finite"] == row["runs"] and row["recovered"] < row["diverged"]
+    ]
+    if finite_weights:
+        lines.append(
+            "Kept finite weights, yet ended with a loss above 10x its initial value: "
+            + ", ".join(f"{row['variant']} (final loss {fmt(row['final_loss'])})" for row in finite_weights)
+            + "."
+        )
     if diverged:
         lines.append(
             "Diverged at the high learning rate: "
