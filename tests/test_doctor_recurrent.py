@@ -171,3 +171,26 @@ def test_bidirectional_rnn_is_noted_not_measured() -> None:
     report = diagnose(model, sequence_batch(5))
     assert report.time is None
     assert any("bidirectional" in note for note in report.notes)
+
+
+def test_long_range_vanishing_with_a_loss_at_every_step_is_a_warning() -> None:
+    """A GRU at torch's default init, loss on every step: the error signal holds (each step has its own
+    loss) while ||dh_T/dh_0|| vanishes. Training works, long-range dependencies get no gradient."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(4, HIDDEN, batch_first=True)
+            self.head = nn.Linear(HIDDEN, 1)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0])
+
+    torch.manual_seed(0)
+    x, _ = sequence_batch(16, scale=1.0, batch=4)
+    report = diagnose(Tagger(), (x, torch.randn(x.shape[0], 16, 1)))
+    assert report.time.verdict == "vanishing" and report.time.dhT_dh0 < 0.1
+    assert 0.1 < report.time.total_growth < 10
+    finding = next(f for f in report.findings if f.cause == "recurrent")
+    assert finding.severity == "warning" and "gate bias" in finding.fix
+    assert report.healthy

@@ -14,7 +14,7 @@ The order of work:
 
 The model is left as it was: parameters, ``.grad``, optimizer state and training mode. Layers are the
 modules that own parameters directly; activations are seen only when they are modules (``nn.ReLU``, not
-``torch.relu``); dropout makes the Jacobian iterations noisy (call ``model.eval()`` first to avoid it).
+``torch.relu``). The gradient flow is measured in the model's own mode; the Jacobians in eval mode.
 """
 
 from __future__ import annotations
@@ -98,16 +98,37 @@ def _first_floating(call: ModuleCall) -> int | None:
     return next((i for i in leaves if call.args[i].is_floating_point()), None)
 
 
+def _short(error: Exception) -> str:
+    text = str(error).split(". ")[0]
+    return f"{type(error).__name__}: {text[:160]}"
+
+
 def _jacobians(model: nn.Module, inputs: Any, calls: list[ModuleCall], iterations: int,
                notes: list[str]) -> dict[str, Any]:
-    """Largest singular value of the input-output Jacobian and of each block's Jacobian."""
+    """Largest singular value of the input-output Jacobian and of each block's Jacobian, in eval mode.
+
+    Every power-iteration step must see the same function: eval mode turns dropout off and makes batch
+    norm use its running statistics instead of updating them in place (which ``torch.func`` refuses).
+    Each module's own mode is restored afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return _measure_jacobians(model, inputs, calls, iterations, notes)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _measure_jacobians(model: nn.Module, inputs: Any, calls: list[ModuleCall], iterations: int,
+                       notes: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {"input_output": None, "blocks": {}}
     if isinstance(inputs, Tensor) and inputs.is_floating_point():
         try:
             result["input_output"] = spectral_norm(lambda x: tuple(flat_tensors(model(x))), (inputs,),
                                                    iterations).value
         except Exception as error:  # an op without forward-mode AD, a data-dependent branch...
-            notes.append(f"input-output Jacobian not measured: {type(error).__name__}: {error}")
+            notes.append(f"input-output Jacobian not measured: {_short(error)}")
     else:
         notes.append("input-output Jacobian not measured: the model input is not a floating-point tensor")
     first_call = {}
@@ -128,7 +149,7 @@ def _jacobians(model: nn.Module, inputs: Any, calls: list[ModuleCall], iteration
             result["blocks"][name] = spectral_norm(block_fn, (args[position].detach(),), iterations).value
         except Exception as error:
             result["blocks"][name] = None
-            notes.append(f"Jacobian of block {name} not measured: {type(error).__name__}: {error}")
+            notes.append(f"Jacobian of block {name} not measured: {_short(error)}")
     return result
 
 
@@ -151,7 +172,7 @@ def _time_flow(trace: ForwardTrace, recorder: RecurrentRecorder, cells: list[Rec
     try:
         return min(candidates, key=lambda c: c[0])[1]()
     except Exception as error:
-        notes.append(f"time flow not measured: {type(error).__name__}: {error}")
+        notes.append(f"time flow not measured: {_short(error)}")
         return None
 
 

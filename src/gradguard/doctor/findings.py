@@ -145,13 +145,14 @@ def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Mod
         why = "the weights match their prescribed scale, so the network's depth and structure compound it"
         fix = "gg.init.lsuv_(model, batch[0])"
     message = (f"error signal {verb} x{depth.total_growth:.3g} from the last layer to the first "
-               f"(x{depth.growth_per_layer:.3g} per layer over {depth.counted_gains} layers), "
+               f"(x{depth.growth_per_layer:.3g} per layer over {depth.counted_gains} layer(s)), "
                f"starting at {depth.start_layer!r}: {why}")
     return [Finding("error", depth.start_layer, f"{depth.verdict} across depth: {message}", fix, evidence,
                     cause, _orders(depth.total_growth))]
 
 
-def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_present: bool) -> list[Finding]:
+def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_present: bool,
+                  gated: bool = False) -> list[Finding]:
     if time is None or time.verdict == "stable":
         return []
     evidence = {"steps": time.steps, "total_growth": time.total_growth, "growth_per_step": time.growth_per_step,
@@ -166,13 +167,23 @@ def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_pre
         fix = _init_fix(cells_present) + "  # orthogonal hidden-to-hidden weights (Saxe et al. 2014)"
         cause = "recurrent"
     else:
-        why = "each step contracts the state; gated units keep an error signal over long spans"
-        fix = "# replace nn.RNN by nn.LSTM or nn.GRU (Hochreiter & Schmidhuber 1997), or shorten the sequences"
+        why = "each step contracts the state"
+        if gated:
+            fix = ("# initialise the forget (LSTM) / update (GRU) gate bias to 1 or more so the state is kept "
+                   "(Jozefowicz et al. 2015), or shorten the sequences")
+        else:
+            fix = ("# replace the recurrence by nn.LSTM or nn.GRU (Hochreiter & Schmidhuber 1997): gated units "
+                   "keep an error signal over long spans; or shorten the sequences")
         cause = "recurrent"
     message = (f"{time.verdict} over time in {time.module}: ||dL/dh_t|| x{time.total_growth:.3g} from t=T to t=1 "
                f"over T={time.steps} steps, ||dh_T/dh_0|| = {time.dhT_dh0:.3g}; {why}")
     score = max(_orders(time.total_growth), _orders(time.dhT_dh0))
-    return [Finding("error", time.module, message, fix, evidence, cause, score)]
+    # Vanishing seen only in dh_T/dh_0 while the error signal holds (a loss at every step): training works,
+    # long-range dependencies get no gradient. A warning, not an error.
+    severity = "warning" if time.verdict == "vanishing" and verdict_of(time.total_growth) == "stable" else "error"
+    if severity == "warning":
+        message += " (the error signal itself holds: only long-range dependencies lose their gradient)"
+    return [Finding(severity, time.module, message, fix, evidence, cause, score)]
 
 
 def init_findings(init_checks: list[InitCheck], cells_present: bool) -> list[Finding]:
@@ -291,7 +302,9 @@ def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list
     findings: list[Finding] = nonfinite_findings(origin)
     if origin is None:  # with NaN in the pass the flow numbers say nothing more
         findings += depth_findings(depth, init_checks, model, cells_present)
-        findings += time_findings(time, bounds, cells_present)
+        gated = time is not None and isinstance(model.get_submodule(time.module), (nn.GRU, nn.LSTM, nn.GRUCell,
+                                                                                  nn.LSTMCell))
+        findings += time_findings(time, bounds, cells_present, gated)
     findings += init_findings(init_checks, cells_present)
     findings += recurrent_bound_findings(bounds)
     findings += activation_findings(activations, init_flagged, cells_present)

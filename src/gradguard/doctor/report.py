@@ -57,6 +57,10 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
@@ -131,7 +135,7 @@ class DoctorReport:
         d = self.depth
         if d.counted_gains:
             lines.append(f"  depth: error signal x{_fmt(d.total_growth)} from the last layer to the first "
-                         f"(x{_fmt(d.growth_per_layer)} per layer over {d.counted_gains} layers): {d.verdict}")
+                         f"(x{_fmt(d.growth_per_layer)} per layer over {_layers(d.counted_gains)}): {d.verdict}")
         if self.time is not None:
             t = self.time
             lines.append(f"  time:  {t.module}, T={t.steps}: ||dL/dh_t|| x{_fmt(t.total_growth)} from t=T to t=1, "
