@@ -25,7 +25,11 @@ def gradient_flow_at_init(model: nn.Module, batch: Batch, loss_fn: LossFn) -> di
         from gradguard.doctor import doctor
     except ImportError:  # the doctor (issue 4) is not in this version
         return _weight_gradient_flow(model, batch, loss_fn)
-    report = doctor(model, batch, loss_fn, jacobian_iterations=JACOBIAN_ITERATIONS).to_dict()
+    try:
+        report = doctor(model, batch, loss_fn, jacobian_iterations=JACOBIAN_ITERATIONS).to_dict()
+    except Exception as error:  # a doctor failure must not lose the training run: measure the plain way
+        flow = _weight_gradient_flow(model, batch, loss_fn)
+        return {**flow, "source": f"grad_stats (the doctor raised {type(error).__name__}: {error})"}
     return {"source": "doctor", **doctor_layer_flow(report)}
 
 

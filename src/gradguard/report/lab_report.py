@@ -141,10 +141,13 @@ def depth_plots(records: list[Record], rows: list[Row]) -> list[tuple[str, str]]
             loss.series.append(_series(record, "loss", init, color))
         flow_panels.append(flow)
         loss_panels.append(loss)
-    source = next((r["layer_flow"]["source"] for r in finished), "grad_stats")
-    what = "error signal ||dL/dy|| at each layer's output (gg.doctor)" if source == "doctor" else (
-        "weight-gradient norm per layer (gg.grad_stats; the doctor was not available)"
-    )
+    sources = sorted({r["layer_flow"]["source"] for r in finished})
+    if sources == ["doctor"]:
+        what = "error signal ||dL/dy|| at each layer's output (gg.doctor)"
+    elif "doctor" not in sources:
+        what = f"weight-gradient norm per layer, measured by {sources[0]}" if sources else "gradient norm"
+    else:
+        what = "error signal (gg.doctor) for some runs, weight-gradient norm for the others: " + "; ".join(sources)
     accuracy = bars_with_intervals(
         [row["variant"] for row in rows], [row["test_accuracy"] or 0.0 for row in rows],
         ylabel="test accuracy", title="Test accuracy (mean over seeds)", ylim=(0, 1),
