@@ -200,7 +200,9 @@ def locate_nonfinite(
         for p, _ in saved_grads:
             p.grad = None
         output = model(inputs)
-        forward_flags = torch.stack([c.finite for c in calls]).tolist() if calls else []
+        # A module with no floating output has a CPU flag; gather every flag on one device for one read.
+        device = calls[0].finite.device if calls else None
+        forward_flags = torch.stack([c.finite.to(device) for c in calls]).tolist() if calls else []
         for call, finite in zip(calls, forward_flags):
             if not finite:
                 return NonfiniteOrigin(
@@ -233,7 +235,8 @@ def _consumer(calls: list[_Call], tensor: Tensor, after: int) -> int | None:
 def _backward_origin(model: nn.Module, calls: list[_Call], grad_flags: list[tuple[int, Tensor, Tensor]],
                      output_tensors: list[Tensor], inputs: Any) -> NonfiniteOrigin | None:
     stats = grad_stats(model)
-    flags = torch.stack([f for _, f, _ in grad_flags] + [stats.norms.isfinite().all()]).tolist()
+    device = grad_flags[0][1].device if grad_flags else stats.norms.device
+    flags = torch.stack([f.to(device) for _, f, _ in grad_flags] + [stats.norms.isfinite().all().to(device)]).tolist()
     params_finite = flags.pop()
     layer_finite = {} if params_finite else dict(zip(stats.names, stats.norms.isfinite().tolist()))
     grad_finite_at: dict[int, bool] = {}
