@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,16 +29,16 @@ from torch import Tensor, nn
 
 from gradguard.doctor.activation_stats import activation_stats
 from gradguard.doctor.findings import build_findings
-from gradguard.doctor.flow import depth_flow
+from gradguard.doctor.flow import DepthFlow, depth_flow
 from gradguard.doctor.init_audit import audit_init, audit_recurrent
 from gradguard.doctor.jacobian import spectral_norm
 from gradguard.doctor.learning_rate import relative_updates
-from gradguard.doctor.nonfinite import locate_nonfinite
+from gradguard.doctor.nonfinite import NonfiniteOrigin, locate_nonfinite
 from gradguard.doctor.report import DoctorReport
 from gradguard.doctor.time_flow import RecurrentRecorder, TimeFlow, cell_time_flow, rnn_time_flow
 from gradguard.doctor.trace import ForwardTrace, ModuleCall, RecurrentCell, find_recurrent_cells, flat_tensors
 from gradguard.init import following_in_order
-from gradguard.stats import grad_stats
+from gradguard.stats import GradStats, grad_stats
 
 __all__ = ["doctor"]
 
@@ -176,6 +177,50 @@ def _time_flow(trace: ForwardTrace, recorder: RecurrentRecorder, cells: list[Rec
         return None
 
 
+@dataclass
+class _TracedPass:
+    """The doctor's forward/backward pass: its trace, the recurrent runs, the loss and the gradients."""
+
+    trace: ForwardTrace
+    recorder: RecurrentRecorder
+    loss: Tensor
+    stats: GradStats
+    input_grad_norm: Tensor | None
+
+
+def _traced_pass(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Tensor]) -> _TracedPass:
+    """One forward and backward pass under a trace; the input, if a float tensor, made a leaf with a gradient."""
+    leaf_input = inputs
+    if isinstance(inputs, Tensor) and inputs.is_floating_point():
+        leaf_input = inputs.detach().requires_grad_(True)
+    recorder = RecurrentRecorder()
+    with ForwardTrace(model, rewrite_output=recorder) as trace:
+        loss = loss_fn(model(leaf_input), targets)
+    if not (isinstance(loss, Tensor) and loss.numel() == 1):
+        raise TypeError(f"doctor: loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+    if not loss.requires_grad:
+        raise ValueError("doctor: the loss does not depend on any parameter that requires grad")
+    loss.reshape(()).backward()
+    input_grad = leaf_input.grad if leaf_input is not inputs else None
+    input_grad_norm = torch.linalg.vector_norm(input_grad, dtype=torch.float32) if input_grad is not None else None
+    return _TracedPass(trace, recorder, loss, grad_stats(model), input_grad_norm)
+
+
+def _overall_verdict(depth: DepthFlow, time: TimeFlow | None,
+                     origin: NonfiniteOrigin | None) -> tuple[str, str | None]:
+    """Exploding if depth or time explodes (or NaN/Inf appear), else vanishing if either vanishes; and where."""
+    if origin is not None:
+        return "exploding", origin.module
+    verdicts = [depth.verdict] + ([time.verdict] if time is not None else [])
+    verdict = next((v for v in ("exploding", "vanishing") if v in verdicts), "stable")
+    if verdict == "stable":
+        return verdict, None
+    if depth.verdict == verdict:
+        return verdict, depth.start_layer
+    return verdict, time.module if time is not None else None
+
+
 def doctor(
     model: nn.Module,
     batch: tuple[Any, Any],
@@ -206,30 +251,19 @@ def doctor(
     inputs, targets = batch
     notes: list[str] = []
     saved_grads = [(p, p.grad) for p in model.parameters()]
-    leaf_input = inputs.detach().requires_grad_(True) if isinstance(inputs, Tensor) and inputs.is_floating_point() \
-        else inputs
-    recorder = RecurrentRecorder()
     try:
         for p, _ in saved_grads:
             p.grad = None
-        with ForwardTrace(model, rewrite_output=recorder) as trace:
-            loss = loss_fn(model(leaf_input), targets)
-        if not (isinstance(loss, Tensor) and loss.numel() == 1):
-            raise TypeError(f"doctor: loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
-        loss.backward()
-        stats = grad_stats(model)
-        input_grad = leaf_input.grad if isinstance(leaf_input, Tensor) and leaf_input.requires_grad else None
-        input_grad_norm = torch.linalg.vector_norm(input_grad, dtype=torch.float32) if input_grad is not None \
-            else None
+        traced = _traced_pass(model, inputs, targets, loss_fn)
+        trace, stats = traced.trace, traced.stats
 
         cells = find_recurrent_cells(trace.calls)
         cell_names = [c.name for c in cells]
         recurrent_call_ids = {id(c) for c in trace.calls
                               if isinstance(c.module, nn.RNNBase) or _inside(c.name, cell_names)}
         inside_cells = {id(c.module) for c in trace.calls if _inside(c.name, cell_names)}
-        depth = depth_flow(trace.calls, stats, input_grad_norm, recurrent_call_ids, inside_cells)
-        time = _time_flow(trace, recorder, cells, jacobian_iterations, notes)
+        depth = depth_flow(trace.calls, stats, traced.input_grad_norm, recurrent_call_ids, inside_cells)
+        time = _time_flow(trace, traced.recorder, cells, jacobian_iterations, notes)
 
         order = _execution_order(trace.calls)
         weight_layers = {id(m) for _, m in order if next(m.parameters(recurse=False), None) is not None}
@@ -240,8 +274,7 @@ def doctor(
         bounds = audit_recurrent(order, cells, cell_leaves)
         updates = relative_updates(model, optimizer) if optimizer is not None else None
 
-        loss_value = float(loss.detach())
-        total_norm = float(stats.total_norm)
+        loss_value, total_norm = float(traced.loss.detach()), float(stats.total_norm)
         origin = None
         if not (math.isfinite(loss_value) and math.isfinite(total_norm)):
             origin = locate_nonfinite(model, batch, loss_fn)
@@ -251,16 +284,7 @@ def doctor(
         for p, grad in saved_grads:
             p.grad = grad
 
-    verdicts = [depth.verdict] + ([time.verdict] if time is not None else [])
-    verdict = next((v for v in ("exploding", "vanishing") if v in verdicts), "stable")
-    if origin is not None:
-        verdict, start = "exploding", origin.module
-    elif depth.verdict == verdict and verdict != "stable":
-        start = depth.start_layer
-    elif time is not None and time.verdict == verdict and verdict != "stable":
-        start = time.module
-    else:
-        start = None
+    verdict, start = _overall_verdict(depth, time, origin)
     findings = build_findings(depth=depth, time=time, init_checks=init_checks, bounds=bounds,
                               activations=activations, updates=updates, origin=origin, jacobian=jacobian,
                               model=model, cells_present=any(square))
