@@ -1,20 +1,20 @@
 """Metrics of one training run, computed from its recorded curves (plain lists of floats).
 
-Definitions (the report prints them):
+Definitions (the report prints them; W = ``WINDOW`` = 10 steps, F = ``DIVERGENCE_FACTOR`` = 10):
 
-* **diverged**: the loss became non-finite (NaN/Inf), or the running median of the loss over
-  ``window`` steps rose above ``factor`` (10) times the initial loss. The median ignores a single bad
-  batch; a run whose loss stays up counts.
-* **recovered**: diverged at some step, yet ended with finite weights and a final loss at most ``factor``
-  times the initial loss (e.g. the Guard rolled back and lowered the learning rate).
-* **final loss**: mean of the last ``window`` losses; NaN when the run diverged to a non-finite loss.
-* **steps to target**: the first step at which the running mean of the loss over ``window`` steps is
-  at or below the target; None when never reached.
+* **diverged**: the loss became non-finite (NaN/Inf), or the running median of the loss over W steps
+  rose above F times the initial loss. The median ignores a single bad batch; a run whose loss stays
+  up counts.
+* **recovered**: diverged at some step, yet ended with finite weights and a final loss at most F times
+  the initial loss (e.g. the Guard rolled back and lowered the learning rate).
+* **final loss**: mean of the last W losses; NaN when the run diverged to a non-finite loss.
+* **steps to target**: the first step at which the running mean of the loss over W steps is at or
+  below the target; None when never reached.
 * **oscillation index**: the up-and-down movement of the log-loss beyond what its net change needs,
-  per step: ``(sum_t |log L_t - log L_{t-1}| - |log L_T - log L_0|) / (T - 1)``, over the finite prefix
-  of the curve. 0 for a monotone curve; a curve that jumps by a factor ``k`` and back every step scores
-  ``log k``. Mini-batch noise alone gives a small positive value, so compare runs on the same task.
-* **largest / median gradient norm**: over the finite pre-clipping total gradient norms.
+  per step: (sum_t |log L_t - log L_(t-1)| - |log L_T - log L_0|) / (T - 1), over the finite prefix of
+  the curve. 0 for a monotone curve; a curve that jumps by a factor k and back every step scores
+  log k. Mini-batch noise alone gives a small positive value, so compare runs on the same task.
+* **largest / median gradient norm**: over the finite total gradient norms, measured before clipping.
 * **success rate interval**: Wilson score interval (Wilson 1927), which stays inside [0, 1] for the
   few seeds a lab can afford (unlike the normal approximation).
 """

@@ -165,7 +165,25 @@ def recurrence_plots(records: list[Record], rows: list[Row]) -> list[tuple[str, 
     solved = [row["solved"] / row["runs"] for row in rows if "solved" in row]
     lows = [row["solved_interval"][0] for row in rows if "solved" in row]
     highs = [row["solved_interval"][1] for row in rows if "solved" in row]
-    return [
+    time_panel = Panel("at initialization (gg.doctor)")
+    seen: set[tuple[str, int]] = set()
+    for record in _finished(records):
+        config, time = record["config"], (record.get("layer_flow") or {}).get("time")
+        key = (config["model"], config["seed"])
+        if not time or not time.get("grad_norm_per_step") or key in seen:
+            continue
+        seen.add(key)
+        norms = time["grad_norm_per_step"]
+        color = 0 if config["model"] == "tanh RNN" else 3
+        time_panel.series.append(Series(config["model"], list(range(1, len(norms) + 1)), norms, None, color))
+    plots = []
+    if time_panel.series:
+        plots.append((
+            "Gradient through time at initialization: ||dL/dh_t|| for t = 1..T, one line per seed (from the "
+            "doctor); a curve that falls from left to right grows going back in time.",
+            curves([time_panel], "||dL/dh_t||", xlabel="time step t", columns=1),
+        ))
+    return plots + [
         ("Success rate over seeds with 95% Wilson intervals.",
          bars_with_intervals(labels, solved, lows, highs, ylabel="solved", title="Success rate", ylim=(0, 1.02))),
         ("Training loss per seed (red x: diverged).", curves(_per_variant_panels(records, "loss"), "training loss",
@@ -254,7 +272,7 @@ def _shared_config(records: list[Record]) -> str:
     configs = [record["config"] for record in records]
     if not configs:
         return ""
-    shared = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs) and k not in ("scenario",)}
+    shared = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs) and k not in ("scenario", "part")}
     return ", ".join(f"{key}={value}" for key, value in shared.items())
 
 
@@ -265,6 +283,8 @@ def render_lab_report(records: list[Record], path: Path, quick: bool, seconds: f
     html = environment.get_template("lab.html.j2").render(
         sections=scenario_sections(records),
         definitions=metric_definitions(),
+        window=metrics.WINDOW,
+        factor=metrics.DIVERGENCE_FACTOR,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         mode="quick" if quick else "full",
         runs=len(records),
@@ -277,21 +297,18 @@ def render_lab_report(records: list[Record], path: Path, quick: bool, seconds: f
     return path
 
 
-def metric_definitions() -> list[str]:
-    """The bullet list of ``gradguard.lab.metrics``' module docstring (one definition per bullet)."""
+def metric_definitions() -> list[tuple[str, str]]:
+    """(term, definition) pairs from the bullet list of ``gradguard.lab.metrics``' module docstring."""
     doc = metrics.__doc__ or ""
-    bullets, current = [], []
+    bullets: list[str] = []
     for line in doc.splitlines():
         stripped = line.strip()
         if stripped.startswith("* "):
-            if current:
-                bullets.append(" ".join(current))
-            current = [stripped[2:]]
-        elif current and stripped:
-            current.append(stripped)
-        elif current:
-            bullets.append(" ".join(current))
-            current = []
-    if current:
-        bullets.append(" ".join(current))
-    return [bullet.replace("``", "") for bullet in bullets]
+            bullets.append(stripped[2:])
+        elif bullets and stripped and line.startswith("  "):
+            bullets[-1] += " " + stripped
+    definitions = []
+    for bullet in bullets:
+        term, _, text = bullet.partition(":")
+        definitions.append((term.strip("* "), text.strip()))
+    return definitions
