@@ -153,7 +153,8 @@ class Guard:
             is far above the run's is an outlier not to learn from, and when the weights themselves went
             bad (a learning rate far too high) every following step is skipped until the skips call for a
             rollback.
-        on_growth: response to sustained growth of the norm: ``"clip"`` (to its moving average), ...
+        on_growth: response to sustained growth of the norm: ``"clip"`` (to its moving average),
+            ``"skip"``, ``"rollback"``, ``"raise"`` or ``"log"``.
         responses: per-kind overrides, ``{kind: action}``; kinds are ``gradguard.detect.EVENT_KINDS``
             (``nonfinite_param`` accepts ``"rollback"`` or ``"raise"``).
         detector: a configured :class:`~gradguard.detect.Detector` (default ``Detector()``).
@@ -165,13 +166,16 @@ class Guard:
         sinks: where flushed records go (``gradguard.sinks``).
         lr_backoff: factor on the learning rate after ``backoff_after`` skips within ``skip_window`` steps
             (at most one back-off per ``skip_window`` steps).
+        backoff_after: skips within ``skip_window`` steps that call for an LR back-off.
         rollback_after: skips within ``skip_window`` steps that call for a rollback.
+        skip_window: the window, in steps, over which skips are counted.
         rollback_lr_factor: factor on the learning rate after a rollback.
         max_rollbacks: rollbacks allowed before ``TrainingDiverged``.
         lr_recover_after: real steps after a cut (back-off or rollback) before it is undone, one at a time;
             None: cuts are kept for good.
         snapshot_every: steps between two snapshots (taken at a flush, after checking the weights are
-            finite); None: no snapshots, and a needed rollback raises ``TrainingDiverged``.
+            finite; the first when the Guard is made); None: no snapshots (no memory for them), and a
+            needed rollback raises ``TrainingDiverged``.
         snapshot_dir: keep the snapshot in this folder instead of memory.
         groups: how layers are formed for per-layer norms (``grad_stats``'s ``groups``).
         process_group: the torch.distributed group (default: the world, when initialised).

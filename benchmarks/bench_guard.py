@@ -1,0 +1,184 @@
+"""Cost of a guarded training step: a small causal transformer (~10M parameters) on the CPU.
+
+Five ways to take the same step, each on its own copy of the model (same weights, same batch), measured
+in one run, interleaved round by round in rotating order, medians over the rounds:
+
+* ``bare``: ``optimizer.step()`` (AdamW, torch's default implementation);
+* ``torch clip``: ``torch.nn.utils.clip_grad_norm_(max_norm=1)`` then ``optimizer.step()``;
+* ``zclip pkg``: the ``zclip`` package's ``ZClip().step(model)`` then ``optimizer.step()``;
+* ``guard``: ``gg.Guard(model, AdamW, clip=GlobalNorm(1))``, ``guard.step(loss)``;
+* ``bare fused`` / ``guard fused``: the same with ``AdamW(fused=True)``: the Guard passes the clip
+  coefficient as ``grad_scale`` and the skip flag as ``found_inf``.
+
+A step is forward + backward + the optimizer phase; the optimizer phase (everything after backward) is
+also timed alone, because the overhead of clipping lives there and is small next to the step's noise.
+Overhead = (median phase of the variant - median phase of its bare baseline), as a % of the bare step.
+Both wall-clock time and the thread's CPU time (``time.thread_time``) are reported: on a shared machine
+the wall clock also counts the time other processes held the core; with ``--threads 1`` all of torch's
+work runs on the timed thread, so CPU time is the cost itself.
+The Guard flushes its history every ``log_every`` steps (the only host read); the rounds include flushes
+in proportion (a flush costs one small device-to-host copy and, every ``snapshot_every`` steps, a snapshot
+copy of model and optimizer; snapshots are left to their default of every 100 steps).
+
+    python benchmarks/bench_guard.py [--rounds 15] [--layers 6] [--width 320] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import gradguard as gg
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """A GPT-style causal language model: token + position embeddings, pre-LN blocks, tied head."""
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, context: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(width)
+        self.register_buffer("mask", torch.triu(torch.full((context, context), -math.inf), diagonal=1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tokens(idx) + self.positions(torch.arange(t))
+        for block in self.blocks:
+            x = block(x, self.mask[:t, :t])
+        return self.ln(x) @ self.tokens.weight.T
+
+
+def make_variants(model: nn.Module) -> dict:
+    """name -> (model copy, optimizer, phase function(loss))."""
+    from zclip import ZClip as ZClipPackage
+
+    variants = {}
+
+    def add(name, fused, phase_factory):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused)
+        variants[name] = (m, opt, phase_factory(m, opt))
+
+    add("bare", False, lambda m, opt: lambda loss: opt.step())
+
+    def torch_clip(m, opt):
+        params = list(m.parameters())
+
+        def phase(loss):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+
+        return phase
+
+    add("torch clip", False, torch_clip)
+
+    def zclip_package(m, opt):
+        zclip = ZClipPackage(max_grad_norm=1.0)
+
+        def phase(loss):
+            zclip.step(m)
+            opt.step()
+
+        return phase
+
+    add("zclip pkg", False, zclip_package)
+    add("guard", False, lambda m, opt: gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0)).step)
+    add("bare fused", True, lambda m, opt: lambda loss: opt.step())
+    add("guard fused", True, lambda m, opt: gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0)).step)
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = TinyGPT(args.vocab, args.width, args.layers, args.heads, args.context)
+    n_params = sum(p.numel() for p in model.parameters())
+    variants = make_variants(model)
+    data = torch.Generator().manual_seed(1)
+    names = list(variants)
+    steps = {name: [] for name in names}
+    phases = {name: [] for name in names}
+    cpu_steps = {name: [] for name in names}
+    cpu_phases = {name: [] for name in names}
+    print(f"TinyGPT: {n_params / 1e6:.1f}M parameters, {args.layers} layers, width {args.width}, "
+          f"batch {args.batch}x{args.context}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for round_ in range(args.warmup + args.rounds):
+        idx = torch.randint(0, args.vocab, (args.batch, args.context + 1), generator=data)
+        order = names[round_ % len(names):] + names[: round_ % len(names)]  # rotate: no fixed position
+        for name in order:
+            m, opt, phase = variants[name]
+            start, cpu_start = time.perf_counter(), time.thread_time()
+            logits = m(idx[:, :-1])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, args.vocab), idx[:, 1:].reshape(-1))
+            loss.backward()
+            middle, cpu_middle = time.perf_counter(), time.thread_time()
+            phase(loss)
+            opt.zero_grad(set_to_none=True)
+            end, cpu_end = time.perf_counter(), time.thread_time()
+            if round_ >= args.warmup:
+                steps[name].append(end - start)
+                phases[name].append(end - middle)
+                cpu_steps[name].append(cpu_end - cpu_start)
+                cpu_phases[name].append(cpu_end - cpu_middle)
+
+    for clock, step_times, phase_times in (("wall clock", steps, phases), ("thread CPU time", cpu_steps,
+                                                                           cpu_phases)):
+        report(clock, names, step_times, phase_times)
+
+
+def report(clock: str, names: list[str], steps: dict, phases: dict) -> None:
+    step_med = {n: statistics.median(steps[n]) for n in names}
+    phase_med = {n: statistics.median(phases[n]) for n in names}
+    print(f"\n== {clock}, medians over {len(steps[names[0]])} rounds")
+    print(f"{'variant':<12} {'step ms':>9} {'step/bare':>10} {'opt phase ms':>13} {'phase/bare':>11} "
+          f"{'overhead % of step':>19}")
+    for name in names:
+        base = "bare fused" if "fused" in name else "bare"
+        overhead = (phase_med[name] - phase_med[base]) / step_med[base] * 100
+        print(f"{name:<12} {step_med[name] * 1e3:>9.1f} {step_med[name] / step_med[base]:>10.3f} "
+              f"{phase_med[name] * 1e3:>13.2f} {phase_med[name] / phase_med[base]:>11.3f} {overhead:>18.2f}%")
+    torch_over = phase_med["torch clip"] - phase_med["bare"]
+    guard_over = phase_med["guard"] - phase_med["bare"]
+    fused_over = phase_med["guard fused"] - phase_med["bare fused"]
+    print(f"\nGuard overhead / torch clip_grad_norm_ overhead: {guard_over / torch_over:.2f} (plain AdamW), "
+          f"{fused_over / torch_over:.2f} (fused AdamW)")
+    print(f"Guard overhead as % of the bare step: {guard_over / step_med['bare'] * 100:.2f}% (plain), "
+          f"{fused_over / step_med['bare fused'] * 100:.2f}% (fused); target: <= torch's, and < 3%")
+
+
+if __name__ == "__main__":
+    main()
