@@ -256,3 +256,56 @@ def test_bad_arguments_name_what_is_wrong(batch) -> None:
         doctor(model, batch, "mse")
     with pytest.raises(TypeError, match="loss_fn must return a scalar"):
         doctor(model, batch, lambda out, y: out)
+
+
+def test_fixes_are_checked_on_a_copy_and_the_one_that_works_is_reported(batch) -> None:
+    """ReLU applied with torch.relu in forward: no activation module, so the init audit prescribes Xavier
+    and auto_ alone would leave the flow vanishing; the doctor finds on a copy that LSUV works."""
+
+    class FunctionalReLU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(IN if i == 0 else WIDTH, WIDTH) for i in range(20))
+            self.head = nn.Linear(WIDTH, OUT)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return self.head(x)
+
+    model = FunctionalReLU()
+    before = [p.detach().clone() for p in model.parameters()]
+    report = diagnose(model, batch)
+    assert report.verdict == "vanishing"
+    top = report.findings[0]
+    assert top.fix == "gg.init.lsuv_(model, batch[0])" and top.evidence["flow_after_fix"] == "stable"
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # only the copy was touched
+    apply_fix(top.fix, model, batch)
+    assert diagnose(model, batch).verdict == "stable"
+
+
+def test_a_fix_that_does_not_reach_stable_says_what_the_flow_becomes() -> None:
+    """tanh RNN with W_hh of spectral radius 3 over 40 steps: orthogonal init stops the explosion, and the
+    plain RNN then vanishes over that span; the finding says so instead of promising a stable flow."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.RNN(4, 16, batch_first=True)
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Model()
+    with torch.no_grad():
+        w = model.rnn.weight_hh_l0
+        w.mul_(3.0 / torch.linalg.eigvals(w).abs().max())
+    batch = (torch.randn(4, 40, 4), torch.randn(4, 1))
+    report = gg.doctor(model, batch, nn.functional.mse_loss, jacobians=False)
+    top = report.findings[0]
+    assert report.time.verdict == "exploding" and top.cause == "recurrent"
+    assert top.evidence["flow_after_fix"] == "vanishing"
+    assert "after this fix the flow over time is vanishing" in top.message
+    unchecked = gg.doctor(model, batch, nn.functional.mse_loss, jacobians=False, check_fixes=False)
+    assert "flow_after_fix" not in unchecked.findings[0].evidence

@@ -10,7 +10,7 @@ The order of work:
 4. the relative update of one (undone) optimizer step, when an optimizer is given;
 5. when the loss or a gradient is not finite, :func:`locate_nonfinite` names where it starts;
 6. Jacobian spectral norms, input-output and per block, by power iteration;
-7. findings, ranked.
+7. findings, ranked; the fix of each flow finding is tried on a deep copy of the model (``remedies.py``).
 
 The model is left as it was: parameters, ``.grad``, optimizer state and training mode. Layers are the
 modules that own parameters directly; activations are seen only when they are modules (``nn.ReLU``, not
@@ -28,12 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.doctor.activation_stats import activation_stats
-from gradguard.doctor.findings import build_findings
+from gradguard.doctor.findings import Finding, build_findings
 from gradguard.doctor.flow import DepthFlow, depth_flow
 from gradguard.doctor.init_audit import audit_init, audit_recurrent
 from gradguard.doctor.jacobian import spectral_norm
 from gradguard.doctor.learning_rate import relative_updates
 from gradguard.doctor.nonfinite import NonfiniteOrigin, locate_nonfinite
+from gradguard.doctor.remedies import first_stabilising, flow_candidates
 from gradguard.doctor.report import DoctorReport
 from gradguard.doctor.time_flow import RecurrentRecorder, TimeFlow, cell_time_flow, rnn_time_flow
 from gradguard.doctor.trace import ForwardTrace, ModuleCall, RecurrentCell, find_recurrent_cells, flat_tensors
@@ -221,6 +222,35 @@ def _overall_verdict(depth: DepthFlow, time: TimeFlow | None,
     return verdict, time.module if time is not None else None
 
 
+_DEPTH_CAUSES = ("init_scale", "activation", "depth")
+
+
+def _check_flow_fixes(findings: list[Finding], model: nn.Module, batch: tuple[Any, Any],
+                      loss_fn: Callable[[Any, Any], Tensor], iterations: int, cells_present: bool) -> None:
+    """Apply each flow finding's remedy to a copy of the model and keep the first remedy that works."""
+    for finding in findings:
+        if finding.remedy is None or finding.severity != "error":
+            continue
+        over_time = finding.cause == "recurrent"
+        if not over_time and finding.cause not in _DEPTH_CAUSES:
+            continue
+
+        def verdict_after(trial: nn.Module, over_time: bool = over_time) -> str:
+            report = doctor(trial, batch, loss_fn, jacobians=False, jacobian_iterations=iterations,
+                            check_fixes=False)
+            if over_time:
+                return report.time.verdict if report.time is not None else "stable"
+            return report.depth.verdict
+
+        candidates = [finding.remedy] if over_time else flow_candidates(finding.remedy, model, cells_present)
+        remedy, outcome = first_stabilising(candidates, model, batch, verdict_after)
+        finding.remedy, finding.fix = remedy, remedy.code
+        axis = "over time" if over_time else "across depth"
+        finding.evidence["flow_after_fix"] = outcome or "stable"
+        if outcome is not None:
+            finding.message += f" (checked on a copy of the model: after this fix the flow {axis} is {outcome})"
+
+
 def doctor(
     model: nn.Module,
     batch: tuple[Any, Any],
@@ -229,6 +259,7 @@ def doctor(
     optimizer: torch.optim.Optimizer | None = None,
     jacobians: bool = True,
     jacobian_iterations: int = 20,
+    check_fixes: bool = True,
 ) -> DoctorReport:
     """Diagnose how gradients flow through ``model`` at its current weights, and what to change.
 
@@ -240,6 +271,9 @@ def doctor(
         jacobians: measure the input-output and per-block Jacobian spectral norms (the costliest part:
             ``2 * jacobian_iterations`` passes per block). ``||dh_T/dh_0||`` is always measured.
         jacobian_iterations: power-iteration steps at most for each spectral norm.
+        check_fixes: apply the fix of each flow finding to a deep copy of the model and diagnose the copy
+            (without Jacobians); when it does not make the flow stable, try the other flow remedies
+            (``remedies.py``) and report the first that does. Costs one doctor pass per remedy tried.
 
     Returns:
         A :class:`DoctorReport`: ``print(report)``, ``report.verdict``, ``report.start_layer``,
@@ -288,5 +322,7 @@ def doctor(
     findings = build_findings(depth=depth, time=time, init_checks=init_checks, bounds=bounds,
                               activations=activations, updates=updates, origin=origin, jacobian=jacobian,
                               model=model, cells_present=any(square))
+    if check_fixes:
+        _check_flow_fixes(findings, model, batch, loss_fn, jacobian_iterations, cells_present=any(square))
     return DoctorReport(verdict, start, findings, depth, time, activations, init_checks, bounds, jacobian,
                         updates, origin, loss_value, total_norm, notes)

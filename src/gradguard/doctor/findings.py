@@ -19,12 +19,12 @@ from typing import Any
 
 from torch import nn
 
-from gradguard.activations import SATURATING
 from gradguard.doctor.activation_stats import ActivationStats
 from gradguard.doctor.flow import DepthFlow, verdict_of
 from gradguard.doctor.init_audit import InitCheck, RecurrentBound
 from gradguard.doctor.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
 from gradguard.doctor.nonfinite import NonfiniteOrigin
+from gradguard.doctor.remedies import Remedy, auto_init, lsuv, saturating_classes, swap_saturating
 from gradguard.doctor.time_flow import TimeFlow
 
 __all__ = ["DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "rank"]
@@ -48,6 +48,7 @@ class Finding:
         cause: a short key: ``"init_scale"``, ``"activation"``, ``"depth"``, ``"recurrent"``,
             ``"learning_rate"``, ``"nonfinite"``, ``"dead_units"``, ``"saturation"``, ``"jacobian"``.
         score: how far from healthy, for ranking within a severity.
+        remedy: the fix as a function too, for flow findings (``remedies.py``); not in ``to_dict``.
     """
 
     severity: str
@@ -57,6 +58,7 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
     cause: str = ""
     score: float = 0.0
+    remedy: Remedy | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
@@ -79,17 +81,8 @@ def _orders(ratio: float) -> float:
     return abs(math.log10(ratio))
 
 
-def _saturating_present(model: nn.Module) -> list[type[nn.Module]]:
-    present = []
-    for cls in SATURATING:
-        if any(type(m) is cls for m in model.modules()):
-            present.append(cls)
-    return present
-
-
 def _init_fix(cells_present: bool) -> str:
-    # auto_ finds hand-written recurrent cells only by running the model once.
-    return "gg.init.auto_(model, batch[0])" if cells_present else "gg.init.auto_(model)"
+    return auto_init(cells_present).code
 
 
 def init_explained_growth(depth: DepthFlow, init_checks: list[InitCheck]) -> float:
@@ -124,7 +117,7 @@ def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Mod
         "start_gain": start.gain if start else None,
         "growth_explained_by_init": explained,
     }
-    saturating = _saturating_present(model)
+    saturating = saturating_classes(model)
     if flagged or verdict_of(explained) == depth.verdict:
         cause = "init_scale"
         off = [c for c in init_checks if c.scheme not in ("orthogonal", "unknown")]
@@ -132,23 +125,22 @@ def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Mod
         why = (f"the weights' std, off by x{worst.ratio:.2g} ({worst.layer!r}: {worst.std:.3g} vs "
                f"{worst.scheme} {worst.prescribed:.3g} for {worst.activation}), compounds to "
                f"x{explained:.3g} over the layers")
-        fix = _init_fix(cells_present)
+        remedy = auto_init(cells_present)
         evidence["mis_initialised_layers"] = [c.layer for c in flagged]
     elif depth.verdict == "vanishing" and saturating:
         cause = "activation"
         names = ", ".join(cls.__name__ for cls in saturating)
         why = f"the saturating activation(s) {names} pass at most 1 (tanh) or 1/4 (sigmoid) of the signal"
-        fix = "; ".join(f"gg.activations.replace_(model, nn.{cls.__name__}, nn.ReLU)" for cls in saturating)
-        fix += "; " + _init_fix(cells_present)
+        remedy = swap_saturating(saturating, auto_init(cells_present))
     else:
         cause = "depth"
         why = "the weights match their prescribed scale, so the network's depth and structure compound it"
-        fix = "gg.init.lsuv_(model, batch[0])"
+        remedy = lsuv()
     message = (f"error signal {verb} x{depth.total_growth:.3g} from the last layer to the first "
                f"(x{depth.growth_per_layer:.3g} per layer over {depth.counted_gains} layer(s)), "
                f"starting at {depth.start_layer!r}: {why}")
-    return [Finding("error", depth.start_layer, f"{depth.verdict} across depth: {message}", fix, evidence,
-                    cause, _orders(depth.total_growth))]
+    return [Finding("error", depth.start_layer, f"{depth.verdict} across depth: {message}", remedy.code, evidence,
+                    cause, _orders(depth.total_growth), remedy)]
 
 
 def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_present: bool,
@@ -164,10 +156,14 @@ def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_pre
                    f"the bound of Pascanu et al. 2013 for {above[0].activation}")
         else:
             why = "the gates or inputs amplify the state"
-        fix = _init_fix(cells_present) + "  # orthogonal hidden-to-hidden weights (Saxe et al. 2014)"
+        auto = auto_init(cells_present)
+        remedy: Remedy | None = Remedy(auto.code + "  # orthogonal hidden-to-hidden weights (Saxe et al. 2014)",
+                                       auto.apply)
+        fix = remedy.code
         cause = "recurrent"
     else:
         why = "each step contracts the state"
+        remedy = None
         if gated:
             fix = ("# initialise the forget (LSTM) / update (GRU) gate bias to 1 or more so the state is kept "
                    "(Jozefowicz et al. 2015), or shorten the sequences")
@@ -183,7 +179,7 @@ def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_pre
     severity = "warning" if time.verdict == "vanishing" and verdict_of(time.total_growth) == "stable" else "error"
     if severity == "warning":
         message += " (the error signal itself holds: only long-range dependencies lose their gradient)"
-    return [Finding(severity, time.module, message, fix, evidence, cause, score)]
+    return [Finding(severity, time.module, message, fix, evidence, cause, score, remedy)]
 
 
 def init_findings(init_checks: list[InitCheck], cells_present: bool) -> list[Finding]:

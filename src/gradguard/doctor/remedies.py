@@ -1,0 +1,109 @@
+"""Remedies: a fix both as the code the report shows and as a function the doctor can apply.
+
+For a flow that explodes or vanishes, the doctor does not only name a fix: it applies it to a deep copy of
+the model and measures the flow again (:func:`first_stabilising`). The candidates, in order:
+
+1. the fix chosen from the cause (``findings.py``);
+2. ``gg.init.auto_`` — the init each layer's activation calls for (Glorot & Bengio 2010, He et al. 2015,
+   orthogonal recurrent weights, Saxe et al. 2014);
+3. swapping saturating activations for ReLU, then ``auto_`` (Glorot & Bengio 2010 on sigmoid; He et al.
+   2015);
+4. ``gg.init.lsuv_`` — unit output variance measured on the batch (Mishkin & Matas 2016), for activations
+   and structures no formula covers.
+
+The first candidate that makes the measured axis (depth or time) stable is the one reported. When none
+does, the cause's own fix is kept and the finding says what the flow becomes after it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from gradguard.activations import SATURATING, replace_
+
+__all__ = ["Remedy", "auto_init", "first_stabilising", "flow_candidates", "lsuv", "swap_saturating"]
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A fix: ``code`` as the report prints it (names ``gg``, ``nn``, ``model``, ``batch``), and ``apply``,
+    which does the same to a model given the batch."""
+
+    code: str
+    apply: Callable[[nn.Module, Any], object]
+
+
+def auto_init(cells_present: bool) -> Remedy:
+    from gradguard.init import auto_
+
+    if cells_present:  # auto_ finds hand-written recurrent cells only by running the model once
+        return Remedy("gg.init.auto_(model, batch[0])", lambda model, batch: auto_(model, batch[0]))
+    return Remedy("gg.init.auto_(model)", lambda model, batch: auto_(model))
+
+
+def lsuv() -> Remedy:
+    from gradguard.init import lsuv_
+
+    return Remedy("gg.init.lsuv_(model, batch[0])", lambda model, batch: lsuv_(model, batch[0]))
+
+
+def saturating_classes(model: nn.Module) -> list[type[nn.Module]]:
+    """The saturating activation classes (``nn.Tanh``, ``nn.Sigmoid``, ...) used in ``model``."""
+    return [cls for cls in SATURATING if any(type(m) is cls for m in model.modules())]
+
+
+def swap_saturating(classes: list[type[nn.Module]], then: Remedy) -> Remedy:
+    """Replace each class by ``nn.ReLU``, then apply ``then`` (the new activation needs its own init)."""
+    code = "; ".join(f"gg.activations.replace_(model, nn.{cls.__name__}, nn.ReLU)" for cls in classes)
+
+    def apply(model: nn.Module, batch: Any) -> None:
+        for cls in classes:
+            replace_(model, cls, nn.ReLU)
+        then.apply(model, batch)
+
+    return Remedy(f"{code}; {then.code}", apply)
+
+
+def flow_candidates(first: Remedy, model: nn.Module, cells_present: bool) -> list[Remedy]:
+    """``first``, then the other flow remedies in the module docstring's order, without repeats."""
+    saturating = saturating_classes(model)
+    candidates = [first, auto_init(cells_present)]
+    if saturating:
+        candidates.append(swap_saturating(saturating, auto_init(cells_present)))
+    candidates.append(lsuv())
+    unique: list[Remedy] = []
+    for remedy in candidates:
+        if all(remedy.code != seen.code for seen in unique):
+            unique.append(remedy)
+    return unique
+
+
+def first_stabilising(
+    candidates: list[Remedy],
+    model: nn.Module,
+    batch: Any,
+    verdict_after: Callable[[nn.Module], str],
+) -> tuple[Remedy, str | None]:
+    """The first candidate after which ``verdict_after(copy)`` is ``"stable"``, applied to a deep copy.
+
+    Returns ``(remedy, None)`` for a remedy that works, or ``(candidates[0], verdict after it)`` when none
+    does (``"not checked: ..."`` when the copy or the remedy fails).
+    """
+    first_outcome: str | None = None
+    for remedy in candidates:
+        try:
+            trial = copy.deepcopy(model)
+            remedy.apply(trial, batch)
+            outcome = verdict_after(trial)
+        except Exception as error:  # a model that cannot be copied, an init the layer refuses...
+            outcome = f"not checked: {type(error).__name__}: {str(error)[:120]}"
+        if outcome == "stable":
+            return remedy, None
+        if first_outcome is None:
+            first_outcome = outcome
+    return candidates[0], first_outcome
