@@ -422,3 +422,19 @@ def test_bad_options_raise_value_error_naming_the_option(kwargs, option):
     model = _model()
     with pytest.raises(ValueError, match=option):
         gg.Guard(model, torch.optim.SGD(model.parameters(), lr=1e-3), **kwargs)
+
+
+def test_growth_clip_response_holds_the_norm_at_its_moving_average():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the gradients alone drive the norms
+    detector = gg.detect.Detector(warmup_steps=5, growth_window=3, growth_factor=1.3, z_thresh=50.0)
+    guard = gg.Guard(model, optimizer, detector=detector, on_loss_spike="log", log_every=100)
+    for i in range(20):
+        guard.step(_backward(model, 0, scale=1.0 if i < 12 else 1.6 ** (i - 11)))
+        optimizer.zero_grad()
+    guard.close()
+    growing = [r for r in guard.history if any(e["kind"] == "growth" for e in r["events"])]
+    assert [r["step"] for r in growing] == list(range(14, 20))  # 3 rising steps fill the window
+    for r in growing:
+        assert r["clipped"] and r["total_norm"] * r["coef"] < guard.history[0]["total_norm"] * 1.5
+        assert r["events"][-1]["rate"] == pytest.approx(1.6, rel=1e-3)
