@@ -92,6 +92,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("diverged", _diverged),
         ("finite weights", _count("params_finite")),
         ("test acc", _percent("test_accuracy")),
+        ("gen gap", _percent("generalization_gap")),
         ("final loss", _number("final_loss")),
         ("largest |g|", _number("max_grad_norm")),
         ("skipped", lambda row: str(row.get("skipped", "-"))),

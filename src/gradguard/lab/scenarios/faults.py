@@ -85,11 +85,14 @@ def run(config: RunConfig) -> Record:
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
     remedy = make_remedy(config["remedy"], model, optimizer)
     log = train(model, remedy, next_batch, F.cross_entropy, config["steps"], faults=faults)
+    train_accuracy = accuracy(model, data.x_train, data.y_train)
+    test_accuracy = accuracy(model, data.x_test, data.y_test)
     return make_record(
         config,
         log,
-        train_accuracy=accuracy(model, data.x_train, data.y_train),
-        test_accuracy=accuracy(model, data.x_test, data.y_test),
+        train_accuracy=train_accuracy,
+        test_accuracy=test_accuracy,
+        generalization_gap=train_accuracy - test_accuracy,
         test_loss=evaluate_loss(model, F.cross_entropy, data.x_test, data.y_test),
         remedy_summary=remedy.summary(),
     )
