@@ -438,3 +438,27 @@ def test_growth_clip_response_holds_the_norm_at_its_moving_average():
     for r in growing:
         assert r["clipped"] and r["total_norm"] * r["coef"] < guard.history[0]["total_norm"] * 1.5
         assert r["events"][-1]["rate"] == pytest.approx(1.6, rel=1e-3)
+
+
+def test_grad_scaler_with_a_fused_optimizer_makes_no_host_read():
+    model, twin = _model(), _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    guard = gg.Guard(model, optimizer, scaler=scaler, on_spike="log", on_growth="log", log_every=100)
+    for i in range(5):
+        x, y = _batch(i)
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        nn.functional.mse_loss(twin(x), y).backward()
+        if i == 3:
+            model[0].bias.grad[0] = math.nan
+        with gg.count_host_syncs() as syncs:
+            guard.step()
+        assert syncs.count == 0
+        if i != 3:
+            twin_optimizer.step()
+        optimizer.zero_grad()
+        twin_optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0**7 and guard.summary()["skipped"] == 1
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
