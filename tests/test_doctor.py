@@ -234,7 +234,7 @@ def test_report_prints_a_short_diagnosis_and_dict_is_strict_json(batch) -> None:
     report = doctor(mlp(20, nn.Tanh, standard_normal), batch, nn.functional.cross_entropy, jacobian_iterations=5)
     text = str(report)
     assert text.startswith("gradguard doctor: EXPLODING (starts at 0)")
-    assert "fix: gg.init.auto_(model)" in text
+    assert "the flow is then stable): gg.init.auto_(model)" in text
     assert len(text.splitlines()) < 20
     data = report.to_dict()
     json.dumps(data, allow_nan=False)  # raises on NaN/Inf

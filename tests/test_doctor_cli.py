@@ -18,7 +18,7 @@ def test_example_factory_is_diagnosed_exploding_with_exit_1(tmp_path) -> None:
     result = runner.invoke(app, ["doctor", f"{EXAMPLE}:build", "--html", str(html), "--json", str(data)])
     assert result.exit_code == 1, result.output
     assert result.output.startswith("gradguard doctor: EXPLODING (starts at 0)")
-    assert "fix: gg.init.auto_(model)" in result.output
+    assert "stable): gg.init.auto_(model)" in result.output
     assert html.read_text().startswith("<!DOCTYPE html>")
     assert json.loads(data.read_text())["verdict"] == "exploding"
 

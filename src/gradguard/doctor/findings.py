@@ -188,11 +188,11 @@ def init_findings(init_checks: list[InitCheck], cells_present: bool) -> list[Fin
         return []
     worst = max(flagged, key=lambda c: _orders(c.ratio))
     def label(c: InitCheck) -> str:
-        return c.layer if c.param == "weight" else f"{c.layer}.{c.param}"
+        return repr(c.layer if c.param == "weight" else f"{c.layer}.{c.param}")
 
     listed = ", ".join(f"{label(c)} ({c.ratio:.2g}x)" for c in flagged[:4]) + (" ..." if len(flagged) > 4 else "")
     message = (f"{len(flagged)} weight(s) off their prescribed std by more than 2x: {listed}; e.g. "
-               f"{worst.layer}.{worst.param} std {worst.std:.3g}, {worst.scheme} for {worst.activation} "
+               f"{worst.layer + '.' + worst.param!r} std {worst.std:.3g}, {worst.scheme} for {worst.activation} "
                f"prescribes {worst.prescribed:.3g}")
     evidence = {"layers": [c.to_dict() for c in flagged]}
     return [Finding("warning", worst.layer, message, _init_fix(cells_present), evidence, "init_scale",

@@ -156,7 +156,9 @@ class DoctorReport:
                          f"{counts['info']} info")
             for i, f in enumerate(self.findings, 1):
                 lines.append(f"{i:>2}. [{f.severity}] {f.message}")
-                if not f.fix.startswith("# no change"):
+                if f.evidence.get("flow_after_fix") == "stable":
+                    lines.append(f"    fix (checked on a copy of the model: the flow is then stable): {f.fix}")
+                elif not f.fix.startswith("# no change"):
                     lines.append(f"    fix: {f.fix}")
         for note in self.notes:
             lines.append(f"note: {note}")
