@@ -222,6 +222,16 @@ def _overall_verdict(depth: DepthFlow, time: TimeFlow | None,
     return verdict, time.module if time is not None else None
 
 
+def _updates(model: nn.Module, optimizer: torch.optim.Optimizer | None, notes: list[str]) -> list | None:
+    if optimizer is None:
+        return None
+    try:
+        return relative_updates(model, optimizer)
+    except Exception as error:  # an optimizer whose step needs a closure (LBFGS), a custom one that fails
+        notes.append(f"update sizes not measured: {_short(error)}")
+        return None
+
+
 _DEPTH_CAUSES = ("init_scale", "activation", "depth")
 
 
@@ -275,6 +285,10 @@ def doctor(
             (without Jacobians); when it does not make the flow stable, try the other flow remedies
             (``remedies.py``) and report the first that does. Costs one doctor pass per remedy tried.
 
+    For a quick reading of the flow alone (what the lab does for every run), pass ``jacobians=False,
+    check_fixes=False``: one forward/backward pass, plus the power iteration of ``||dh_T/dh_0||`` for
+    recurrent models.
+
     Returns:
         A :class:`DoctorReport`: ``print(report)``, ``report.verdict``, ``report.start_layer``,
         ``report.findings``, ``report.time_flow``, ``report.to_dict()``, ``report.to_html(path)``.
@@ -306,7 +320,7 @@ def doctor(
         init_checks = audit_init(order, following_in_order(order), square)
         cell_leaves = {c: [m for n, m in order if _inside(n, [c])] for c in cell_names}
         bounds = audit_recurrent(order, cells, cell_leaves)
-        updates = relative_updates(model, optimizer) if optimizer is not None else None
+        updates = _updates(model, optimizer, notes)
 
         loss_value, total_norm = float(traced.loss.detach()), float(stats.total_norm)
         origin = None
