@@ -147,10 +147,3 @@ def default_workers() -> int:
 def describe_config(config: RunConfig) -> str:
     return f"{config['scenario']}: {config['variant']} (seed {config['seed']})"
 
-
-def records_by_scenario(records: list[Record]) -> dict[str, list[Record]]:
-    grouped: dict[str, list[Record]] = {}
-    for record in records:
-        grouped.setdefault(record["config"]["scenario"], []).append(record)
-    return grouped
-

@@ -1,0 +1,17 @@
+"""The lab: reproduces exploding gradients, their impacts and every remedy on real tasks (``gradguard lab``).
+
+Read it in this order:
+
+* ``tasks.py``: the data (adding and temporal-order problems, digits, a character-level text);
+* ``models.py``: tanh RNN, LSTM, deep MLP, small causal transformer;
+* ``remedies.py`` and ``training.py``: what happens between ``backward()`` and the update, and the loop;
+* ``scenarios/``: one module per claim, each a grid of remedy x seed and the ``run`` of one config;
+* ``metrics.py`` and ``record.py``: what one run measured;
+* ``runner.py``: the grid in parallel processes, cached by config hash; ``run.py``: the whole command;
+* ``summary.py``, ``findings.py``, ``console.py``, ``export.py``: tables, "what it shows", the terminal
+  summary, ``results.csv`` / ``results.json``; the HTML page is ``gradguard.report.lab_report``.
+"""
+
+from gradguard.lab.run import LabResult, run_lab
+
+__all__ = ["LabResult", "run_lab"]
