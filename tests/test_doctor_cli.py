@@ -60,6 +60,9 @@ def test_bad_input_exits_2_with_a_message(tmp_path) -> None:
     wrong_model = tmp_path / "wrong.py"
     wrong_model.write_text("def build():\n    return 'model', (1, 2), print\n")
     cases[f"{wrong_model}:build"] = "the model (item 0) must be an nn.Module"
+    raising = tmp_path / "raising.py"
+    raising.write_text("def build():\n    raise RuntimeError('no data here')\n")
+    cases[f"{raising}:build"] = "raised RuntimeError: no data here"
     for target, message in cases.items():
         result = runner.invoke(app, ["doctor", target])
         assert result.exit_code == 2, (target, result.output)

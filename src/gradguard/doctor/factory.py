@@ -44,7 +44,10 @@ def _import_file(path: Path) -> Any:
         raise FactoryError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the user's file fails to run: bad input, said as such
+        raise FactoryError(f"importing {path} raised {type(error).__name__}: {error}") from error
     return module
 
 
@@ -57,6 +60,8 @@ def _import(location: str) -> Any:
         return importlib.import_module(location)
     except ModuleNotFoundError as error:
         raise FactoryError(f"cannot import module {location!r}: {error}") from error
+    except Exception as error:
+        raise FactoryError(f"importing {location!r} raised {type(error).__name__}: {error}") from error
 
 
 def load_patient(target: str) -> Patient:
@@ -70,7 +75,10 @@ def load_patient(target: str) -> Patient:
         raise FactoryError(f"{location} has no attribute {attribute!r}")
     if not callable(factory):
         raise FactoryError(f"{location}:{attribute} is not callable (a function returning (model, batch, loss_fn))")
-    result = factory()
+    try:
+        result = factory()
+    except Exception as error:
+        raise FactoryError(f"{target}() raised {type(error).__name__}: {error}") from error
     if not (isinstance(result, (tuple, list)) and len(result) in (3, 4)):
         raise FactoryError(f"{target} must return (model, batch, loss_fn) or (model, batch, loss_fn, optimizer), "
                            f"got {type(result).__name__}" + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
