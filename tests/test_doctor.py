@@ -309,3 +309,21 @@ def test_a_fix_that_does_not_reach_stable_says_what_the_flow_becomes() -> None:
     assert "after this fix the flow over time is vanishing" in top.message
     unchecked = gg.doctor(model, batch, nn.functional.mse_loss, jacobians=False, check_fixes=False)
     assert "flow_after_fix" not in unchecked.findings[0].evidence
+
+
+def test_to_dict_layout_is_the_documented_one(batch) -> None:
+    """The lab and other programs read these keys (see gradguard/doctor/report.py)."""
+    model = mlp(3, nn.ReLU, he)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = doctor(model, batch, nn.functional.cross_entropy, optimizer=optimizer, jacobian_iterations=5).to_dict()
+    assert list(data) == ["verdict", "start_layer", "healthy", "loss", "total_grad_norm", "findings", "depth_flow",
+                          "time_flow", "activations", "init_audit", "recurrent_bounds", "jacobian", "learning_rate",
+                          "nonfinite", "notes"]
+    assert set(data["depth_flow"]) == {"layers", "input_error_signal", "growth_per_layer", "total_growth",
+                                       "counted_gains", "verdict", "start_layer"}
+    assert set(data["depth_flow"]["layers"][0]) == {"name", "error_signal", "weight_grad", "weight_norm",
+                                                    "grad_to_weight", "gain", "recurrent"}
+    assert set(data["jacobian"]) == {"input_output", "blocks"} and set(data["jacobian"]["blocks"]) == {"0", "2", "4"}
+    assert set(data["learning_rate"][0]) == {"layer", "lr", "sgd_ratio", "update_ratio"}
+    assert set(data["init_audit"][0]) == {"layer", "param", "activation", "scheme", "std", "prescribed", "ratio",
+                                          "flagged"}
