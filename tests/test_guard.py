@@ -462,3 +462,21 @@ def test_grad_scaler_with_a_fused_optimizer_makes_no_host_read():
     assert scaler.get_scale() == 2.0**7 and guard.summary()["skipped"] == 1
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_the_first_snapshot_holds_weights_loaded_after_the_guard_was_made():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, log_every=3)
+    pretrained = {k: torch.full_like(v, 0.01) for k, v in model.state_dict().items()}
+    model.load_state_dict(pretrained)  # e.g. fine-tuning: weights arrive after the Guard
+    guard.step(_backward(model, 0))
+    optimizer.zero_grad()
+    with torch.no_grad():
+        model[0].weight.fill_(math.nan)
+    for i in (1, 2):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    assert guard.summary()["rollbacks"] == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, pretrained[name])

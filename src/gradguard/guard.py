@@ -174,7 +174,7 @@ class Guard:
         lr_recover_after: real steps after a cut (back-off or rollback) before it is undone, one at a time;
             None: cuts are kept for good.
         snapshot_every: steps between two snapshots (taken at a flush, after checking the weights are
-            finite; the first when the Guard is made); None: no snapshots (no memory for them), and a
+            finite; the first at the first step); None: no snapshots (no memory for them), and a
             needed rollback raises ``TrainingDiverged``.
         snapshot_dir: keep the snapshot in this folder instead of memory.
         groups: how layers are formed for per-layer norms (``grad_stats``'s ``groups``).
@@ -273,7 +273,7 @@ class Guard:
         self._actions: dict[int, list[dict[str, Any]]] = {}  # host actions by step, attached at flush
         self.snapshot = Snapshot(snapshot_dir)
         self._training_state = TrainingState(
-            model, optimizer, scaler, scheduler, self._recoverable_state, self._load_recoverable_state
+            model, optimizer, scheduler, self._recoverable_state, self._load_recoverable_state
         )
 
         self.step_count = 0  # optimizer steps (accumulation boundaries) guarded so far
@@ -286,8 +286,6 @@ class Guard:
         self._in_flush = False
         self._closed = False
         self._initial_lrs = group_lrs(optimizer)
-        if self.snapshot_every is not None:
-            self.snapshot.save(0, self._training_state.capture())
 
     # ------------------------------------------------------------------ the step
 
@@ -320,6 +318,10 @@ class Guard:
         return stepped
 
     def _guarded_step(self, loss: Tensor | None) -> Tensor:
+        if self.snapshot_every is not None and self.snapshot.step is None:
+            # the first snapshot: the weights as training starts (taken here, not in __init__, so that
+            # weights loaded after the Guard was made, e.g. a pretrained checkpoint, are the ones kept)
+            self.snapshot.save(self.step_count, self._training_state.capture())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         named, sharded = self._named, None

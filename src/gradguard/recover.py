@@ -6,8 +6,10 @@ Escalation, one rung at a time (and back down once training is healthy again):
    parameter group's learning rate by ``lr_backoff`` (and an attached scheduler's ``base_lrs``, so that
    schedulers that recompute the rate from them keep the cut).
 2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``rollback_after`` skipped steps
-   within ``skip_window`` steps restore the last good :class:`Snapshot` (model, optimizer state, scaler, scheduler, the
-   Guard's detector and clipper) and cut the learning rate by ``rollback_lr_factor``. The learning rate
+   within ``skip_window`` steps restore the last good :class:`Snapshot` (model, optimizer state,
+   scheduler, the Guard's detector and clipper) and cut the learning rate by ``rollback_lr_factor``. A
+   GradScaler keeps its current scale: it describes the gradients' range, not the weights (and saving
+   its state would cost a host read). The learning rate
    itself is not taken from the snapshot: it stays what it was (the user's schedule, earlier cuts), times
    the cut.
 3. **TrainingDiverged**: a rollback needed when ``max_rollbacks`` were spent (or none is possible)
@@ -207,7 +209,6 @@ class TrainingState:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scaler: Any
     scheduler: Any
     guard_state: Callable[[], dict[str, Any]]
     load_guard_state: Callable[[dict[str, Any]], None]
@@ -218,8 +219,6 @@ class TrainingState:
             "optimizer": self.optimizer.state_dict(),
             "guard": self.guard_state(),
         }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         return state
@@ -228,7 +227,5 @@ class TrainingState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_guard_state(state["guard"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
