@@ -29,6 +29,15 @@ REMEDY_LABELS = {
     "guard": "Guard",
 }
 
+#: remedy name -> the library's clipping strategy
+CLIPPERS: dict[str, type[gg_clip.Clipper]] = {
+    "global_norm": gg_clip.GlobalNorm,
+    "value": gg_clip.Value,
+    "layer_norm": gg_clip.LayerNorm,
+    "zclip": gg_clip.ZClip,
+    "autoclip": gg_clip.AutoClip,
+    "agc": gg_clip.AGC,
+}
 
 
 def remedy_label(spec: dict[str, Any]) -> str:
@@ -128,17 +137,9 @@ def make_remedy(
         if threshold_batches is None or loss_fn is None:
             raise ValueError("remedy 'global_norm' with max_norm='pascanu' needs threshold_batches and loss_fn")
         options["max_norm"] = pascanu_threshold(model, threshold_batches(), loss_fn)
-    clippers = {
-        "global_norm": gg_clip.GlobalNorm,
-        "value": gg_clip.Value,
-        "layer_norm": gg_clip.LayerNorm,
-        "zclip": gg_clip.ZClip,
-        "autoclip": gg_clip.AutoClip,
-        "agc": gg_clip.AGC,
-    }
-    if name not in clippers:
+    if name not in CLIPPERS:
         raise ValueError(f"remedy: name must be one of {sorted(REMEDY_LABELS)}, got {name!r}")
-    return ClipRemedy(optimizer, clippers[name](**options), REMEDY_LABELS[name])
+    return ClipRemedy(optimizer, CLIPPERS[name](**options), REMEDY_LABELS[name])
 
 
 def guard_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +147,8 @@ def guard_options(options: dict[str, Any]) -> dict[str, Any]:
     options = dict(options)
     clip_spec = options.pop("clip", None)
     if clip_spec is not None:
+        if clip_spec.get("name") not in CLIPPERS:
+            raise ValueError(f"remedy 'guard': clip name must be one of {sorted(CLIPPERS)}, got {clip_spec!r}")
         clip_options = {key: value for key, value in clip_spec.items() if key != "name"}
-        clip_classes = {"zclip": gg_clip.ZClip, "global_norm": gg_clip.GlobalNorm, "autoclip": gg_clip.AutoClip}
-        options["clip"] = clip_classes[clip_spec["name"]](**clip_options)
+        options["clip"] = CLIPPERS[clip_spec["name"]](**clip_options)
     return options

@@ -43,8 +43,6 @@ class TrainLog:
 
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    layer_grad_norms: list[list[float]] = field(default_factory=list)  # every `layer_every` steps
-    layer_names: list[str] = field(default_factory=list)
     stopped_at: int | None = None  # the step after which the parameters were non-finite
     stop_reason: str | None = None
     seconds: float = 0.0
@@ -66,12 +64,11 @@ def train(
     steps: int,
     penalty: Callable[[nn.Module], Tensor] | None = None,
     faults: Faults | None = None,
-    layer_every: int = 0,
 ) -> TrainLog:
     """Train ``model`` for ``steps`` steps; ``next_batch(step)`` gives (inputs, targets).
 
-    ``penalty(model)`` is added to the loss (regularization); the recorded loss is the task loss alone.
-    ``layer_every > 0`` also records the per-layer gradient norms every that many steps.
+    ``penalty(model)`` is added to the loss (regularization); the recorded loss is the task loss alone,
+    the recorded gradient norm that of the penalised loss (the gradient the optimizer follows).
     """
     faults = faults or Faults()
     optimizer = remedy.optimizer
@@ -94,9 +91,6 @@ def train(
         stats = grad_stats(model)
         log.losses.append(float(task_loss.detach()))
         log.grad_norms.append(float(stats.total_norm))
-        if layer_every and step % layer_every == 0:
-            log.layer_names = stats.names
-            log.layer_grad_norms.append(stats.norms.tolist())
 
         try:
             remedy.step(loss.detach(), stats)
