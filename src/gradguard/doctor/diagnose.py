@@ -169,6 +169,7 @@ def _time_flow(trace: ForwardTrace, recorder: RecurrentRecorder, cells: list[Rec
         candidates.append((position[id(cell.calls[0])], lambda cell=cell: cell_time_flow(cell, iterations)))
     for name, reason in recorder.skipped.items():
         notes.append(f"time flow of {name} not measured: {reason}")
+    notes.extend(recorder.notes)
     if not candidates:
         return None
     try:

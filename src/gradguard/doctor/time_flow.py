@@ -108,12 +108,14 @@ class UnrolledRun:
 class RecurrentRecorder:
     """A ``ForwardTrace`` output rewriter that steps ``nn.RNN/GRU/LSTM`` by hand and hooks every ``h_t``.
 
-    ``runs`` holds the calls stepped by hand; ``skipped`` maps a module name to why it could not be.
+    ``runs`` holds the calls stepped by hand; ``skipped`` maps a module name to why it could not be;
+    ``notes`` says where stepping by hand differs from the module (inter-layer dropout).
     """
 
     def __init__(self) -> None:
         self.runs: list[UnrolledRun] = []
         self.skipped: dict[str, str] = {}
+        self.notes: list[str] = []
 
     def __call__(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not isinstance(module, nn.RNNBase):
@@ -122,6 +124,8 @@ class RecurrentRecorder:
         if reason is not None:
             self.skipped[name] = reason
             return None
+        if module.dropout > 0 and module.training and module.num_layers > 1:
+            self.notes.append(f"{name}: stepped by hand without its inter-layer dropout")
         new_output, state0, states = unrolled_forward(module, args, kwargs)
         run = UnrolledRun(name, module, args, kwargs, state0, states, [None] * len(states))
         for t, state in enumerate(states):
