@@ -84,3 +84,23 @@ def test_models() -> None:
     changed = ids.clone()
     changed[:, -1] = (changed[:, -1] + 1) % 11
     torch.testing.assert_close(gpt(ids)[:, :-1], gpt(changed)[:, :-1]), "causal: the future does not leak"
+
+
+def test_remedies_are_the_library_strategies() -> None:
+    from gradguard import clip as gg_clip
+    from gradguard.lab.remedies import make_remedy, remedy_label
+    from gradguard.stats import grad_stats
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    remedy = make_remedy({"name": "global_norm", "max_norm": 0.1}, model, optimizer)
+    assert isinstance(remedy.clipper, gg_clip.GlobalNorm)
+    (model(torch.randn(8, 4)) * 100).sum().backward()
+    remedy.step(torch.tensor(1.0), grad_stats(model))
+    assert float(grad_stats(model).total_norm) == pytest.approx(0.1, rel=1e-4)
+    assert remedy.summary() == {"clipped": 1}
+
+    guard = make_remedy({"name": "guard", "clip": {"name": "zclip"}}, model, optimizer)
+    assert isinstance(guard.guard.clip, gg_clip.ZClip) and remedy_label({"name": "guard", "clip": {"name": "zclip"}})
+    with pytest.raises(ValueError, match="name must be one of"):
+        make_remedy({"name": "clip_everything"}, model, optimizer)
