@@ -59,7 +59,7 @@ def build_grid(
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if steps is not None and steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
-    selected = [get_scenario(name) for name in names] if names else list(all_scenarios().values())
+    selected = [get_scenario(name) for name in dict.fromkeys(names)] if names else list(all_scenarios().values())
     configs: list[RunConfig] = []
     for scenario in selected:
         configs.extend(scenario.grid(quick, seeds, steps))
