@@ -40,7 +40,7 @@ def test_moving_zscore_starts_from_warmup_moments_then_follows_the_ema():
     d = 4.0 - 2.0
     assert float(scorer.mean) == pytest.approx(2.0 + 0.1 * d)
     assert float(scorer.var) == pytest.approx(0.9 * (2.0 / 3.0 + 0.1 * d * d), rel=1e-5)
-    scorer.update(torch.tensor(math.nan), torch.tensor(True))  # never learned
+    scorer.update(torch.tensor(math.nan), torch.tensor(False))  # callers never ask to learn a NaN
     assert float(scorer.mean) == pytest.approx(2.2)
 
 
@@ -157,3 +157,17 @@ def test_nonfinite_layer_finds_the_first_bad_weight():
 def test_bad_detector_arguments_name_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
         Detector(**kwargs)
+
+
+def test_a_warmup_without_a_finite_norm_starts_from_the_first_finite_one():
+    model, noise, detector = _model(), torch.Generator().manual_seed(0), Detector(warmup_steps=3)
+    for _ in range(3):
+        _stats_with(model, (1.0, 1.0), noise)
+        model[0].bias.grad[0] = math.nan
+        assert _flags(detector.update(gg.grad_stats(model)))["nonfinite_grad"]
+    first = detector.update(_stats_with(model, (1.0, 1.0), noise))  # nothing learned yet: no spike
+    assert not bool(first.flags.any()) and math.isnan(float(first.grad_z))
+    for _ in range(10):
+        verdict = detector.update(_stats_with(model, (1.0, 1.0), noise))
+        assert not bool(verdict.flags.any()) and math.isfinite(float(verdict.grad_z))
+    assert _flags(detector.update(_stats_with(model, (1.0, 100.0), noise)))["grad_spike"]

@@ -44,6 +44,12 @@ STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "g
 EVENT_KINDS = (*STEP_KINDS, "nonfinite_param")
 
 
+def finite(x: Tensor) -> Tensor:
+    """``torch.isfinite(x)`` for floating tensors in two kernels instead of four: ``x * 0`` is 0 for finite
+    values and NaN for NaN and +-inf (this runs every step, on the device)."""
+    return x * 0 == 0
+
+
 @dataclass
 class Verdict:
     """What the detector saw at one step; all device tensors.
@@ -52,7 +58,8 @@ class Verdict:
         flags: bool tensor, one entry per kind of ``STEP_KINDS``.
         grad_z: 0-d, z-score of the log total norm (0 during warm-up).
         loss_z: 0-d, z-score of the log loss (0 during warm-up or when the loss is not scored).
-        spike_threshold: 0-d, the total norm above which a step is a spike (inf during warm-up).
+        spike_threshold: 0-d, the total norm above which a step is a spike (inf during warm-up; NaN
+            while no finite norm was seen, like the z-scores).
         norm_level: 0-d, the moving average of the total norm (``exp`` of the EMA of its log).
         growth_rate: 0-d, the average factor per step by which the norm rose over the growth window.
         layer: 0-d int64, the index (in ``stats.names``) of the layer the step's events point at.
@@ -97,40 +104,39 @@ class MovingZScore:
         assert self.var is not None
         return self.var.sqrt().clamp(min=self.sigma_floor)
 
-    def score(self, x: Tensor) -> Tensor:
-        """``(x - mu) / max(sigma, floor)``; 0 before warm-up ends or while no finite value was seen."""
+    def score(self, x: Tensor, std: Tensor | None = None) -> Tensor:
+        """``(x - mu) / max(sigma, floor)``: 0 during warm-up, NaN while nothing finite was learned (a NaN
+        z-score compares False with any threshold, so it flags nothing)."""
         if not self.ready:
             return torch.zeros_like(x)
         assert self.mean is not None
-        z = (x - self.mean) / self.std()
-        return torch.where(torch.isfinite(self.mean), z, torch.zeros_like(z))
+        return (x - self.mean) / (self.std() if std is None else std)
 
     def update(self, x: Tensor, learn: Tensor) -> None:
-        """Learn ``x`` where ``learn`` (bool, same shape or 0-d) is True and ``x`` is finite."""
-        learn = learn & torch.isfinite(x)
-        x = torch.where(learn, x, torch.zeros_like(x))
+        """Learn ``x`` where ``learn`` (bool, same shape or 0-d) is True; ``learn`` must imply a finite ``x``."""
         if not self.ready:
+            x = torch.where(learn, x, 0.0)
             if self._count is None or self._count.shape != x.shape:
                 self._count, self._sum, self._sumsq = (torch.zeros_like(x) for _ in range(3))
             assert self._sum is not None and self._sumsq is not None
-            self._count = self._count + learn.to(x.dtype)
+            self._count = self._count + learn
             self._sum = self._sum + x
             self._sumsq = self._sumsq + x * x
             self.calls += 1
             if self.ready:  # warm-up over: start from the plain moments (NaN when nothing was finite)
-                n = torch.where(self._count > 0, self._count, torch.full_like(self._count, math.nan))
+                n = torch.where(self._count > 0, self._count, math.nan)
                 self.mean = self._sum / n
                 self.var = (self._sumsq / n - self.mean**2).clamp(min=0.0)
                 self._count = self._sum = self._sumsq = None
             return
         assert self.mean is not None and self.var is not None
         self.calls += 1
-        started = torch.isfinite(self.mean)
-        mean = torch.where(started, self.mean, x)  # nothing finite in warm-up: start from this value
-        var = torch.where(started, self.var, torch.zeros_like(self.var))
+        # nothing finite in warm-up (mean NaN, the only value not equal to itself): start from this value
+        mean = torch.where(self.mean == self.mean, self.mean, x)
+        var = torch.nan_to_num(self.var, nan=0.0)
         d = x - mean
-        new_mean = mean + (1.0 - self.alpha) * d
-        new_var = self.alpha * (var + (1.0 - self.alpha) * d * d)
+        new_mean = torch.add(mean, d, alpha=1.0 - self.alpha)
+        new_var = torch.addcmul(var, d, d, value=1.0 - self.alpha).mul_(self.alpha)
         self.mean = torch.where(learn, new_mean, self.mean)
         self.var = torch.where(learn, new_var, self.var)
 
@@ -255,15 +261,18 @@ class Detector:
         self, scorer: MovingZScore, x: Tensor, finite: Tensor, learn_spikes: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(spike flag, z, log threshold) of ``x``; learns ``min(x, threshold)``, or only non-spikes."""
-        z = scorer.score(x)
-        if scorer.ready:
-            assert scorer.mean is not None
-            threshold = scorer.mean + self.z_thresh * scorer.std()
-            threshold = torch.where(torch.isfinite(threshold), threshold, torch.full_like(x, math.inf))
+        if not scorer.ready:
+            scorer.update(x, finite)
+            return torch.zeros_like(finite), torch.zeros_like(x), torch.full_like(x, math.inf)
+        assert scorer.mean is not None
+        std = scorer.std()
+        z = scorer.score(x, std)
+        threshold = torch.add(scorer.mean, std, alpha=self.z_thresh)
+        spike = (z > self.z_thresh) & finite
+        if learn_spikes:
+            scorer.update(torch.where(spike, threshold, x), finite)
         else:
-            threshold = torch.full_like(x, math.inf)
-        spike = finite & (x > threshold)
-        scorer.update(torch.minimum(x, threshold), finite if learn_spikes else finite & ~spike)
+            scorer.update(x, finite & ~spike)
         return spike, z, threshold
 
     def update(self, stats: GradStats, loss: Tensor | None = None) -> Verdict:
@@ -274,8 +283,8 @@ class Detector:
         finite_grad = stats.finite.to(device)
 
         spike, grad_z, log_threshold = self._spike(self.norm, log_norm, finite_grad, learn_spikes=True)
-        assert self.norm.mean is not None or not self.norm.ready
-        norm_level = torch.exp(self.norm.mean) if self.norm.mean is not None else torch.full_like(total, math.inf)
+        mean = self.norm.mean
+        norm_level = torch.exp(mean) if mean is not None else torch.full_like(total, math.inf)
 
         if loss is None:
             nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)
@@ -283,8 +292,8 @@ class Detector:
             loss_z = torch.zeros((), dtype=torch.float32, device=device)
         else:
             loss = loss.detach().to(device=device, dtype=torch.float32).reshape(())
-            nonfinite_loss = ~torch.isfinite(loss)
-            scored = ~nonfinite_loss & (loss > 0)
+            nonfinite_loss = ~finite(loss)
+            scored = (loss > 0) & ~nonfinite_loss
             log_loss = torch.log(loss.clamp(min=1e-30))
             loss_spike, loss_z, _ = self._spike(self.loss, log_loss, scored, learn_spikes=False)
 
@@ -301,7 +310,7 @@ class Detector:
             layer=layer,
         )
 
-    def _layer(self, stats: GradStats, finite: Tensor) -> Tensor:
+    def _layer(self, stats: GradStats, finite_grad: Tensor) -> Tensor:
         """First non-finite layer, else the layer furthest above its own moving average."""
         device = stats.total_norm.device
         if stats.norms.numel() == 0:
@@ -310,13 +319,12 @@ class Detector:
             self._layer_names = list(stats.names)
             self.layers = MovingZScore(self.alpha, self.warmup_steps, self.sigma_floor)
         norms = stats.norms.to(device=device, dtype=torch.float32)
-        layer_finite = torch.isfinite(norms)
         log_norms = torch.log(norms.clamp(min=1e-30))
         moved = self.layers.score(log_norms) if self.layers.ready else log_norms
-        self.layers.update(log_norms, finite.expand_as(log_norms))
-        first_nonfinite = torch.argmax((~layer_finite).to(torch.uint8))
-        most_moved = torch.argmax(torch.where(layer_finite, moved, torch.full_like(moved, -math.inf)))
-        return torch.where(finite, most_moved, first_nonfinite)
+        self.layers.update(log_norms, finite_grad.expand_as(log_norms))
+        first_nonfinite = (~finite(norms)).to(torch.uint8).argmax()
+        # all layers are finite when the total is: the largest z-score is the layer that moved most
+        return torch.where(finite_grad, moved.argmax(), first_nonfinite)
 
     def state_dict(self) -> dict[str, Any]:
         return {

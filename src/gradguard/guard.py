@@ -348,11 +348,12 @@ class Guard:
             wants = verdict.flags & clip_mask
             spike_limit = torch.where(wants[_GRAD_SPIKE] | wants[_LOSS_SPIKE], verdict.spike_threshold, math.inf)
             growth_limit = torch.where(wants[_GROWTH], verdict.norm_level, math.inf)
-            limit = torch.minimum(spike_limit, growth_limit)
+            # fmin, not minimum: a NaN threshold (no statistics yet) sets no limit instead of a NaN one
+            limit = torch.fmin(spike_limit, growth_limit)
             limit_coef = torch.clamp(limit / (total + _NORM_EPS), max=1.0)
-            fold_coef = torch.where(stats.finite, torch.minimum(fold_coef, limit_coef), fold_coef)
-            spike_ceiling = verdict.spike_threshold if self.responses["grad_spike"] == "clip" else math.inf
-            ceiling = torch.minimum(ceiling, torch.as_tensor(spike_ceiling, device=device).float())
+            fold_coef = torch.where(stats.finite, torch.fmin(fold_coef, limit_coef), fold_coef)
+            if self.responses["grad_spike"] == "clip":
+                ceiling = torch.fmin(ceiling, verdict.spike_threshold)
         skip = (verdict.flags & skip_mask).any()
         if self.process_group is not None:  # the same decision everywhere: any rank's skip, the least coef
             decision = torch.stack([skip.float(), -fold_coef.float()])
