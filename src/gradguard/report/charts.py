@@ -40,6 +40,13 @@ def _clean(values: Sequence[float | None]) -> list[float]:
     return [math.nan if v is None or not math.isfinite(v) else float(v) for v in values]
 
 
+def _wide_range(values: Sequence[float], ratio: float = 20.0) -> bool:
+    """True when the positive finite ``values`` span more than ``ratio``: a log axis then helps; on a
+    narrower range it would show no major tick at all."""
+    positive = [v for v in values if math.isfinite(v) and v > 0]
+    return bool(positive) and max(positive) > ratio * min(positive)
+
+
 def _grid(count: int, columns: int, width: float, height: float):
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
@@ -60,7 +67,8 @@ def curves(
     columns: int = 3,
     legend: bool = True,
 ) -> str:
-    """Small multiples of line charts. A series' ``mark`` is drawn as a red x on its last finite value at
+    """Small multiples of line charts (log y-axis where the values span more than a factor 20).
+    A series' ``mark`` is drawn as a red x on its last finite value at
     or before that step (the point where it diverged)."""
     fig, axes = _grid(len(panels), columns, 4.2, 2.9)
     for ax, panel in zip(axes, panels):
@@ -76,9 +84,9 @@ def curves(
                     ax.axvline(series.mark, color="red", linewidth=1.5)
         for step in panel.vlines:
             ax.axvline(step, color="grey", linestyle=":", linewidth=1)
-        if log_y:
+        if log_y and _wide_range([v for series in panel.series for v in _clean(series.values)]):
             ax.set_yscale("log")
-            ax.yaxis.set_minor_formatter(NullFormatter())  # no labels on minor ticks of a narrow log range
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(panel.title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
@@ -146,7 +154,7 @@ def scatter(
     fig, ax = plt.subplots(figsize=(4.6, 3.3))
     for i, (label, (xs, ys)) in enumerate(points.items()):
         ax.scatter(xs, ys, color=COLORS[i % len(COLORS)], label=label, s=22)
-    if log_x:
+    if log_x and _wide_range([float(x) for xs, _ in points.values() for x in xs]):
         ax.set_xscale("log")
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
