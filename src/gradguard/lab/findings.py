@@ -174,12 +174,13 @@ def learning_rate_findings(rows: list[Row], records: list[Record]) -> list[str]:
         f"with oscillation index {fmt(baseline['oscillation_index'])}."
     )
     high = rows[1:]
-    oscillating = [row for row in high if row["oscillation_index"] is not None]
+    # runs that blew up to NaN stopped early on a monotone rise: their index says nothing about oscillation
+    oscillating = [row for row in high if row["oscillation_index"] is not None and row["params_finite"] == row["runs"]]
     if oscillating and baseline["oscillation_index"]:
         calm = min(oscillating, key=lambda row: row["oscillation_index"])
         wild = max(oscillating, key=lambda row: row["oscillation_index"])
         lines.append(
-            f"At the high learning rate the oscillation index ranges from {fmt(calm['oscillation_index'])} "
+            f"At the high learning rate, among runs that kept finite weights, the oscillation index ranges from {fmt(calm['oscillation_index'])} "
             f"({calm['variant']}) to {fmt(wild['oscillation_index'])} ({wild['variant']}), "
             f"{fmt(calm['oscillation_index'] / baseline['oscillation_index'])}x to "
             f"{fmt(wild['oscillation_index'] / baseline['oscillation_index'])}x the sane run's."
