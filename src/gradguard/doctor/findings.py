@@ -182,7 +182,9 @@ def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_pre
     return [Finding(severity, time.module, message, fix, evidence, cause, score, remedy)]
 
 
-def init_findings(init_checks: list[InitCheck], cells_present: bool) -> list[Finding]:
+def init_findings(init_checks: list[InitCheck], cells_present: bool, flow_stable: bool) -> list[Finding]:
+    """Weights off their prescription by more than 2x: a warning, or only info when the measured flow is
+    stable anyway (normalisation layers or residual connections compensate, as in GPT-2's 0.02 init)."""
     flagged = [c for c in init_checks if c.flagged]
     if not flagged:
         return []
@@ -195,7 +197,11 @@ def init_findings(init_checks: list[InitCheck], cells_present: bool) -> list[Fin
                f"{worst.layer + '.' + worst.param!r} std {worst.std:.3g}, {worst.scheme} for {worst.activation} "
                f"prescribes {worst.prescribed:.3g}")
     evidence = {"layers": [c.to_dict() for c in flagged]}
-    return [Finding("warning", worst.layer, message, _init_fix(cells_present), evidence, "init_scale",
+    severity = "warning"
+    if flow_stable:
+        severity = "info"
+        message += "; the measured gradient flow is stable, so something compensates (normalisation, residuals)"
+    return [Finding(severity, worst.layer, message, _init_fix(cells_present), evidence, "init_scale",
                     _orders(worst.ratio))]
 
 
@@ -301,7 +307,8 @@ def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list
         gated = time is not None and isinstance(model.get_submodule(time.module), (nn.GRU, nn.LSTM, nn.GRUCell,
                                                                                   nn.LSTMCell))
         findings += time_findings(time, bounds, cells_present, gated)
-    findings += init_findings(init_checks, cells_present)
+    flow_stable = depth.verdict == "stable" and (time is None or time.verdict == "stable")
+    findings += init_findings(init_checks, cells_present, flow_stable and origin is None)
     findings += recurrent_bound_findings(bounds)
     findings += activation_findings(activations, init_flagged, cells_present)
     flow_verdict = "exploding" if "exploding" in (depth.verdict, time.verdict if time else "") else "stable"
