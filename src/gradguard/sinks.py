@@ -7,14 +7,15 @@ in :mod:`gradguard.history` (step, loss, total_norm, coef, clip_threshold, skipp
 and layer_norms every ``layer_every`` steps). A sink must not keep references it mutates: the same dicts
 go to every sink and to ``guard.history``.
 
-To add a sink (a TensorBoard writer, say), implement the two methods::
+Sinks here: :class:`JSONL` (a file), :class:`Logging` (Python ``logging``), :class:`Callback` (a function),
+:class:`TensorBoard`. A new one implements the two methods::
 
-    class TensorBoard:
-        def __init__(self, log_dir): self.writer = SummaryWriter(log_dir)
+    class Print:
         def write(self, records):
             for r in records:
-                self.writer.add_scalar("grad/total_norm", r["total_norm"], r["step"])
-        def close(self): self.writer.close()
+                print(r["step"], r["total_norm"], [e["kind"] for e in r["events"]])
+        def close(self):
+            pass
 """
 
 from __future__ import annotations
