@@ -398,6 +398,8 @@ class Guard:
     def _fused_step(self, skip: Tensor, fold_coef: Tensor) -> None:
         """Let the fused optimizer skip and clip: it divides by ``grad_scale`` and skips on ``found_inf``."""
         opt: Any = self.optimizer
+        if self._momentum_buffers_missing() and bool(skip):  # a read, until SGD's first real step
+            return
         # with a GradScaler the gradients were unscaled already (stage UNSCALED): only our coefficient
         opt.grad_scale = torch.where(skip, torch.ones_like(fold_coef), 1.0 / fold_coef).float()
         opt.found_inf = skip.float()
@@ -406,6 +408,19 @@ class Guard:
         finally:
             del opt.grad_scale
             del opt.found_inf
+
+    def _momentum_buffers_missing(self) -> bool:
+        """torch's fused SGD (2.13) makes its momentum buffers with ``empty_like`` on its first step and fills
+        them in the kernel, which ``found_inf`` skips: a skipped first step would leave them uninitialised.
+        Until the buffers exist, the skip flag is read and a skipped step does not reach the optimizer (the
+        same corruption under GradScaler: LibreYOLO/libreyolo#771)."""
+        opt = self.optimizer
+        if not isinstance(opt, torch.optim.SGD):
+            return False
+        return any(
+            group["momentum"] != 0 and any("momentum_buffer" not in opt.state.get(p, {}) for p in group["params"])
+            for group in opt.param_groups
+        )
 
     def _device_masks(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._masks:
