@@ -7,7 +7,7 @@ it has to go through both passes). The two are interleaved, timed with ``time.pe
 ``torch.cuda.synchronize`` on a GPU), and the median of the repeats is reported, as a ratio. The issue asks
 for a ratio under 3.
 
-    python benchmarks/bench_nonfinite.py [--layers 16] [--width 512] [--batch 256] [--repeats 30]
+    python benchmarks/bench_nonfinite.py [--layers 16] [--width 512] [--batch 256] [--repeats 30] [--threads N]
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
