@@ -498,3 +498,33 @@ def test_fused_sgd_first_step_skipped_keeps_momentum_buffers_valid():
 
     for a, b in zip(run(fused=False), run(fused=True)):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_host_decisions_are_taken_at_the_flush():
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    guard = gg.Guard(model, optimizer, on_nonfinite="raise", log_every=4)
+    guard.step(_backward(model, 0))
+    optimizer.zero_grad()
+    guard.step(_backward(model, 1, nan=True))  # skipped on the device; no read, so no raise yet
+    optimizer.zero_grad()
+    guard.step(_backward(model, 2))
+    optimizer.zero_grad()
+    with pytest.raises(gg.TrainingDiverged, match="nonfinite_grad event at step 1"):
+        guard.step(_backward(model, 3))  # the flush after step 3 reads the rows and raises
+    assert [r["step"] for r in guard.history] == [0, 1, 2, 3]  # published before raising
+
+
+def test_per_kind_response_override_rolls_back_on_a_gradient_spike():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, optimizer, detector=gg.detect.Detector(warmup_steps=5),
+                     responses={"grad_spike": "rollback", "loss_spike": "log"}, snapshot_every=5, log_every=5)
+    for i in range(13):
+        guard.step(_backward(model, i, scale=1e3 if i == 12 else 1.0))
+        optimizer.zero_grad()
+    assert guard.summary()["rollbacks"] == 1 and guard.summary()["skipped"] == 1
+    guard.close()
+    kinds = [e["kind"] for e in guard.history[12]["events"]]
+    assert kinds == ["grad_spike", "loss_spike", "rollback"]  # the loss spike is only logged
+    assert guard.history[12]["events"][2]["to_step"] == 10
