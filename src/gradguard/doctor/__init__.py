@@ -4,7 +4,9 @@
 :class:`DoctorReport`, the gradient flow across depth (``flow.py``) and time (``time_flow.py``), activation
 statistics (``activation_stats.py``), an init audit (``init_audit.py``), Jacobian spectral norms
 (``jacobian.py``), relative update sizes (``learning_rate.py``) and ranked findings with fixes
-(``findings.py``). ``gg.locate_nonfinite`` (``nonfinite.py``) names the module where a NaN or Inf starts;
+(``findings.py``), each flow fix checked on a copy of the model (``remedies.py``). The pass is recorded by
+``trace.py``; ``nn.RNN/GRU/LSTM`` are stepped by hand (``recurrent.py``); ``report.py`` and ``html.py``
+render the report, ``factory.py`` loads the CLI's ``module:factory`` target. ``gg.locate_nonfinite`` (``nonfinite.py``) names the module where a NaN or Inf starts;
 ``gg.suggest_clip_threshold`` (``clip_threshold.py``) gives Pascanu et al. 2013's clipping threshold.
 """
 

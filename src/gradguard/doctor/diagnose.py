@@ -233,7 +233,7 @@ def _updates(model: nn.Module, optimizer: torch.optim.Optimizer | None, notes: l
         return None
 
 
-_DEPTH_CAUSES = ("init_scale", "activation", "depth")
+_DEPTH_CAUSES = ("init_scale", "activation", "depth", "nonfinite")  # nonfinite: an overflow of the signal
 
 
 def _check_flow_fixes(findings: list[Finding], model: nn.Module, batch: tuple[Any, Any],

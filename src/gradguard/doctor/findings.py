@@ -270,16 +270,28 @@ def learning_rate_findings(updates: list[UpdateSize] | None, flow_verdict: str) 
     return [Finding(severity, worst.layer, message, fix, evidence, "learning_rate", score)]
 
 
-def nonfinite_findings(origin: NonfiniteOrigin | None) -> list[Finding]:
+# Beyond the square root of float32's largest value (3.4e38): the product of two such numbers overflows.
+OVERFLOW_SCALE = 1e18
+
+
+def nonfinite_findings(origin: NonfiniteOrigin | None, init_flagged: bool, cells_present: bool) -> list[Finding]:
+    """Where NaN/Inf starts; an Inf from finite but enormous inputs is an overflow of a growing signal."""
     if origin is None:
         return []
     where = "output" if origin.phase == "forward" else "gradient"
     message = f"{origin.kind.upper()} first appears in the {where} of {origin.module!r} ({origin.phase} pass)"
+    largest = max((max(abs(s.min), abs(s.max)) for s in origin.inputs if s.min == s.min), default=0.0)
     if not origin.inputs_finite:
         message += "; its inputs were already non-finite (an operation outside any module or the data)"
-    fix = (f"# make {origin.module!r} finite: add an epsilon to divisors, clamp before log/sqrt/exp; "
-           "meanwhile skip bad steps with gg.Guard(model, optimizer, on_nonfinite='skip')")
-    return [Finding("error", origin.module, message, fix, origin.to_dict(), "nonfinite", math.inf)]
+    if origin.inputs_finite and largest > OVERFLOW_SCALE:
+        message += (f": its inputs reach {largest:.3g}, the signal grows layer after layer until float overflows")
+        remedy: Remedy | None = auto_init(cells_present) if init_flagged else lsuv()
+        fix = remedy.code
+    else:
+        remedy = None
+        fix = (f"# make {origin.module!r} finite: add an epsilon to divisors, clamp before log/sqrt/exp; "
+               "meanwhile skip bad steps with gg.Guard(model, optimizer, on_nonfinite='skip')")
+    return [Finding("error", origin.module, message, fix, origin.to_dict(), "nonfinite", math.inf, remedy)]
 
 
 def jacobian_findings(jacobian: dict[str, Any]) -> list[Finding]:
@@ -301,7 +313,7 @@ def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list
                    jacobian: dict[str, Any], model: nn.Module, cells_present: bool) -> list[Finding]:
     """Every rule's findings, ranked (see :func:`rank`)."""
     init_flagged = any(c.flagged for c in init_checks)
-    findings: list[Finding] = nonfinite_findings(origin)
+    findings: list[Finding] = nonfinite_findings(origin, init_flagged, cells_present)
     if origin is None:  # with NaN in the pass the flow numbers say nothing more
         findings += depth_findings(depth, init_checks, model, cells_present)
         gated = time is not None and isinstance(model.get_submodule(time.module), (nn.GRU, nn.LSTM, nn.GRUCell,

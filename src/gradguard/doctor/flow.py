@@ -40,7 +40,7 @@ from gradguard.doctor.trace import ModuleCall
 from gradguard.stats import GradStats, per_tensor_norms
 
 __all__ = ["GROWTH_LIMIT", "LAYER_GAIN_TOLERANCE", "DepthFlow", "LayerFlow", "depth_flow", "fit_growth",
-           "verdict_of"]
+           "safe_exp", "verdict_of"]
 
 GROWTH_LIMIT = 10.0
 LAYER_GAIN_TOLERANCE = 1.25
@@ -101,6 +101,11 @@ def verdict_of(total_growth: float) -> str:
     if total_growth < 1.0 / GROWTH_LIMIT:
         return "vanishing"
     return "stable"
+
+
+def safe_exp(x: float) -> float:
+    """``exp(x)``, Inf instead of OverflowError (a 1000-layer explosion is a number, not a crash)."""
+    return math.inf if x > 709.0 else math.exp(x)
 
 
 def fit_growth(log_profile: list[float]) -> float:
@@ -212,8 +217,8 @@ def depth_flow(
     for layer in reversed(counted):
         log_profile.append(log_profile[-1] + math.log(max(layer.gain, _TINY)))  # type: ignore[arg-type]
     slope = fit_growth(log_profile)
-    growth = math.exp(slope)
-    total = math.exp(slope * len(counted)) if counted else 1.0
+    growth = safe_exp(slope)
+    total = safe_exp(slope * len(counted)) if counted else 1.0
     verdict = verdict_of(total) if counted else "stable"
     start = start_of([layer.name for layer in counted], [layer.gain for layer in counted], verdict)  # type: ignore[misc]
     return DepthFlow(layers, input_signal, growth, total, len(counted), verdict, start)

@@ -133,10 +133,12 @@ class DoctorReport:
             head += f" (starts at {self.start_layer})"
         lines = [head]
         d = self.depth
-        if d.counted_gains:
+        if self.nonfinite is not None:
+            lines.append("  flow: not measured, the pass holds NaN/Inf (see the first finding)")
+        elif d.counted_gains:
             lines.append(f"  depth: error signal x{_fmt(d.total_growth)} from the last layer to the first "
                          f"(x{_fmt(d.growth_per_layer)} per layer over {_layers(d.counted_gains)}): {d.verdict}")
-        if self.time is not None:
+        if self.time is not None and self.nonfinite is None:
             t = self.time
             lines.append(f"  time:  {t.module}, T={t.steps}: ||dL/dh_t|| x{_fmt(t.total_growth)} from t=T to t=1, "
                          f"||dh_T/dh_0|| = {_fmt(t.dhT_dh0)}: {t.verdict}")

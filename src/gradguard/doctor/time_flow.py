@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from gradguard.doctor.flow import fit_growth, verdict_of
+from gradguard.doctor.flow import fit_growth, safe_exp, verdict_of
 from gradguard.doctor.jacobian import spectral_norm
 from gradguard.doctor.recurrent import State, run_unrolled, unroll_unsupported, unrolled_forward
 from gradguard.doctor.trace import RecurrentCell, flat_tensors
@@ -87,8 +87,9 @@ def time_verdict(total_growth: float, dhT_dh0: float) -> str:
 def _summarise(module: str, step_norms: list[float], dhT_dh0: float) -> TimeFlow:
     # Fit going back in time (t = T..1), so the slope is the growth per step of the backward signal.
     log_profile = [math.log(max(n, _TINY)) for n in reversed(step_norms)]
-    growth = math.exp(fit_growth(log_profile))
-    total = growth ** (len(step_norms) - 1) if len(step_norms) > 1 else 1.0
+    slope = fit_growth(log_profile)
+    growth = safe_exp(slope)
+    total = safe_exp(slope * (len(step_norms) - 1)) if len(step_norms) > 1 else 1.0
     return TimeFlow(module, len(step_norms), step_norms, dhT_dh0, growth, total, time_verdict(total, dhT_dh0))
 
 
