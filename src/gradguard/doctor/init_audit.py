@@ -76,14 +76,15 @@ class RecurrentBound:
 
 
 def _check(layer: str, param: str, weight: Tensor, activation: nn.Module | None, gates: int = 1,
-           orthogonal: bool = False) -> InitCheck:
+           orthogonal: bool = False, label: str | None = None) -> InitCheck:
     std = float(weight.detach().float().std())
     if orthogonal:
         scheme, prescribed = "orthogonal", 1.0 / math.sqrt(weight.shape[1])
     else:
         scheme, prescribed = prescribed_std(weight, activation, gates)
     ratio = std / prescribed
-    label = (activation_kind(activation) or type(activation).__name__) if activation is not None else "linear"
+    if label is None:
+        label = (activation_kind(activation) or type(activation).__name__) if activation is not None else "linear"
     flagged = not (1.0 / INIT_TOLERANCE <= ratio <= INIT_TOLERANCE)
     if activation is not None and activation_kind(activation) is None:
         # An activation no prescription knows (a custom module): shown against Xavier, never flagged.
@@ -97,12 +98,14 @@ def audit_init(order: list[tuple[str, nn.Module]], following: dict[str, nn.Modul
     checks: list[InitCheck] = []
     for name, module in order:
         if isinstance(module, RECURRENT_MODULES):
+            # The nonlinearity inside: tanh/relu for nn.RNN, the gates' sigmoid/tanh for GRU/LSTM.
+            inside = getattr(module, "nonlinearity", "gates")
             for param_name, weight, gates in recurrent_weight_blocks(module):
                 hidden = param_name.startswith("weight_hh")
                 if hidden and gates == 1:
-                    checks.append(_check(name, param_name, weight, None, orthogonal=True))
+                    checks.append(_check(name, param_name, weight, None, orthogonal=True, label=inside))
                 else:  # Xavier per gate block: fan_out is one block's rows
-                    checks.append(_check(name, param_name, weight, None, gates))
+                    checks.append(_check(name, param_name, weight, None, gates, label=inside))
         elif isinstance(module, WEIGHT_LAYERS):
             square = id(module.weight) in cell_square_weights
             checks.append(_check(name, "weight", module.weight, following.get(name), orthogonal=square))
