@@ -22,10 +22,14 @@ only host read of the monitoring path) and turns them into records, one dict per
         "layer_norms": {name: float}, # only on steps that are multiples of layer_every
     }
 
-Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own actions ``"lr_backoff"`` and
-``"rollback"``. Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss; ``grad_spike``:
-total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step factor);
-``nonfinite_param``: none; ``lr_backoff``: lr_before, lr_after; ``rollback``: to_step, lr_after.
+Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own actions ``"lr_backoff"``,
+``"lr_recover"`` and ``"rollback"``. Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
+``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
+factor); ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
+lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. ``action`` is the response
+configured for the kind (``"log"``, ``"clip"``, ``"skip"``, ``"rollback"``, ``"raise"``), or the action's
+own name for the Guard's actions. On the fused path, events of host actions are attached to the step
+whose row triggered them (or to the last row of the flush).
 Floats may be NaN or inf (the JSON Lines sink writes them as ``NaN`` / ``Infinity``, as ``json`` does).
 """
 
