@@ -1,9 +1,11 @@
 """Weight initialisation chosen for the activation that follows each layer: the fix at the source.
 
-A layer ``y = W x`` passes the error signal back as ``dL/dx = W^T dL/dy``; with ``fan_in`` inputs and
-``fan_out`` outputs and i.i.d. weights of variance ``Var(W)``, each layer multiplies the variance of the
-forward signal by ``fan_in Var(W) E[phi'^2]``-ish and of the backward signal by ``fan_out Var(W) E[phi'^2]``.
-Keeping both near 1 is what the classic schemes do:
+A layer ``y = W x`` followed by ``x' = phi(y)`` passes the error signal back as ``dL/dx = W^T (phi'(y) *
+dL/dx')``. With ``fan_in`` inputs, ``fan_out`` outputs and i.i.d. zero-mean weights of variance ``Var(W)``,
+one layer scales the second moment of the forward signal by ``fan_in Var(W) E[phi(y)^2] / Var(y)`` and of
+the backward signal by ``fan_out Var(W) E[phi'(y)^2]``. Over ``L`` layers these factors compound to the
+``L``-th power, which is the exploding or vanishing gradient at initialisation; the classic schemes choose
+``Var(W)`` so that they are 1:
 
 * Xavier, Glorot & Bengio 2010 (eq. 16, normal form): ``Var(W) = gain^2 * 2 / (fan_in + fan_out)``, for
   tanh, sigmoid and linear layers (gain 1, the paper's choice).
