@@ -687,7 +687,10 @@ class Guard:
 
     def state_dict(self) -> dict[str, Any]:
         """Detector, clipper, counters, recovery policy, snapshot and unflushed history: a resumed Guard
-        continues exactly as the uninterrupted one would (save it with the model and the optimizer)."""
+        continues exactly as the uninterrupted one would (save it with the model and the optimizer).
+
+        An in-memory snapshot is part of it (a copy of the model and optimizer state); with
+        ``snapshot_dir`` only the snapshot's step is, and the file stays where it is."""
         return clone_tree({
             **self._recoverable_state(),
             "step_count": self.step_count,
