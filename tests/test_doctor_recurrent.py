@@ -204,3 +204,20 @@ def test_long_range_vanishing_with_a_loss_at_every_step_is_a_warning() -> None:
     finding = next(f for f in report.findings if f.cause == "recurrent")
     assert finding.severity == "warning" and "gate bias" in finding.fix
     assert report.healthy
+
+
+@pytest.mark.parametrize("cell_model", [False, True], ids=["nn.RNN", "hand-written cell"])
+def test_pascanu_bound_finding_fix_brings_the_hidden_weight_to_the_bound(cell_model: bool) -> None:
+    torch.manual_seed(0)
+    if cell_model:
+        model = CellModel(LinearCell(4, HIDDEN), HIDDEN)
+        with torch.no_grad():
+            model.cell.W_hh.weight.mul_(10.0)
+    else:
+        model = with_spectral_radius(RNNModel(), 3.0)
+    batch = sequence_batch(5)
+    finding = next(f for f in diagnose(model, batch).findings if f.cause == "recurrent" and f.severity == "warning")
+    exec(finding.fix, {"gg": gg, "nn": nn, "model": model, "batch": batch})
+    bounds = diagnose(model, batch).recurrent_bounds
+    assert bounds and not any(b.exceeds for b in bounds)
+    assert all(b.spectral_norm == pytest.approx(1.0, abs=1e-4) for b in bounds)

@@ -213,7 +213,9 @@ def recurrent_bound_findings(bounds: list[RecurrentBound]) -> list[Finding]:
         message = (f"{b.layer}.{b.param}: spectral norm {b.spectral_norm:.3g} > 1/gamma = {b.bound:.3g} "
                    f"({b.activation}): the necessary condition for exploding gradients over time holds "
                    "(Pascanu et al. 2013)")
-        fix = f'gg.init.orthogonal_(model.get_submodule("{b.layer}"))'
+        # nn.RNN/RNNCell: auto_ keeps Xavier input weights; a hand-written cell: every weight orthogonal.
+        fix = (f'gg.init.auto_(model.get_submodule("{b.layer}"))' if b.param.startswith("weight_hh")
+               else f'gg.init.orthogonal_(model.get_submodule("{b.layer}"))')
         findings.append(Finding("warning", b.layer, message, fix, b.to_dict(), "recurrent",
                                 _orders(b.spectral_norm / b.bound)))
     return findings
