@@ -337,3 +337,21 @@ def test_to_dict_layout_is_the_documented_one(batch) -> None:
     assert set(data["learning_rate"][0]) == {"layer", "lr", "sgd_ratio", "update_ratio"}
     assert set(data["init_audit"][0]) == {"layer", "param", "activation", "scheme", "std", "prescribed", "ratio",
                                           "flagged"}
+
+
+def test_conv_net_with_batch_norm_and_dropout_is_measured_and_its_modes_kept() -> None:
+    """Jacobians run in eval mode (batch norm would update its statistics in place, dropout would change
+    the function between power-iteration steps); the modules' own modes are restored."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    model[3].eval()  # one module in another mode than the rest
+    running_mean = model[1].running_mean.clone()
+    batch = (torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,)))
+    report = doctor(model, batch, nn.functional.cross_entropy, jacobian_iterations=5)
+    assert report.jacobian["input_output"] is not None and not report.notes
+    assert [m.training for m in model] == [True, True, True, False, True, True, True, True]
+    # the doctor's training-mode forward would move batch norm's statistics: they are restored
+    assert torch.equal(model[1].running_mean, running_mean) and int(model[1].num_batches_tracked) == 0
+    checks = {c.layer: c for c in report.init_checks}
+    assert checks["0"].scheme == "he" and checks["4"].scheme == "he" and checks["7"].scheme == "xavier"
+    assert checks["0"].prescribed == pytest.approx((2 / (3 * 9)) ** 0.5)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard.doctor.preserve import preserved
 from gradguard.stats import grad_stats
 
 __all__ = ["suggest_clip_threshold"]
@@ -40,7 +41,7 @@ def suggest_clip_threshold(
         loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar.
         steps: number of batches to average over.
 
-    The model's weights and ``.grad`` are left as they were. Raises ``ValueError`` when no batch gives a
+    The model's weights, ``.grad`` and buffers are left as they were. Raises ``ValueError`` when no batch gives a
     finite gradient norm.
     """
     if steps < 1:
@@ -48,19 +49,14 @@ def suggest_clip_threshold(
     batches = [data] * steps if _is_single_batch(data) else list(itertools.islice(itertools.cycle(data), steps))
     if not batches:
         raise ValueError("suggest_clip_threshold: data yielded no batch")
-    saved = [(p, p.grad) for p in model.parameters()]
     norms: list[Tensor] = []
-    try:
+    with preserved(model):
         for i, batch in enumerate(batches):
             if not _is_single_batch(batch):
                 raise ValueError(f"suggest_clip_threshold: batch {i} must be an (inputs, targets) pair")
-            for p, _ in saved:
-                p.grad = None
+            model.zero_grad(set_to_none=True)
             loss_fn(model(batch[0]), batch[1]).backward()
             norms.append(grad_stats(model).total_norm)
-    finally:
-        for p, grad in saved:
-            p.grad = grad
     finite = [n for n in torch.stack(norms).tolist() if math.isfinite(n)]
     if not finite:
         raise ValueError("suggest_clip_threshold: every gradient norm was NaN or Inf; see gg.locate_nonfinite")

@@ -12,7 +12,8 @@ The order of work:
 6. Jacobian spectral norms, input-output and per block, by power iteration;
 7. findings, ranked; the fix of each flow finding is tried on a deep copy of the model (``remedies.py``).
 
-The model is left as it was: parameters, ``.grad``, optimizer state and training mode. Layers are the
+The model is left as it was: parameters, ``.grad``, buffers (batch-norm statistics), optimizer state and
+training mode (``preserve.py``). Layers are the
 modules that own parameters directly; activations are seen only when they are modules (``nn.ReLU``, not
 ``torch.relu``). The gradient flow is measured in the model's own mode; the Jacobians in eval mode.
 """
@@ -34,6 +35,7 @@ from gradguard.doctor.init_audit import audit_init, audit_recurrent
 from gradguard.doctor.jacobian import spectral_norm
 from gradguard.doctor.learning_rate import relative_updates
 from gradguard.doctor.nonfinite import NonfiniteOrigin, locate_nonfinite
+from gradguard.doctor.preserve import preserved
 from gradguard.doctor.remedies import first_stabilising, flow_candidates
 from gradguard.doctor.report import DoctorReport
 from gradguard.doctor.time_flow import RecurrentRecorder, TimeFlow, cell_time_flow, rnn_time_flow
@@ -299,10 +301,7 @@ def doctor(
         raise ValueError(f"doctor: jacobian_iterations must be >= 1, got {jacobian_iterations}")
     inputs, targets = batch
     notes: list[str] = []
-    saved_grads = [(p, p.grad) for p in model.parameters()]
-    try:
-        for p, _ in saved_grads:
-            p.grad = None
+    with preserved(model):
         traced = _traced_pass(model, inputs, targets, loss_fn)
         trace, stats = traced.trace, traced.stats
 
@@ -329,9 +328,6 @@ def doctor(
             origin = locate_nonfinite(model, batch, loss_fn)
         jacobian = _jacobians(model, inputs, trace.calls, jacobian_iterations, notes) if jacobians \
             else {"input_output": None, "blocks": {}}
-    finally:
-        for p, grad in saved_grads:
-            p.grad = grad
 
     verdict, start = _overall_verdict(depth, time, origin)
     findings = build_findings(depth=depth, time=time, init_checks=init_checks, bounds=bounds,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard.doctor.preserve import preserved
 from gradguard.doctor.trace import flat_tensors
 from gradguard.stats import grad_stats
 
@@ -33,6 +34,7 @@ __all__ = ["NonfiniteOrigin", "TensorStats", "locate_nonfinite", "tensor_stats"]
 
 INPUTS = "(inputs)"
 LOSS = "(loss_fn)"
+ROOT = "(model)"  # an operation in the root module's own forward, outside any submodule
 
 
 @dataclass
@@ -77,7 +79,8 @@ class NonfiniteOrigin:
 
     Attributes:
         module: module path; ``"(inputs)"`` when the batch inputs already hold one; ``"(loss_fn)"`` when the
-            loss function produced it (forward) or its gradient (backward).
+            loss function produced it (forward) or its gradient (backward); ``"(model)"`` for an operation in
+            the root module's own ``forward``, outside any submodule.
         phase: ``"forward"`` (in the module's output) or ``"backward"`` (in the gradient its backward made).
         kind: ``"nan"`` or ``"inf"`` (NaN wins when both are present).
         inputs: statistics of the module's input tensors (forward values).
@@ -193,35 +196,37 @@ def locate_nonfinite(
 
         return hook
 
-    saved_grads = [(p, p.grad) for p in model.parameters()]
     handles = [m.register_forward_hook(forward_hook(n), with_kwargs=True) for n, m in model.named_modules()
                if n]  # the root's output is the model output: checked as the loss's input below
     try:
-        for p, _ in saved_grads:
-            p.grad = None
-        output = model(inputs)
-        # A module with no floating output has a CPU flag; gather every flag on one device for one read.
-        device = calls[0].finite.device if calls else None
-        forward_flags = torch.stack([c.finite.to(device) for c in calls]).tolist() if calls else []
-        for call, finite in zip(calls, forward_flags):
-            if not finite:
-                return NonfiniteOrigin(
-                    call.name, "forward", _kind(call.outputs), [tensor_stats(t) for t in call.inputs],
-                    bool(_all_finite(call.inputs)))
-        output_tensors = flat_tensors(output)
-        if output_tensors and not bool(_all_finite(output_tensors)):  # an op in the root's own forward
-            return NonfiniteOrigin("", "forward", _kind(output_tensors),
-                                   [tensor_stats(t) for t in input_tensors], True)
-        loss = loss_fn(output, targets)
-        if not bool(_all_finite([loss])):
-            return NonfiniteOrigin(LOSS, "forward", _kind([loss]), [tensor_stats(t) for t in output_tensors])
-        loss.backward()
-        return _backward_origin(model, calls, grad_flags, output_tensors, inputs)
+        with preserved(model):
+            return _run(model, inputs, targets, loss_fn, calls, grad_flags, input_tensors)
     finally:
         for handle in handles:
             handle.remove()
-        for p, grad in saved_grads:
-            p.grad = grad
+
+
+def _run(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Tensor], calls: list[_Call],
+         grad_flags: list[tuple[int, Tensor, Tensor]], input_tensors: list[Tensor]) -> NonfiniteOrigin | None:
+    """The checked forward pass, the loss, and the checked backward pass (hooks already in place)."""
+    output = model(inputs)
+    # A module with no floating output has a CPU flag; gather every flag on one device for one read.
+    device = calls[0].finite.device if calls else None
+    forward_flags = torch.stack([c.finite.to(device) for c in calls]).tolist() if calls else []
+    for call, finite in zip(calls, forward_flags):
+        if not finite:
+            return NonfiniteOrigin(
+                call.name, "forward", _kind(call.outputs), [tensor_stats(t) for t in call.inputs],
+                bool(_all_finite(call.inputs)))
+    output_tensors = flat_tensors(output)
+    if output_tensors and not bool(_all_finite(output_tensors)):  # an op in the root's own forward
+        return NonfiniteOrigin(ROOT, "forward", _kind(output_tensors),
+                               [tensor_stats(t) for t in input_tensors], True)
+    loss = loss_fn(output, targets)
+    if not bool(_all_finite([loss])):
+        return NonfiniteOrigin(LOSS, "forward", _kind([loss]), [tensor_stats(t) for t in output_tensors])
+    loss.backward()
+    return _backward_origin(model, calls, grad_flags, output_tensors, inputs)
 
 
 def _consumer(calls: list[_Call], tensor: Tensor, after: int) -> int | None:
