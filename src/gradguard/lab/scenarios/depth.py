@@ -49,7 +49,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
                         "width": 64,
                         "steps": steps or (600 if quick else 2000),
                         "batch_size": 64,
-                        "lr": 0.05,
+                        "lr": 0.01,
                     }
                 )
     return configs
