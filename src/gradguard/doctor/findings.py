@@ -304,7 +304,7 @@ def jacobian_findings(jacobian: dict[str, Any]) -> list[Finding]:
     worst = max(blocks.items(), key=lambda kv: kv[1] if kv[1] is not None else -1.0, default=(None, None))
     message = f"largest singular value of the input-output Jacobian: {sigma:.3g}"
     if worst[0] is not None and worst[1] is not None:
-        message += f"; largest block: {worst[0]} ({worst[1]:.3g})"
+        message += f"; largest block: {worst[0]!r} ({worst[1]:.3g})"
     return [Finding("info", worst[0], message, "# no change needed", dict(jacobian), "jacobian",
                     _orders(sigma))]
 
