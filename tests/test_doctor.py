@@ -336,7 +336,7 @@ def test_to_dict_layout_is_the_documented_one(batch) -> None:
     assert set(data["jacobian"]) == {"input_output", "blocks"} and set(data["jacobian"]["blocks"]) == {"0", "2", "4"}
     assert set(data["learning_rate"][0]) == {"layer", "lr", "sgd_ratio", "update_ratio"}
     assert set(data["init_audit"][0]) == {"layer", "param", "activation", "scheme", "std", "prescribed", "ratio",
-                                          "flagged"}
+                                          "flagged", "xavier", "he"}
 
 
 def test_conv_net_with_batch_norm_and_dropout_is_measured_and_its_modes_kept() -> None:
@@ -354,4 +354,5 @@ def test_conv_net_with_batch_norm_and_dropout_is_measured_and_its_modes_kept() -
     assert torch.equal(model[1].running_mean, running_mean) and int(model[1].num_batches_tracked) == 0
     checks = {c.layer: c for c in report.init_checks}
     assert checks["0"].scheme == "he" and checks["4"].scheme == "he" and checks["7"].scheme == "xavier"
-    assert checks["0"].prescribed == pytest.approx((2 / (3 * 9)) ** 0.5)
+    assert checks["0"].prescribed == pytest.approx((2 / (3 * 9)) ** 0.5) == pytest.approx(checks["0"].he)
+    assert checks["7"].xavier == pytest.approx((2 / (8 * 36 + 10)) ** 0.5) == pytest.approx(checks["7"].prescribed)

@@ -45,6 +45,7 @@ class InitCheck:
         scheme: ``"he"``, ``"xavier"`` or ``"orthogonal"``.
         std: measured std; prescribed: the scheme's std; ratio: ``std / prescribed``.
         flagged: ratio beyond ``INIT_TOLERANCE`` either way.
+        xavier, he: the std each scheme would give this weight, for reference (He with ReLU's gain).
     """
 
     layer: str
@@ -55,6 +56,8 @@ class InitCheck:
     prescribed: float
     ratio: float
     flagged: bool
+    xavier: float
+    he: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,7 +92,10 @@ def _check(layer: str, param: str, weight: Tensor, activation: nn.Module | None,
     if activation is not None and activation_kind(activation) is None:
         # An activation no prescription knows (a custom module): shown against Xavier, never flagged.
         scheme, flagged = "unknown", False
-    return InitCheck(layer, param, label, scheme, std, prescribed, ratio, flagged)
+    # For reference, both classic prescriptions for this shape (ReLU's gain for He, gain 1 for Xavier).
+    _, xavier = prescribed_std(weight, None, gates)
+    _, he = prescribed_std(weight, nn.ReLU(), gates)
+    return InitCheck(layer, param, label, scheme, std, prescribed, ratio, flagged, xavier, he)
 
 
 def audit_init(order: list[tuple[str, nn.Module]], following: dict[str, nn.Module | None],
