@@ -356,3 +356,13 @@ def test_conv_net_with_batch_norm_and_dropout_is_measured_and_its_modes_kept() -
     assert checks["0"].scheme == "he" and checks["4"].scheme == "he" and checks["7"].scheme == "xavier"
     assert checks["0"].prescribed == pytest.approx((2 / (3 * 9)) ** 0.5) == pytest.approx(checks["0"].he)
     assert checks["7"].xavier == pytest.approx((2 / (8 * 36 + 10)) ** 0.5) == pytest.approx(checks["7"].prescribed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_are_diagnosed(dtype) -> None:
+    """Norms accumulate in float32 whatever the dtype (grad_stats' per-tensor norms)."""
+    model = mlp(6, nn.Tanh, standard_normal).to(dtype)
+    batch = (torch.randn(16, IN, dtype=dtype), torch.randint(0, OUT, (16,)))
+    report = doctor(model, batch, nn.functional.cross_entropy, jacobian_iterations=5)
+    assert report.verdict == "exploding" and report.start_layer == "0"
+    assert gg.locate_nonfinite(model, batch, nn.functional.cross_entropy) is None

@@ -39,7 +39,14 @@ from gradguard.doctor.preserve import preserved
 from gradguard.doctor.remedies import first_stabilising, flow_candidates
 from gradguard.doctor.report import DoctorReport
 from gradguard.doctor.time_flow import RecurrentRecorder, TimeFlow, cell_time_flow, rnn_time_flow
-from gradguard.doctor.trace import ForwardTrace, ModuleCall, RecurrentCell, find_recurrent_cells, flat_tensors
+from gradguard.doctor.trace import (
+    ForwardTrace,
+    ModuleCall,
+    RecurrentCell,
+    find_recurrent_cells,
+    flat_tensors,
+    norm32,
+)
 from gradguard.init import following_in_order
 from gradguard.stats import GradStats, grad_stats
 
@@ -207,7 +214,7 @@ def _traced_pass(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable[
         raise ValueError("doctor: the loss does not depend on any parameter that requires grad")
     loss.reshape(()).backward()
     input_grad = leaf_input.grad if leaf_input is not inputs else None
-    input_grad_norm = torch.linalg.vector_norm(input_grad, dtype=torch.float32) if input_grad is not None else None
+    input_grad_norm = norm32(input_grad) if input_grad is not None else None
     return _TracedPass(trace, recorder, loss, grad_stats(model), input_grad_norm)
 
 

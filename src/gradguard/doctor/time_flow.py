@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from gradguard.doctor.flow import fit_growth, safe_exp, verdict_of
 from gradguard.doctor.jacobian import spectral_norm
 from gradguard.doctor.recurrent import State, run_unrolled, unroll_unsupported, unrolled_forward
-from gradguard.doctor.trace import RecurrentCell, flat_tensors
+from gradguard.doctor.trace import RecurrentCell, flat_tensors, norm32
 
 __all__ = ["RecurrentRecorder", "TimeFlow", "cell_time_flow", "rnn_time_flow", "time_verdict"]
 
@@ -139,7 +139,7 @@ class RecurrentRecorder:
     @staticmethod
     def _accumulate(run: UnrolledRun, t: int):
         def hook(grad: Tensor) -> None:
-            square = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+            square = norm32(grad.detach()).square()
             previous = run.grad_norms[t]
             run.grad_norms[t] = square if previous is None else previous + square
 

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
+
+from gradguard.stats import per_tensor_norms
 
 __all__ = ["ModuleCall", "ForwardTrace", "RecurrentCell", "find_recurrent_cells", "leaf_calls"]
 
@@ -52,6 +53,11 @@ class ModuleCall:
     @property
     def is_leaf(self) -> bool:
         return next(self.module.children(), None) is None
+
+
+def norm32(t: Tensor) -> Tensor:
+    """``||t||_2`` as a float32 0-d tensor for any floating dtype (``grad_stats``' per-tensor norm)."""
+    return per_tensor_norms([t], 2.0)[0]
 
 
 def flat_tensors(tree: Any) -> list[Tensor]:
@@ -110,7 +116,7 @@ class ForwardTrace:
     @staticmethod
     def _grad_norm_hook(call: ModuleCall, index: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            call.output_grad_norms[index] = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+            call.output_grad_norms[index] = norm32(grad.detach())
 
         return hook
 
