@@ -198,12 +198,16 @@ def test_long_range_vanishing_with_a_loss_at_every_step_is_a_warning() -> None:
 
     torch.manual_seed(0)
     x, _ = sequence_batch(16, scale=1.0, batch=4)
-    report = diagnose(Tagger(), (x, torch.randn(x.shape[0], 16, 1)))
+    model = Tagger()
+    report = diagnose(model, (x, torch.randn(x.shape[0], 16, 1)))
     assert report.time.verdict == "vanishing" and report.time.dhT_dh0 < 0.1
     assert 0.1 < report.time.total_growth < 10
     finding = next(f for f in report.findings if f.cause == "recurrent")
-    assert finding.severity == "warning" and "gate bias" in finding.fix
-    assert report.healthy
+    assert finding.severity == "warning" and report.healthy
+    assert finding.fix == 'gg.init.chrono_(model.get_submodule("gru"), max_steps=16)'
+    assert finding.evidence["flow_after_fix"] == "stable"
+    exec(finding.fix, {"gg": gg, "model": model})  # Tallec & Ollivier 2018: memory spans up to T steps
+    assert diagnose(model, (x, torch.randn(x.shape[0], 16, 1))).time.verdict == "stable"
 
 
 @pytest.mark.parametrize("cell_model", [False, True], ids=["nn.RNN", "hand-written cell"])

@@ -118,3 +118,20 @@ def test_errors_name_the_argument() -> None:
         gg.init.xavier_(torch.zeros(3, 3))
     with pytest.raises(ValueError, match="lsuv_: tol must be > 0"):
         gg.init.lsuv_(nn.Linear(2, 2), torch.randn(4, 2), tol=0)
+
+
+def test_chrono_sets_gate_biases_to_log_uniform_spans() -> None:
+    lstm, gru = nn.LSTM(3, 64), nn.GRU(3, 64)
+    gg.init.chrono_(lstm, max_steps=50)
+    i_gate, f_gate = lstm.bias_ih_l0.detach().chunk(4)[:2]
+    assert torch.all(f_gate >= 0) and torch.all(f_gate <= math.log(49) + 1e-6)
+    torch.testing.assert_close(i_gate, -f_gate)
+    assert torch.all(lstm.bias_hh_l0.detach().chunk(4)[1] == 0)
+    assert float(f_gate.std()) > 0.3  # spread over the spans, not one value
+    gg.init.chrono_(gru, max_steps=50)
+    update = gru.bias_ih_l0.detach().chunk(3)[1]
+    assert torch.all(update >= 0) and torch.all(gru.bias_hh_l0.detach().chunk(3)[1] == 0)
+    with pytest.raises(ValueError, match="holds no LSTM or GRU"):
+        gg.init.chrono_(nn.RNN(3, 4), max_steps=10)
+    with pytest.raises(ValueError, match="max_steps must be >= 3"):
+        gg.init.chrono_(lstm, max_steps=2)

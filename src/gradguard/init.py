@@ -16,6 +16,8 @@ the backward signal by ``fan_out Var(W) E[phi'(y)^2]``. Over ``L`` layers these 
   multiply the error signal once per time step.
 * LSUV, Mishkin & Matas 2016: orthogonal, then each layer rescaled in forward order until its output
   variance on a real batch is 1.
+* Chrono, Tallec & Ollivier 2018: LSTM forget / GRU update gate biases ``log(U(1, T - 1))``, so that gated
+  units keep their state (and the gradient) over spans up to ``T`` steps.
 
 :func:`auto_` picks per layer: He for the rectifier family, Xavier for tanh/sigmoid/no activation, and for
 recurrent modules Xavier input weights with orthogonal hidden-to-hidden weights. Biases are set to 0.
@@ -34,6 +36,7 @@ from gradguard.activations import RECTIFIERS, activation_kind, negative_slope
 __all__ = [
     "InitChoice",
     "auto_",
+    "chrono_",
     "following_activations",
     "following_in_order",
     "he_",
@@ -288,6 +291,49 @@ def auto_(model: nn.Module, inputs: object = None) -> dict[str, InitChoice]:
 
 def _owned_by_weight_layer(model: nn.Module, param: Tensor) -> bool:
     return any(isinstance(m, WEIGHT_LAYERS) and m.weight is param for m in model.modules())
+
+
+@torch.no_grad()
+def chrono_(module: nn.Module, max_steps: int, seed: int = 0) -> nn.Module:
+    """Chrono initialisation of the gate biases of every LSTM/GRU in ``module``, Tallec & Ollivier 2018.
+
+    A gate that keeps the state with probability ``sigma(b)`` keeps it for about ``1 / (1 - sigma(b))``
+    steps; drawing ``b ~ log(U(1, max_steps - 1))`` spreads the memory spans of the units over ``1 ..
+    max_steps``, so some of them carry the gradient across the whole sequence:
+
+    * LSTM (gates ``i|f|g|o``): forget bias ``b_f ~ log(U(1, T - 1))``, input bias ``b_i = -b_f``;
+    * GRU (gates ``r|z|n``, ``h' = (1 - z) n + z h``): update bias ``b_z ~ log(U(1, T - 1))``.
+
+    The value goes into ``bias_ih``; the matching slice of ``bias_hh`` is set to 0. Other biases are left
+    alone. Returns ``module``.
+    """
+    if max_steps < 3:
+        raise ValueError(f"chrono_: max_steps must be >= 3 (the longest span to remember), got {max_steps}")
+    generator = torch.Generator().manual_seed(seed)
+    found = False
+    for layer in module.modules():
+        gated = isinstance(layer, (nn.LSTM, nn.LSTMCell, nn.GRU, nn.GRUCell))
+        if not gated or not getattr(layer, "bias", True):
+            continue
+        found = True
+        lstm = isinstance(layer, (nn.LSTM, nn.LSTMCell))
+        for name, bias in layer.named_parameters(recurse=False):
+            if not name.startswith(("bias_ih", "bias_hh")):
+                continue
+            blocks = bias.data.chunk(4 if lstm else 3)
+            keep = blocks[1]  # LSTM forget gate f, GRU update gate z: both second in torch's order
+            if name.startswith("bias_hh"):
+                keep.zero_()
+                if lstm:
+                    blocks[0].zero_()
+                continue
+            spans = torch.empty(keep.shape, dtype=torch.float64).uniform_(1.0, max_steps - 1.0, generator=generator)
+            keep.copy_(spans.log())
+            if lstm:
+                blocks[0].copy_(-spans.log())
+    if not found:
+        raise ValueError(f"chrono_: {type(module).__name__} holds no LSTM or GRU with biases")
+    return module
 
 
 @torch.no_grad()

@@ -249,7 +249,7 @@ def _check_flow_fixes(findings: list[Finding], model: nn.Module, batch: tuple[An
                       loss_fn: Callable[[Any, Any], Tensor], iterations: int, cells_present: bool) -> None:
     """Apply each flow finding's remedy to a copy of the model and keep the first remedy that works."""
     for finding in findings:
-        if finding.remedy is None or finding.severity != "error":
+        if finding.remedy is None:
             continue
         over_time = finding.cause == "recurrent"
         if not over_time and finding.cause not in _DEPTH_CAUSES:

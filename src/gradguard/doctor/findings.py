@@ -24,7 +24,7 @@ from gradguard.doctor.flow import DepthFlow, verdict_of
 from gradguard.doctor.init_audit import InitCheck, RecurrentBound
 from gradguard.doctor.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
 from gradguard.doctor.nonfinite import NonfiniteOrigin
-from gradguard.doctor.remedies import Remedy, auto_init, lsuv, saturating_classes, swap_saturating
+from gradguard.doctor.remedies import Remedy, auto_init, chrono, lsuv, saturating_classes, swap_saturating
 from gradguard.doctor.time_flow import TimeFlow
 
 __all__ = ["DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "rank"]
@@ -165,8 +165,8 @@ def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_pre
         why = "each step contracts the state"
         remedy = None
         if gated:
-            fix = ("# initialise the forget (LSTM) / update (GRU) gate bias to 1 or more so the state is kept "
-                   "(Jozefowicz et al. 2015), or shorten the sequences")
+            remedy = chrono(time.module, time.steps)
+            fix = remedy.code
         else:
             fix = ("# replace the recurrence by nn.LSTM or nn.GRU (Hochreiter & Schmidhuber 1997): gated units "
                    "keep an error signal over long spans; or shorten the sequences")

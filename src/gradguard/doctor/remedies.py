@@ -11,6 +11,9 @@ the model and measures the flow again (:func:`first_stabilising`). The candidate
 4. ``gg.init.lsuv_`` — unit output variance measured on the batch (Mishkin & Matas 2016), for activations
    and structures no formula covers.
 
+Over time, the candidate is the cause's own fix alone: orthogonal hidden weights for an explosion, chrono
+initialisation of the gate biases for a gated unit that forgets (Tallec & Ollivier 2018).
+
 The first candidate that makes the measured axis (depth or time) stable is the one reported. When none
 does, the cause's own fix is kept and the finding says what the flow becomes after it.
 """
@@ -26,7 +29,7 @@ from torch import nn
 
 from gradguard.activations import SATURATING, replace_
 
-__all__ = ["Remedy", "auto_init", "first_stabilising", "flow_candidates", "lsuv", "swap_saturating"]
+__all__ = ["Remedy", "auto_init", "chrono", "first_stabilising", "flow_candidates", "lsuv", "swap_saturating"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,15 @@ def auto_init(cells_present: bool) -> Remedy:
     if cells_present:  # auto_ finds hand-written recurrent cells only by running the model once
         return Remedy("gg.init.auto_(model, batch[0])", lambda model, batch: auto_(model, batch[0]))
     return Remedy("gg.init.auto_(model)", lambda model, batch: auto_(model))
+
+
+def chrono(module_name: str, steps: int) -> Remedy:
+    """Chrono init of a gated recurrent module's gate biases over ``steps`` (Tallec & Ollivier 2018)."""
+    from gradguard.init import chrono_
+
+    span = max(steps, 3)
+    return Remedy(f'gg.init.chrono_(model.get_submodule("{module_name}"), max_steps={span})',
+                  lambda model, batch: chrono_(model.get_submodule(module_name), max_steps=span))
 
 
 def lsuv() -> Remedy:
