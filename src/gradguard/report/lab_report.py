@@ -44,6 +44,13 @@ def _percent(key: str) -> Callable[[Row], str]:
     return lambda row: pct(row.get(key))
 
 
+def _guard_actions(row: Row) -> str:
+    """The Guard's median counts over seeds: skipped steps / rollbacks / LR back-offs; "-" for other remedies."""
+    if "rollbacks" not in row:
+        return "-"
+    return f"{row.get('skipped', 0)} / {row['rollbacks']} / {row.get('lr_backoffs', 0)}"
+
+
 def _solved(row: Row) -> str:
     if "solved" not in row:
         return "n/a"
@@ -70,6 +77,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("median |g|", _number("median_grad_norm")),
         ("oscillation", _number("oscillation_index")),
         ("final loss", _number("final_loss")),
+        ("Guard skips / rollbacks / LR cuts", _guard_actions),
     ],
     "learning_rate": [
         ("diverged", _diverged),
@@ -78,6 +86,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("oscillation", _number("oscillation_index")),
         ("largest |g|", _number("max_grad_norm")),
         ("median |g|", _number("median_grad_norm")),
+        ("Guard skips / rollbacks / LR cuts", _guard_actions),
     ],
     "regularization": [
         ("train acc", _percent("train_accuracy")),
@@ -95,7 +104,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("gen gap", _percent("generalization_gap")),
         ("final loss", _number("final_loss")),
         ("largest |g|", _number("max_grad_norm")),
-        ("skipped", lambda row: str(row.get("skipped", "-"))),
+        ("Guard skips / rollbacks / LR cuts", _guard_actions),
     ],
 }
 
