@@ -147,19 +147,25 @@ def recurrence_findings(rows: list[Row], records: list[Record]) -> list[str]:
         f"Fastest to solve: {best['variant']} (median {fmt(best['steps_to_target'])} steps to a running-mean "
         f"training loss at target, reached in {best['reached_target']}/{best['runs']} runs)."
     )
-    rnn_flows = [(r.get("layer_flow") or {}).get("time") for r in records if r["config"].get("model") == "tanh RNN"]
-    rnn_flows = [flow for flow in rnn_flows if flow and flow.get("verdict")]
+    by_seed = {  # the same seed gives the same initial RNN whatever the remedy: one flow per seed
+        r["config"]["seed"]: (r.get("layer_flow") or {}).get("time")
+        for r in records
+        if r["config"].get("model") == "tanh RNN"
+    }
+    rnn_flows = [flow for flow in by_seed.values() if flow and flow.get("verdict")]
     if rnn_flows:
         verdicts = sorted({flow["verdict"] for flow in rnn_flows})
         growths = [flow["total_growth"] for flow in rnn_flows if flow.get("total_growth") is not None]
         lines.append(
             f"At initialization the doctor finds the tanh RNN's gradient through time {'/'.join(verdicts)} "
-            f"in {len(rnn_flows)} runs (||dL/dh_t|| grows by a median factor of "
+            f"for {len(rnn_flows)} of {len(by_seed)} seeds (||dL/dh_t|| grows by a median factor of "
             f"{fmt(float(np.median(growths)) if growths else None)} from the last step back to the first)."
         )
     threshold = next((row["clip_threshold"] for row in rows if row.get("clip_threshold")), None)
     if threshold is not None:
-        lines.append(f"The Pascanu threshold (average gradient norm over 20 batches at init) was {fmt(threshold)}.")
+        lines.append(
+            f"The Pascanu threshold (average gradient norm over 20 batches at init; mean over seeds) was {fmt(threshold)}."
+        )
     return lines
 
 
