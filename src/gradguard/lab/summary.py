@@ -71,6 +71,11 @@ def summarize_variant(variant: str, records: list[Record]) -> dict[str, Any]:
     for key in ("test_accuracy", "train_accuracy", "generalization_gap", "test_loss", "val_loss", "test_score",
                 "final_weight_norm", "initial_weight_norm", "clip_threshold"):
         row[key] = mean_of(finished, key)
+    growths = [(r.get("layer_flow") or {}).get("total_growth") for r in finished]
+    growths = [g for g in growths if isinstance(g, (int, float)) and math.isfinite(g)]
+    row["init_growth"] = float(np.median(growths)) if growths else None
+    verdicts = sorted({(r.get("layer_flow") or {}).get("verdict") for r in finished} - {None})
+    row["init_verdict"] = "/".join(verdicts) if verdicts else None
     if any("solved" in record for record in finished):
         solved = count_of(finished, lambda r: bool(r.get("solved")))
         row["solved"] = solved

@@ -61,6 +61,8 @@ def _solved(row: Row) -> str:
 COMMON_END: list[Column] = [("wall s / run", _number("wall_seconds"))]
 COLUMNS: dict[str, list[Column]] = {
     "depth": [
+        ("doctor at init", lambda row: row.get("init_verdict") or "n/a"),
+        ("|dL/dy| growth output->input at init", _number("init_growth")),
         ("diverged", _diverged),
         ("final loss", _number("final_loss")),
         ("test acc", _percent("test_accuracy")),
