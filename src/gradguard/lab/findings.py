@@ -143,10 +143,13 @@ def recurrence_findings(rows: list[Row], records: list[Record]) -> list[str]:
                 else "No remedy's interval lies entirely above it with this many seeds."
             )
         )
-    lines.append(
-        f"Fastest to solve: {best['variant']} (median {fmt(best['steps_to_target'])} steps to a running-mean "
-        f"training loss at target, reached in {best['reached_target']}/{best['runs']} runs)."
-    )
+    if best["reached_target"]:
+        lines.append(
+            f"Fastest to solve: {best['variant']} (median {fmt(best['steps_to_target'])} steps to a running-mean "
+            f"training loss at target, reached in {best['reached_target']}/{best['runs']} runs)."
+        )
+    else:
+        lines.append("No variant brought its running-mean training loss down to the target.")
     by_seed = {  # the same seed gives the same initial RNN whatever the remedy: one flow per seed
         r["config"]["seed"]: (r.get("layer_flow") or {}).get("time")
         for r in records
@@ -193,13 +196,24 @@ def learning_rate_findings(rows: list[Row], records: list[Record]) -> list[str]:
         )
     finite = [row for row in high if row["diverged"] == 0]
     diverged = [row for row in high if row["diverged"] > 0]
-    finite_weights = [
-        row for row in diverged if row["params_finite"] == row["runs"] and row["recovered"] < row["diverged"]
-    ]
-    if finite_weights:
+
+    def median_final(variant: str, keep) -> str:
+        values = [r["final_loss"] for r in records if r["config"]["variant"] == variant and keep(r)]
+        values = [v for v in values if v is not None]
+        return fmt(float(np.median(values)) if values else None)
+
+    def stuck(record: Record) -> bool:  # diverged, weights finite, loss still above F x its initial value
+        return bool(record.get("diverged")) and bool(record.get("params_finite")) and not record.get("recovered")
+
+    stuck_rows = [row for row in diverged if any(stuck(r) for r in records if r["config"]["variant"] == row["variant"])]
+    if stuck_rows:
         lines.append(
             "Kept finite weights, yet ended with a loss above 10x its initial value: "
-            + ", ".join(f"{row['variant']} (final loss {fmt(row['final_loss'])})" for row in finite_weights)
+            + ", ".join(
+                f"{row['variant']} ({sum(stuck(r) for r in records if r['config']['variant'] == row['variant'])} "
+                f"run(s), median final loss {median_final(row['variant'], stuck)})"
+                for row in stuck_rows
+            )
             + "."
         )
     if diverged:
@@ -207,7 +221,11 @@ def learning_rate_findings(rows: list[Row], records: list[Record]) -> list[str]:
             "Diverged at the high learning rate: "
             + "; ".join(
                 f"{row['variant']} ({row['diverged']}/{row['runs']}"
-                + (f", {row['recovered']} recovered to a final loss of {fmt(row['final_loss'])}" if row["recovered"] else "")
+                + (
+                    f", {row['recovered']} recovered, median final loss of those "
+                    f"{median_final(row['variant'], lambda r: bool(r.get('recovered')))}"
+                    if row["recovered"] else ""
+                )
                 + ")"
                 for row in diverged
             )
