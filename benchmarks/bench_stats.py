@@ -12,7 +12,11 @@ Two clipping regimes: "no clip" (the threshold is above the norm: torch and Glob
 threshold is below the norm, so every method scales; the gradients are restored before each call and the
 restore's own time is subtracted).
 
-    python benchmarks/bench_stats.py [--layers 8] [--width 640] [--repeats 15]
+    python benchmarks/bench_stats.py [--layers 8] [--width 640] [--repeats 15] [--threads N]
+
+On the CPU, torch's 2-norm kernel (``_foreach_norm`` / ``vector_norm``, what ``clip_grad_norm_`` uses)
+runs on one thread while ``torch.sum`` uses them all: with several threads the bandwidth ratio measures
+that kernel, not grad_stats; compare ``grad_stats`` with the ``foreach_norm`` row, or run ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = transformer_like(args.layers, args.width, args.vocab)

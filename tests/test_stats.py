@@ -80,7 +80,7 @@ def test_empty_parameter_list_is_zero_and_finite() -> None:
     assert gg.grad_stats(frozen).names == []
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
 def test_nonfinite_gradient_names_its_layer(bad: float, p: float) -> None:
     model = mlp()
