@@ -9,16 +9,6 @@ from torch import nn
 import gradguard as gg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU two threads wait for each other at
-    every op (a 100x slowdown measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_replace_swaps_every_instance_including_nested_ones() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Sequential(nn.Linear(4, 4), nn.Sigmoid()), nn.Tanh())
     replaced = gg.activations.replace_(model, nn.Sigmoid, nn.ReLU)

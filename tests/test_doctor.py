@@ -12,16 +12,6 @@ import gradguard as gg
 from gradguard.doctor import doctor
 from gradguard.doctor.report import DoctorReport
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU two threads wait for each other at
-    every op (a 100x slowdown measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 WIDTH = 48
 IN, OUT = 16, 10
 

@@ -5,22 +5,9 @@ from __future__ import annotations
 import json
 import textwrap
 
-import pytest
-import torch
 from typer.testing import CliRunner
 
 from gradguard.cli import app
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU two threads wait for each other at
-    every op (a 100x slowdown measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 runner = CliRunner()
 EXAMPLE = "examples/doctor_example.py"

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 from torch import nn
 
 import gradguard as gg
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU two threads wait for each other at
-    every op (a 100x slowdown measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_html_page_is_self_contained_with_depth_and_time_plots(tmp_path) -> None:

@@ -23,15 +23,6 @@ LR_FAULT = range(STEPS // 2, STEPS // 2 + 20)  # learning rate x 100
 GRAD_FAULTS = sorted(np.random.default_rng(2).choice(np.arange(20, STEPS - 20), size=6, replace=False).tolist())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: threads only add overhead (and NaN arithmetic across threads is very slow)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     d = load_diabetes()

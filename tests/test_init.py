@@ -12,16 +12,6 @@ import gradguard as gg
 from gradguard.init import following_activations, prescribed_std
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU two threads wait for each other at
-    every op (a 100x slowdown measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_xavier_and_he_give_their_std() -> None:
     layer = nn.Linear(400, 200)
     gg.init.xavier_(layer)
