@@ -9,7 +9,7 @@ Read it in this order:
 * ``metrics.py`` and ``record.py``: what one run measured;
 * ``runner.py``: the grid in parallel processes, cached by config hash; ``run.py``: the whole command;
 * ``summary.py``, ``findings.py``, ``console.py``, ``export.py``: tables, "what it shows", the terminal
-  summary, ``results.csv`` / ``results.json``; the HTML page is ``gradguard.report.lab_report``.
+  summary, ``results.csv`` / ``results.json``; the HTML page is ``gradguard.lab.report``.
 """
 
 from gradguard.lab.run import LabResult, run_lab

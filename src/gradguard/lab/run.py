@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gradguard.lab.export import write_csv, write_json
+from gradguard.lab.report import render_lab_report
 from gradguard.lab.runner import GridResult, default_workers, describe_config, run_grid
 from gradguard.lab.scenarios import build_grid
 
@@ -43,8 +44,6 @@ def run_lab(
         steps: training steps per run, overriding the scenarios' (for tests).
         progress: show a rich progress bar.
     """
-    from gradguard.report.lab_report import render_lab_report
-
     configs = build_grid(scenarios, quick=quick, seeds=seeds, steps=steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

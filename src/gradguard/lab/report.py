@@ -290,9 +290,9 @@ def _shared_config(records: list[Record]) -> str:
 
 def render_lab_report(records: list[Record], path: Path, quick: bool, seconds: float) -> Path:
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("gradguard.report", ""), autoescape=True, trim_blocks=True, lstrip_blocks=True
+        loader=jinja2.PackageLoader("gradguard.lab", ""), autoescape=True, trim_blocks=True, lstrip_blocks=True
     )
-    html = environment.get_template("lab.html.j2").render(
+    html = environment.get_template("report.html.j2").render(
         sections=scenario_sections(records),
         definitions=metric_definitions(),
         window=metrics.WINDOW,
