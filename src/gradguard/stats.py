@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
+from gradguard.names import user_name
+
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 
 _GROUPINGS = ("module", "param")
@@ -38,11 +40,12 @@ class GradStats:
         norms: 1-d float32 tensor, one norm per group (layer), in ``names`` order. A group whose
             gradient holds NaN or Inf has a non-finite norm here, so the layer can be named.
         names: group names: module paths (``"blocks.0.attn.qkv"``) for ``groups="module"``,
-            parameter names for ``groups="param"``.
+            parameter names for ``groups="param"``; the user's names, without the prefixes that
+            wrappers add (``_orig_mod.``, ``module.``, FSDP's; see ``names.py``).
         finite: 0-d bool tensor, False when any gradient norm is NaN or Inf.
         norm_type: the ``p`` of the norms.
         params: the parameters that had a gradient, in the order their norms were taken.
-        param_names: their names (positions when unnamed parameters were given).
+        param_names: their names, wrapper prefixes removed (positions when unnamed parameters were given).
         param_norms: 1-d float32 tensor, one norm per entry of ``params``.
         group_index: for each entry of ``params``, the index of its group in ``names``.
     """
@@ -180,7 +183,7 @@ def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.
     if groups not in _GROUPINGS:
         raise ValueError(f"grad_stats: groups must be one of {_GROUPINGS}, got {groups!r}")
     norm_type = check_norm_type(norm_type, "grad_stats")
-    named = [(name, p) for name, p in named_parameters_of(params) if p.grad is not None]
+    named = [(user_name(name), p) for name, p in named_parameters_of(params) if p.grad is not None]
     if not named:
         zero = torch.zeros((), dtype=torch.float32)
         empty = torch.zeros(0, dtype=torch.float32)
