@@ -20,19 +20,29 @@ The Guard flushes its history every ``log_every`` steps (the only host read); th
 in proportion (a flush costs one small device-to-host copy and, every ``snapshot_every`` steps, a snapshot
 copy of model and optimizer; snapshots are left to their default of every 100 steps).
 
-    python benchmarks/bench_guard.py [--rounds 15] [--layers 6] [--width 320] [--threads 2]
+Before timing, it counts the device ops of one guarded step (:func:`count_guard_ops`): the ATen ops that
+``guard.step`` dispatches, under a ``TorchDispatchMode``, leaving out the optimizer's own ops and the
+per-tensor norm read (``_foreach_norm``, which ``clip_grad_norm_`` makes too). On a GPU each one is a kernel
+launch of a few microseconds, whatever the model's size. Views (``select``, ``view``, ``detach``...) launch
+no kernel and are counted apart.
+
+    python benchmarks/bench_guard.py [--rounds 15] [--layers 6] [--width 320] [--threads 2] [--ops]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import functools
 import math
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard as gg
 
@@ -68,6 +78,57 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             x = block(x, self.mask[:t, :t])
         return self.ln(x) @ self.tokens.weight.T
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active and not ``paused``, ``_foreach_norm`` excepted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: collections.Counter[str] = collections.Counter()
+        self.views = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if not self.paused and func is not torch.ops.aten._foreach_norm.Scalar:
+            if func.is_view:
+                self.views += 1
+            else:
+                self.kernels[str(func).removeprefix("aten.")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_guard_ops(model: nn.Module, fused: bool, vocab: int, steps: int = 31) -> OpCounter:
+    """The ops of guarded step number ``steps`` (after the detector's warm-up; neither a flush nor a step that
+    records per-layer norms) of ``Guard(clip=GlobalNorm(1))`` on a copy of ``model``, batch 1 x 16 tokens."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    counter = OpCounter()
+    optimizer_step = optimizer.step
+
+    @functools.wraps(optimizer_step)  # keeps the signature the Guard inspects for fused support
+    def step_uncounted(*args: Any, **kwargs: Any) -> Any:
+        counter.paused = True
+        try:
+            return optimizer_step(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    optimizer.step = step_uncounted  # type: ignore[method-assign]
+    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(1.0))
+    assert steps % guard.log_every and steps % guard.layer_every, "count an ordinary step"
+    data = torch.Generator().manual_seed(2)
+    for i in range(steps + 1):
+        idx = torch.randint(0, vocab, (1, 17), generator=data)
+        loss = nn.functional.cross_entropy(model(idx[:, :-1]).reshape(-1, vocab), idx[:, 1:].reshape(-1))
+        loss.backward()
+        if i == steps:
+            with counter:
+                guard.step(loss)
+        else:
+            guard.step(loss)
+        optimizer.zero_grad(set_to_none=True)
+    return counter
 
 
 def make_variants(model: nn.Module) -> dict:
@@ -121,6 +182,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--ops", action="store_true", help="list the ops counted in one guarded step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +198,12 @@ def main() -> None:
     cpu_phases = {name: [] for name in names}
     print(f"TinyGPT: {n_params / 1e6:.1f}M parameters, {args.layers} layers, width {args.width}, "
           f"batch {args.batch}x{args.context}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("\ndevice ops per guarded step (optimizer's own ops and the per-tensor _foreach_norm left out):")
+    for label, fused in (("plain AdamW", False), ("fused AdamW", True)):
+        counter = count_guard_ops(model, fused, args.vocab)
+        print(f"  {label}: {sum(counter.kernels.values())} ops (+ {counter.views} views); target <= 25")
+        if args.ops:
+            print("    " + ", ".join(f"{name} x{n}" for name, n in counter.kernels.most_common()))
     for round_ in range(args.warmup + args.rounds):
         idx = torch.randint(0, args.vocab, (args.batch, args.context + 1), generator=data)
         order = names[round_ % len(names):] + names[: round_ % len(names)]  # rotate: no fixed position
