@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt $(FIND_LINKS)
 
-.PHONY: demo test lint bench browser clean
+.PHONY: demo test lint bench bench-gpu browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ lint: $(VENV)/.dev-installed
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/bench_stats.py
 	$(BIN)/python benchmarks/bench_guard.py
+
+# One CUDA GPU, under 5 minutes; without CUDA it says so and exits 0. It needs a CUDA build of torch: where
+# the venv's is a CPU build, point PYTHON_GPU at a Python that has one (`make bench-gpu PYTHON_GPU=python3`).
+PYTHON_GPU ?= $(BIN)/python
+bench-gpu: $(VENV)/.dev-installed
+	$(PYTHON_GPU) benchmarks/bench_gpu.py
 
 # Headless Chromium for the report's browser test; skipped (the test says why) where apt-get is missing.
 browser:
