@@ -1,8 +1,9 @@
 """gradguard: see, stop, explain and prevent exploding gradients in PyTorch training."""
 
-from gradguard import activations, clip, detect, doctor, init, regularize, sinks
+from gradguard import activations, clip, detect, doctor, forensics, init, regularize, sinks
 from gradguard.clip import ClipResult
 from gradguard.doctor import locate_nonfinite, suggest_clip_threshold
+from gradguard.forensics import Forensics
 from gradguard.guard import Guard
 from gradguard.recover import TrainingDiverged
 from gradguard.stats import GradStats, grad_stats
@@ -10,6 +11,7 @@ from gradguard.syncs import count_host_syncs
 
 __all__ = [
     "ClipResult",
+    "Forensics",
     "GradStats",
     "Guard",
     "TrainingDiverged",
@@ -18,6 +20,7 @@ __all__ = [
     "count_host_syncs",
     "detect",
     "doctor",
+    "forensics",
     "grad_stats",
     "init",
     "locate_nonfinite",
