@@ -3,7 +3,7 @@
 A bundle is one ``torch.save`` file (read back with ``weights_only=True``: no code is unpickled) holding
 
 * ``model_state``: the model's ``state_dict`` at the bad step (before the optimizer step), on the CPU,
-  keys without wrapper prefixes (``_orig_mod.``, ``module.``, FSDP's);
+  keys without wrapper prefixes (``gradguard.names.user_name``);
 * ``batches``: the step's micro-batches as given to ``guard.step`` (on the CPU), each with the state of
   torch's random-number generators its forward pass started from;
 * ``guard``: the Guard's configuration; ``live``: what the Guard saw (events, loss, norms per layer);
@@ -28,13 +28,12 @@ from torch import Tensor, nn
 from gradguard.batch import Batch, LossFn, as_batch, to_device
 from gradguard.doctor.nonfinite import NonfiniteOrigin, locate_nonfinite
 from gradguard.forensics import rng
+from gradguard.names import user_name
 
-__all__ = ["FORMAT", "Bundle", "Replay", "load_bundle", "load_weights", "replay", "user_name", "write_bundle"]
+__all__ = ["FORMAT", "Bundle", "Replay", "load_bundle", "load_weights", "replay", "write_bundle"]
 
 FORMAT = "gradguard-replay"
 VERSION = 1
-#: Prefixes that wrappers add to parameter names: torch.compile, DDP/DataParallel, FSDP1, checkpointing.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 class BundledBatch(TypedDict):
@@ -51,21 +50,6 @@ class Bundle(TypedDict):
     guard: dict[str, Any]
     live: dict[str, Any]
     forensics: dict[str, Any]
-
-
-def user_name(name: str) -> str:
-    """A parameter or module name as the user wrote it: wrapper prefixes removed at every level."""
-    parts = []
-    rest = name
-    while rest:
-        for prefix in WRAPPER_PREFIXES:
-            if rest.startswith(prefix):
-                rest = rest[len(prefix):]
-                break
-        else:
-            head, _, rest = rest.partition(".")
-            parts.append(head)
-    return ".".join(parts)
 
 
 def _plain(value: Any) -> Any:
