@@ -33,10 +33,12 @@ from torch.utils._foreach_utils import _has_foreach_support
 from gradguard.stats import (
     GradStats,
     ParamsLike,
+    accumulate_dtype,
     check_norm_type,
     grad_stats,
     group_by_device_and_dtype,
     named_parameters_of,
+    norm_dtype,
     per_tensor_norms,
 )
 
@@ -142,7 +144,8 @@ class ScaleClipper(Clipper):
 
     @abc.abstractmethod
     def coefficient(self, stats: GradStats) -> Tensor:
-        """The 0-d float32 clip coefficient for this step (1.0 = none); advances the strategy's state.
+        """The 0-d clip coefficient for this step (1.0 = none), in the dtype of ``stats.total_norm``
+        (float32, or float64 for float64 gradients); advances the strategy's state.
 
         It is 1.0 when ``stats.finite`` is False, and the state does not learn from a non-finite norm.
         """
@@ -157,8 +160,9 @@ class GlobalNorm(ScaleClipper):
     """Scale all gradients so that their total norm is at most ``max_norm`` (Pascanu et al. 2013).
 
     ``g <- g * min(1, max_norm / (||g|| + 1e-6))`` -- the rule of ``torch.nn.utils.clip_grad_norm_``,
-    bit for bit on finite gradients. Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent
-    neural networks", ICML 2013, Algorithm 1.
+    bit for bit on finite float32, float64 and complex gradients (half precision: see ``per_tensor_norms``).
+    Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks", ICML 2013,
+    Algorithm 1.
     """
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
@@ -175,14 +179,15 @@ class Value(Clipper):
 
     ``coef`` reports ``min(1, clip_value / max|g|)``: how much the largest element was shrunk. NaN stays
     NaN; an Inf element is clamped, but ``stats.finite`` (measured before clamping) still reports it.
+    A complex gradient (which ``clip_grad_value_`` refuses) has its real and imaginary parts clamped, as
+    the two real numbers torch's optimizers update (``torch.view_as_real``).
     """
 
     def __init__(self, clip_value: float = 0.5):
         self.clip_value = _positive(clip_value, "clip_value", "Value")
 
     def clip_(self, stats: GradStats) -> ClipResult:
-
-        grads = stats.grads
+        grads = [torch.view_as_real(g) if g.is_complex() else g for g in stats.grads]
         if not grads:
             one = torch.ones((), dtype=torch.float32)
             return ClipResult(stats.total_norm, one, one < 1.0)
@@ -225,14 +230,15 @@ class LayerNorm(Clipper):
 
 
 def unitwise_norm(x: Tensor) -> Tensor:
-    """Norm per output unit (float32): over all dims but the first; over everything for vectors and scalars.
+    """Norm per output unit: over all dims but the first; over everything for vectors and scalars.
 
     PyTorch lays weights out as (out, in, ...), so a unit is a row of a Linear or an output channel of a
-    conv (Brock et al. 2021, section 4.1; timm's ``unitwise_norm``).
+    conv (Brock et al. 2021, section 4.1; timm's ``unitwise_norm``). Real-valued, in the precision of
+    ``grad_stats`` (float32 accumulation for half precision, float64 for float64 and complex128).
     """
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x, 2, dtype=torch.float32)
-    return torch.linalg.vector_norm(x, 2, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
+    dims = None if x.ndim <= 1 else tuple(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=x.ndim > 1, dtype=accumulate_dtype(x.dtype))
+    return norm.to(norm_dtype(x.dtype))
 
 
 class AGC(Clipper):
@@ -309,7 +315,9 @@ class AutoClip(ScaleClipper):
     def coefficient(self, stats: GradStats) -> Tensor:
         norm = stats.total_norm
         if self._norms is None or self._norms.device != norm.device:
-            self._norms = torch.full((self.history,), math.nan, dtype=torch.float32, device=norm.device)
+            self._norms = torch.full((self.history,), math.nan, dtype=norm.dtype, device=norm.device)
+        elif self._norms.dtype != norm.dtype:  # float64 gradients appeared: keep their range
+            self._norms = self._norms.to(torch.promote_types(self._norms.dtype, norm.dtype))
         self._norms[self._count % self.history] = torch.where(stats.finite, norm, math.nan)
         self._count += 1
         threshold = torch.nanquantile(self._norms, self.percentile / 100.0)
@@ -405,7 +413,8 @@ class ZClip(ScaleClipper):
         else:
             coef = self._adaptive_step(norm, stats.finite)
         self._step += 1
-        return torch.where(stats.finite, coef, torch.ones_like(coef)).float()
+        # float32, or float64 for float64 norms: a coefficient of 1e-100 must not round to 0
+        return torch.where(stats.finite, coef, torch.ones_like(coef)).to(stats.total_norm.dtype)
 
     def _warmup_step(self, norm: Tensor, finite: Tensor) -> Tensor:
         if self._warmup is None:

@@ -35,9 +35,12 @@ _GROUPINGS = ("module", "param")
 class GradStats:
     """Gradient norms of one step; every tensor lives on the device of the first gradient.
 
+    Norms are float32, or float64 when a gradient is float64 or complex128 (as torch's ``clip_grad_norm_``
+    keeps them: a float64 gradient of 1e100 has a finite norm).
+
     Attributes:
-        total_norm: 0-d float32 tensor, the ``norm_type`` norm of all gradients together.
-        norms: 1-d float32 tensor, one norm per group (layer), in ``names`` order. A group whose
+        total_norm: 0-d tensor, the ``norm_type`` norm of all gradients together.
+        norms: 1-d tensor, one norm per group (layer), in ``names`` order. A group whose
             gradient holds NaN or Inf has a non-finite norm here, so the layer can be named.
         names: group names: module paths (``"blocks.0.attn.qkv"``) for ``groups="module"``,
             parameter names for ``groups="param"``; the user's names, without the prefixes that
@@ -46,7 +49,7 @@ class GradStats:
         norm_type: the ``p`` of the norms.
         params: the parameters that had a gradient, in the order their norms were taken.
         param_names: their names, wrapper prefixes removed (positions when unnamed parameters were given).
-        param_norms: 1-d float32 tensor, one norm per entry of ``params``.
+        param_norms: 1-d tensor, one norm per entry of ``params``.
         group_index: for each entry of ``params``, the index of its group in ``names``.
     """
 
@@ -115,12 +118,30 @@ def group_by_device_and_dtype(
     return {key: (group, indices) for key, ([group], indices) in groups.items()}
 
 
-def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
-    """One ``norm_type`` norm per tensor, in input order, each a float32 0-d tensor on its tensor's device.
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a norm of ``dtype`` values is accumulated in: float32 for half precision (complex64 for
+    complex32), None (the tensor's own) otherwise, as ``clip_grad_norm_`` does for float32 and float64."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if dtype == torch.complex32:
+        return torch.complex64
+    return None
 
-    Dense tensors go through ``torch._foreach_norm`` per (device, dtype) group, as torch's clipping does;
-    half-precision tensors are accumulated in float32. Sparse tensors use their stored values. The inf-norm
-    is read off ``torch.aminmax`` instead: the same exact values, and on the CPU ~15x faster than
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a norm of ``dtype`` values: float64 for float64 and complex128, else float32."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
+    """One ``norm_type`` norm per tensor, in input order, each a real 0-d tensor on its tensor's device.
+
+    Dense tensors go through ``torch._foreach_norm`` per (device, dtype) group, as torch's clipping does:
+    float32, float64 and complex tensors with the very call ``clip_grad_norm_`` makes (bit-equal norms:
+    float32 for float32 and complex64, float64 for float64 and complex128; a complex norm is that of the
+    moduli ``|z|``). Half-precision tensors are accumulated and returned in float32 (torch returns their
+    norms rounded to the half type). Sparse tensors use their stored values. The inf-norm is read off
+    ``torch.aminmax`` instead: the same exact values, and on the CPU ~15x faster than
     ``vector_norm(inf)``, which neither vectorizes nor uses a second thread there (torch 2.13).
     """
     if norm_type == math.inf:
@@ -130,27 +151,29 @@ def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     if len(dense) < len(tensors):
         for i in set(range(len(tensors))) - set(dense):
             values = tensors[i].coalesce()._values()
-            norms[i] = torch.linalg.vector_norm(values, norm_type, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(values, norm_type, dtype=accumulate_dtype(values.dtype))
+            norms[i] = norm.to(norm_dtype(values.dtype))
     for (device, dtype), (group, indices) in group_by_device_and_dtype([tensors[i] for i in dense]).items():
-        # float32 grads: no dtype argument, the exact call clip_grad_norm_ makes (bit-equal results).
-        accumulate = None if dtype in (torch.float32, torch.float64) else torch.float32
-        if _has_foreach_support(group, device):
+        accumulate = accumulate_dtype(dtype)
+        if _has_foreach_support(group, device) and dtype != torch.complex32:
             result = torch._foreach_norm(group, norm_type, dtype=accumulate)
         else:
             result = [torch.linalg.vector_norm(g, norm_type, dtype=accumulate) for g in group]
-        if dtype == torch.float64:
-            result = [n.float() for n in result]
         for k, norm in zip(indices, result):
-            norms[dense[k]] = norm
+            norms[dense[k]] = norm.to(norm_dtype(dtype))
     return norms  # type: ignore[return-value]
 
 
 def max_abs(tensor: Tensor) -> Tensor:
-    """``max |x|`` as a float32 0-d tensor, from one ``aminmax`` read; NaN propagates, empty gives 0."""
+    """``max |x|`` as a real 0-d tensor (float64 for float64/complex128 input, else float32), from one
+    ``aminmax`` read (the moduli's ``amax`` for complex input); NaN propagates, empty gives 0."""
+    out = norm_dtype(tensor.dtype)
     if tensor.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=tensor.device)
+        return torch.zeros((), dtype=out, device=tensor.device)
+    if tensor.is_complex():
+        return tensor.abs().amax().to(out)
     low, high = torch.aminmax(tensor)
-    return torch.maximum(high.float(), -low.float())
+    return torch.maximum(high.to(out), -low.to(out))
 
 
 def combine_norms(norms: Tensor, norm_type: float, dim: int = 0) -> Tensor:
