@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import RandomSampler, SequentialSampler, TensorDataset
+from typer.testing import CliRunner
 
 import gradguard as gg
 from gradguard.batch import as_batch
+from gradguard.cli import app
 from gradguard.detect import STEP_KINDS, Detector
-from gradguard.forensics import ANALYSED_KINDS, load_bundle, replay
+from gradguard.forensics import ANALYSED_KINDS, load_bundle, replay_step
 from gradguard.forensics.layer import origin_layer
 from gradguard.forensics.reproduce import Recomputed, reproduces
 from gradguard.forensics.samples import per_sample, robust_z
@@ -160,7 +163,7 @@ def test_bundle_replays_to_live_origin(tmp_path):
     bundle = load_bundle(record["bundle"])
     assert bundle["step"] == 8 and bundle["live"]["kinds"] == record["kinds"]
     fresh = LogModel()
-    result = replay(bundle, fresh, F.mse_loss)
+    result = replay_step(bundle, fresh, F.mse_loss)
     assert (result.origin.module, result.origin.phase) == (live[8].module, live[8].phase)
     for name, value in weights[8].items():
         assert torch.equal(fresh.state_dict()[name], value)
@@ -283,3 +286,63 @@ def test_bad_arguments_and_batches():
         gg.Forensics(loss_fn=F.mse_loss).remember(torch.ones(3))
     with pytest.raises(ValueError, match="not a gradguard replay bundle"):
         load_bundle(__file__)
+
+
+LOG_MODEL = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class Log(nn.Module):
+        def forward(self, x):
+            return torch.log(x.abs() + 1) * torch.sqrt(1 + x / 1e3)  # NaN where x < -1e3
+
+
+    class LogModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.log = Log()
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(self.log(self.fc(x)))
+
+
+    def build():
+        torch.manual_seed(5)
+        return LogModel(), (torch.randn(4, 8), torch.randn(4, 1)), F.mse_loss
+""")
+
+
+def test_cli_replay(tmp_path):
+    factory = tmp_path / "factory.py"
+    factory.write_text(LOG_MODEL)
+    namespace: dict = {}
+    exec(LOG_MODEL, namespace)
+    torch.manual_seed(0)
+    records = run(namespace["LogModel"](), regression_batches(10, corrupt={8: [2]}, scale=1e6),
+                  gg.Forensics(loss_fn=F.mse_loss, bundle_dir=tmp_path / "bundles"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["replay", records[8]["bundle"], "--model", f"{factory}:build"])
+    assert result.exit_code == 1, result.output
+    assert "first NAN: output of 'log' in the forward pass" in result.output
+    assert "samples [2], reproducible True" in result.output
+    result = runner.invoke(app, ["replay", str(factory), "--model", f"{factory}:build"])
+    assert result.exit_code == 2 and "not a gradguard replay bundle" in result.output
+
+
+def test_run_report_shows_forensics():
+    from gradguard.report.run import event_rows, render_run_report
+
+    forensics = {"layer": "blocks.2.fc", "samples": [17, 4], "scores": [math.inf, 9.5], "reproducible": False,
+                 "origin": None, "bundle": "bad/step00000012.pt"}
+    records = [{"step": 12, "loss": 1.0, "total_norm": 3.0, "coef": 1.0, "clip_threshold": None, "skipped": True,
+                "clipped": False, "lr": 0.1, "events": [{"step": 12, "kind": "grad_spike", "layer": "blocks.2.fc",
+                                                       "action": "skip", "forensics": forensics}]}]
+    row = event_rows(records)[0]
+    assert row["forensics"] == ("starts in blocks.2.fc; samples 17 (inf), 4 (9.5); did not reproduce (transient); "
+                                "bundle bad/step00000012.pt")
+    assert "forensics" not in row["details"]
+    assert "did not reproduce (transient)" in render_run_report(records)

@@ -1,4 +1,4 @@
-"""Command line: ``gradguard demo | lab | doctor | report`` (also ``python -m gradguard``).
+"""Command line: ``gradguard demo | lab | doctor | replay | report`` (also ``python -m gradguard``).
 
 Each command imports its implementation lazily, so ``gradguard --help`` stays fast and a command's
 optional dependencies are only needed when it runs.
@@ -89,6 +89,44 @@ def doctor(
         Path(json_path).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False), encoding="utf-8")
         typer.echo(f"report data written to {json_path}")
     raise typer.Exit(code=0 if report.healthy else 1)
+
+@app.command()
+def replay(
+    bundle: str = typer.Argument(..., help="A replay bundle written by gg.Forensics(bundle_dir=...)."),
+    model: str = typer.Option(
+        ..., "--model", help="package.module:factory or path/to/file.py:factory, as for `gradguard doctor`: "
+        "its model (the bundle's weights are loaded into it) and loss_fn are used; its batch is not."),
+) -> None:
+    """Rebuild a bad step from its bundle; locate its first NaN/Inf and run the doctor on it.
+
+    Exit code: 0 no NaN/Inf and a healthy doctor's report, 1 a NaN/Inf or an error finding, 2 bad input."""
+    from gradguard.doctor import doctor as run_doctor
+    from gradguard.doctor.factory import FactoryError, load_patient
+    from gradguard.forensics import rng
+    from gradguard.forensics.bundle import load_bundle, replay_step
+
+    try:
+        data = load_bundle(bundle)
+        patient = load_patient(model)
+        result = replay_step(data, patient.model, patient.loss_fn)
+    except (FactoryError, TypeError, ValueError) as error:
+        typer.echo(f"gradguard replay: {error}", err=True)
+        raise typer.Exit(code=2) from error
+    live, found = data["live"], data["forensics"]
+    typer.echo(f"step {data['step']}: {', '.join(live.get('kinds', []))} (loss {live.get('loss')}, "
+               f"gradient norm {live.get('total_norm')})")
+    typer.echo(f"forensics: layer {found.get('layer')}, samples {found.get('samples')}, "
+               f"reproducible {found.get('reproducible')}")
+    if result.origin is None:
+        typer.echo("replayed: every forward value, the loss and every gradient are finite")
+    else:
+        typer.echo(f"replayed (micro-batch {result.micro_batch}): {result.origin}")
+    batch = (result.batch.inputs, result.batch.targets)
+    with rng.replaying(data["batches"][0]["rng"]):
+        report = run_doctor(patient.model, batch, patient.loss_fn)
+    typer.echo(str(report))
+    raise typer.Exit(code=0 if result.origin is None and report.healthy else 1)
+
 
 @app.command()
 def report(

@@ -9,7 +9,7 @@ batch/loss convention is ``gradguard.batch``'s, shared with the doctor.
 """
 
 from gradguard.forensics.analysis import ANALYSED_KINDS, BadSample, Forensics, ForensicsRecord
-from gradguard.forensics.bundle import load_bundle, replay
+from gradguard.forensics.bundle import load_bundle, replay_step
 from gradguard.forensics.exclude import ExcludingSampler, exclude
 
 __all__ = [
@@ -20,5 +20,5 @@ __all__ = [
     "ForensicsRecord",
     "exclude",
     "load_bundle",
-    "replay",
+    "replay_step",
 ]

@@ -11,7 +11,7 @@ A bundle is one ``torch.save`` file (read back with ``weights_only=True``: no co
 
 The model's code is not in the bundle: ``gradguard replay BUNDLE --model FILE.py:factory`` builds the
 model with the user's factory (the doctor's ``(model, batch, loss_fn)`` convention), loads the weights,
-and runs :func:`replay`: ``locate_nonfinite`` and the doctor on the bundled batch.
+and runs :func:`replay_step`: ``locate_nonfinite`` and the doctor on the bundled batch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from gradguard.doctor.nonfinite import NonfiniteOrigin, locate_nonfinite
 from gradguard.forensics import rng
 from gradguard.names import user_name
 
-__all__ = ["FORMAT", "Bundle", "Replay", "load_bundle", "load_weights", "replay", "write_bundle"]
+__all__ = ["FORMAT", "Bundle", "Replay", "load_bundle", "load_weights", "replay_step", "write_bundle"]
 
 FORMAT = "gradguard-replay"
 VERSION = 1
@@ -124,7 +124,7 @@ class Replay:
     batch: Any
 
 
-def replay(bundle: Bundle, model: nn.Module, loss_fn: LossFn | None,
+def replay_step(bundle: Bundle, model: nn.Module, loss_fn: LossFn | None,
            locate: Callable[..., NonfiniteOrigin | None] = locate_nonfinite) -> Replay:
     """Load the bundle's weights into ``model`` and run ``locate_nonfinite`` on each of its micro-batches,
     from the random-number state the live step had, until one holds a NaN/Inf."""

@@ -7,7 +7,8 @@ renders one self-contained page:
 * the total gradient norm (log scale) with the clip threshold over it;
 * a heatmap of per-layer gradient norms (layer x step, log colour scale) in which NaN and Inf cells have
   their own colours, never dropped;
-* the table of events.
+* the table of events, with each bad step's forensics (``gg.Forensics``): the layer where it starts, the
+  samples responsible, whether it reproduced, its replay bundle.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def event_rows(records: Sequence[Record]) -> list[dict[str, str]]:
     rows = []
     for r in records:
         for event in r.get("events", []):
-            details = {k: v for k, v in event.items() if k not in ("step", "kind", "layer", "action")}
+            details = {k: v for k, v in event.items()
+                       if k not in ("step", "kind", "layer", "action", "forensics")}
             rows.append(
                 {
                     "step": str(event["step"]),
@@ -225,9 +227,34 @@ def event_rows(records: Sequence[Record]) -> list[dict[str, str]]:
                     "layer": event.get("layer") or "",
                     "action": event.get("action") or "",
                     "details": ", ".join(f"{k}={_fmt(v)}" for k, v in details.items()),
+                    "forensics": forensics_text(event.get("forensics")),
                 }
             )
     return rows
+
+
+def forensics_text(forensics: dict[str, Any] | None) -> str:
+    """One line of an event's forensics (``gg.Forensics``): origin layer, samples, reproducible, bundle."""
+    if not forensics:
+        return ""
+    if forensics.get("error"):
+        return f"analysis failed: {forensics['error']}"
+    parts = []
+    if forensics.get("layer"):
+        parts.append(f"starts in {forensics['layer']}")
+    samples = forensics.get("samples") or []
+    scores = forensics.get("scores") or []
+    parts.append("samples " + ", ".join(f"{s} ({_fmt(z)})" for s, z in zip(samples, scores)) if samples
+                 else "no sample stands out")
+    reproducible = forensics.get("reproducible")
+    parts.append({True: "reproducible", False: "did not reproduce (transient)", None: "not recomputed"}
+                 .get(reproducible, f"reproducible={reproducible}"))
+    origin = forensics.get("origin")
+    if origin:
+        parts.append(f"{origin.get('kind', '').upper()} from {origin.get('module')} ({origin.get('phase')})")
+    if forensics.get("bundle"):
+        parts.append(f"bundle {forensics['bundle']}")
+    return "; ".join(parts)
 
 
 def _fmt(value: Any) -> str:
