@@ -67,6 +67,25 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
+def norm_throughput(model: nn.Module, grads: list[torch.Tensor], repeats: int) -> None:
+    """``gg.grad_stats(model)`` (per-tensor, per-layer and total norms, names) against ``torch._foreach_norm``
+    over the same gradients (the per-tensor norms alone): timed in adjacent pairs, in alternating order,
+    so that both see the same load; the ratio of each pair, then their median and spread."""
+    ratios = []
+    for i in range(repeats + 2):
+        pair = [("grad_stats", lambda: gg.grad_stats(model)), ("foreach", lambda: torch._foreach_norm(grads, 2.0))]
+        times = {}
+        for name, fn in pair if i % 2 else pair[::-1]:
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        if i >= 2:
+            ratios.append(times["foreach"] / times["grad_stats"])
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(f"  grad_stats throughput / torch._foreach_norm's: {statistics.median(ratios):.3f} (median of "
+          f"{len(ratios)} adjacent pairs; quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}; target >= 0.95)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -74,6 +93,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--norm-repeats", type=int, default=41, help="pairs timed for grad_stats / _foreach_norm")
+    parser.add_argument("--norms-only", action="store_true", help="stop after the reads (no clipping sections)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -116,6 +137,9 @@ def main() -> None:
         print(
             f"  {name:20s} {t * 1e3:8.2f} ms  {n_bytes / t / 1e9:6.1f} GB/s  {base / t:6.1%} of torch.sum's bandwidth"
         )
+    norm_throughput(model, grads, args.norm_repeats)
+    if args.norms_only:
+        return
 
     zclip = None
     try:

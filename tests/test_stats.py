@@ -155,3 +155,16 @@ def test_bad_arguments() -> None:
         gg.grad_stats(model, norm_type=-1)
     with pytest.raises(TypeError, match="item 0 is str"):
         gg.grad_stats(["weight"])
+
+
+def test_the_cached_layout_is_not_shared_with_the_caller() -> None:
+    # names and groups are computed once per list of parameter names; each call still returns its own lists
+    model = mlp()
+    backward(model)
+    first = gg.grad_stats(model)
+    first.names.append("not a layer")
+    first.group_index.clear()
+    first.param_names[0] = "renamed"
+    again = gg.grad_stats(model)
+    assert again.names == ["0", "2", "4"] and again.group_index == [0, 0, 1, 1, 2, 2]
+    assert again.param_names[0] == "0.weight"

@@ -16,6 +16,7 @@ a training loop can read them later, in bulk (see ``history.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -191,6 +192,56 @@ def segment_norms(norms: Tensor, index: Tensor, num_groups: int, norm_type: floa
     return out.index_add_(0, index, norms.pow(norm_type)).pow(1.0 / norm_type)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How a list of named parameters forms groups: computed once per list of names (see ``_layout``)."""
+
+    param_names: tuple[str, ...]  # the user's names (wrapper prefixes removed)
+    names: tuple[str, ...]  # group names, first-seen order
+    group_index: tuple[int, ...]  # the group of each parameter
+    _index: dict[torch.device, Tensor] = field(default_factory=dict, compare=False)
+
+    def index(self, device: torch.device) -> Tensor:
+        """``group_index`` as an int64 tensor on ``device`` (made once per device)."""
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.group_index, device=device)
+        return self._index[device]
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(raw_names: tuple[str, ...], groups: str) -> _Layout:
+    """The groups of these parameter names. Cached: a training loop measures the same parameters every step,
+    and names, groups and the index tensor are then built once instead of per call."""
+    param_names = tuple(user_name(name) for name in raw_names)
+    names: list[str] = []
+    group_of_name: dict[str, int] = {}
+    group_index: list[int] = []
+    for name in param_names:
+        group = layer_name(name) if groups == "module" else name
+        if group not in group_of_name:
+            group_of_name[group] = len(names)
+            names.append(group)
+        group_index.append(group_of_name[group])
+    return _Layout(param_names, tuple(names), tuple(group_index))
+
+
+def stacked_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """:func:`per_tensor_norms` as one 1-d tensor on the first tensor's device.
+
+    The common case, dense tensors of one device and dtype, is one ``_foreach_norm`` and one ``stack``, the
+    two calls ``clip_grad_norm_`` makes."""
+    device, dtype = tensors[0].device, tensors[0].dtype
+    uniform = norm_type != math.inf and accumulate_dtype(dtype) is None and dtype != torch.complex32 and all(
+        t.dtype == dtype and t.device == device and not t.is_sparse for t in tensors
+    )
+    if uniform and _has_foreach_support(tensors, device):
+        norms = torch._foreach_norm(tensors, norm_type)
+        if norms[0].dtype != norm_dtype(dtype):  # complex64 gives float32 norms already; nothing else converts
+            norms = [n.to(norm_dtype(dtype)) for n in norms]
+        return torch.stack(norms)
+    return torch.stack([n if n.device == device else n.to(device) for n in per_tensor_norms(tensors, norm_type)])
+
+
 def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.0) -> GradStats:
     """Gradient norms per layer and overall, in one read of the gradients and with no host sync.
 
@@ -206,7 +257,7 @@ def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.
     if groups not in _GROUPINGS:
         raise ValueError(f"grad_stats: groups must be one of {_GROUPINGS}, got {groups!r}")
     norm_type = check_norm_type(norm_type, "grad_stats")
-    named = [(user_name(name), p) for name, p in named_parameters_of(params) if p.grad is not None]
+    named = [(name, p) for name, p in named_parameters_of(params) if p.grad is not None]
     if not named:
         zero = torch.zeros((), dtype=torch.float32)
         empty = torch.zeros(0, dtype=torch.float32)
@@ -214,33 +265,21 @@ def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.
 
     grads = [p.grad for _, p in named]
     device = grads[0].device
-    param_norms = torch.stack([n if n.device == device else n.to(device) for n in per_tensor_norms(grads, norm_type)])
-
-    names: list[str] = []
-    group_of_name: dict[str, int] = {}
-    group_index: list[int] = []
-    for name, _ in named:
-        group = layer_name(name) if groups == "module" else name
-        if group not in group_of_name:
-            group_of_name[group] = len(names)
-            names.append(group)
-        group_index.append(group_of_name[group])
-
-    if len(names) == len(named):  # one tensor per group: nothing to combine
+    param_norms = stacked_norms(grads, norm_type)  # type: ignore[arg-type]
+    layout = _layout(tuple(name for name, _ in named), groups)
+    if len(layout.names) == len(named):  # one tensor per group: nothing to combine
         norms = param_norms
     else:
-        index = torch.tensor(group_index, device=device)
-        norms = segment_norms(param_norms, index, len(names), norm_type)
+        norms = segment_norms(param_norms, layout.index(device), len(layout.names), norm_type)
     total_norm = combine_norms(param_norms, norm_type)
-    finite = torch.isfinite(total_norm)
     return GradStats(
         total_norm=total_norm,
         norms=norms,
-        names=names,
-        finite=finite,
+        names=list(layout.names),
+        finite=total_norm * 0 == 0,  # isfinite in two kernels instead of four: x * 0 is NaN for NaN and inf
         norm_type=norm_type,
         params=[p for _, p in named],
-        param_names=[name for name, _ in named],
+        param_names=list(layout.param_names),
         param_norms=param_norms,
-        group_index=group_index,
+        group_index=list(layout.group_index),
     )
