@@ -155,7 +155,7 @@ def _clip_grad_norm_run(fused: bool, steps: int = 12) -> list[torch.Tensor]:
 def _guarded_run(fused: bool, steps: int = 12) -> tuple[list[torch.Tensor], gg.Guard]:
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
-    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(0.3), on_spike="log", on_growth="log")
+    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(0.3), on_spike="log", responses={"growth": "log"})
     for i in range(steps):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
@@ -197,7 +197,7 @@ def test_grad_scaler_unscales_first_skips_inf_and_backs_off_the_scale():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     twin = _model()
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=1e-2)
-    guard = gg.Guard(model, optimizer, scaler=scaler, on_spike="log", on_growth="log")
+    guard = gg.Guard(model, optimizer, scaler=scaler, on_spike="log", responses={"growth": "log"})
     for i in range(4):
         x, y = _batch(i)
         scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
@@ -220,7 +220,7 @@ def test_gradient_accumulation_acts_on_boundaries_only():
     model, twin = _model(), _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=1e-2)
-    guard = gg.Guard(model, optimizer, accumulation_steps=3, on_spike="log", on_growth="log")
+    guard = gg.Guard(model, optimizer, accumulation_steps=3, on_spike="log", responses={"growth": "log"})
     boundaries = []
     for i in range(9):
         _backward(model, i)
@@ -243,7 +243,8 @@ def test_gradient_accumulation_acts_on_boundaries_only():
 def test_lr_backoff_after_n_skips_in_a_window():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = gg.Guard(model, optimizer, backoff_after=2, skip_window=10, lr_backoff=0.25, log_every=5)
+    guard = gg.Guard(model, optimizer, log_every=5,
+                     recovery=gg.RecoveryPolicy(backoff_after=2, skip_window=10, lr_backoff=0.25))
     for i in range(10):
         guard.step(_backward(model, i, nan=i in (3, 6)))
         optimizer.zero_grad()
@@ -259,7 +260,8 @@ def test_lr_backoff_after_n_skips_in_a_window():
 def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
-    guard = gg.Guard(model, optimizer, snapshot_every=5, log_every=5, rollback_lr_factor=0.5)
+    guard = gg.Guard(model, optimizer, log_every=5,
+                     recovery=gg.RecoveryPolicy(snapshot_every=5, rollback_lr_factor=0.5))
     for i in range(10):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
@@ -288,7 +290,9 @@ def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
 def test_rollback_from_disk_snapshot(tmp_path):
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = gg.Guard(model, optimizer, snapshot_every=2, log_every=2, snapshot_dir=str(tmp_path))
+    guard = gg.Guard(model, optimizer, log_every=2,
+                     recovery=gg.RecoveryPolicy(snapshot_every=2, snapshot_clean_steps=2,
+                                                snapshot_dir=str(tmp_path)))
     for i in range(4):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
@@ -306,7 +310,7 @@ def test_rollback_from_disk_snapshot(tmp_path):
 def test_training_diverged_when_the_rollback_budget_is_spent():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = gg.Guard(model, optimizer, max_rollbacks=1, snapshot_every=2, log_every=2)
+    guard = gg.Guard(model, optimizer, log_every=2, recovery=gg.RecoveryPolicy(max_rollbacks=1, snapshot_every=2))
     with pytest.raises(gg.TrainingDiverged) as info:
         for i in range(20):
             with torch.no_grad():
@@ -334,7 +338,7 @@ def test_raise_response_stops_at_once():
 def test_many_skips_roll_back():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = gg.Guard(model, optimizer, rollback_after=5, backoff_after=100)
+    guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(rollback_after=5, backoff_after=100))
     for i in range(6):
         guard.step(_backward(model, i, nan=i >= 1))
         optimizer.zero_grad()
@@ -407,24 +411,38 @@ def test_sinks_jsonl_logging_callback(tmp_path, caplog):
     [
         ({"on_spike": "explode"}, "on_spike"),
         ({"on_nonfinite": "clip"}, "on_nonfinite"),
-        ({"on_growth": "maybe"}, "on_growth"),
+        ({"responses": {"growth": "maybe"}}, r"responses\['growth'\]"),
         ({"responses": {"loss_explosion": "skip"}}, "unknown event kind 'loss_explosion'"),
         ({"responses": {"nonfinite_param": "skip"}}, r"responses\['nonfinite_param'\]"),
-        ({"lr_backoff": -0.5}, "lr_backoff"),
-        ({"rollback_lr_factor": 2.0}, "rollback_lr_factor"),
-        ({"backoff_after": 0}, "backoff_after"),
-        ({"max_rollbacks": -1}, "max_rollbacks"),
         ({"accumulation_steps": 0}, "accumulation_steps"),
         ({"log_every": 0}, "log_every"),
-        ({"snapshot_every": 0}, "snapshot_every"),
         ({"clip": "global"}, "clip"),
         ({"sinks": [object()]}, r"sinks\[0\]"),
+        ({"recovery": {"max_rollbacks": 1}}, "recovery"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_option(kwargs, option):
     model = _model()
     with pytest.raises(ValueError, match=option):
         gg.Guard(model, torch.optim.SGD(model.parameters(), lr=1e-3), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"lr_backoff": -0.5}, "lr_backoff"),
+        ({"rollback_lr_factor": 2.0}, "rollback_lr_factor"),
+        ({"backoff_after": 0}, "backoff_after"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+        ({"snapshot_every": 0}, "snapshot_every"),
+        ({"lr_recover_after": 0}, "lr_recover_after"),
+        ({"snapshot_clean_steps": -1}, "snapshot_clean_steps"),
+        ({"snapshot_loss_z": 0.0}, "snapshot_loss_z"),
+    ],
+)
+def test_bad_recovery_policy_raises_value_error_naming_the_field(kwargs, option):
+    with pytest.raises(ValueError, match=f"RecoveryPolicy: {option}"):
+        gg.RecoveryPolicy(**kwargs)
 
 
 def test_growth_clip_response_holds_the_norm_at_its_moving_average():
@@ -448,7 +466,7 @@ def test_grad_scaler_with_a_fused_optimizer_makes_no_host_read():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    guard = gg.Guard(model, optimizer, scaler=scaler, on_spike="log", on_growth="log", log_every=100)
+    guard = gg.Guard(model, optimizer, scaler=scaler, on_spike="log", responses={"growth": "log"}, log_every=100)
     for i in range(5):
         x, y = _batch(i)
         scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
@@ -519,7 +537,8 @@ def test_per_kind_response_override_rolls_back_on_a_gradient_spike():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     guard = gg.Guard(model, optimizer, detector=gg.detect.Detector(warmup_steps=5),
-                     responses={"grad_spike": "rollback", "loss_spike": "log"}, snapshot_every=5, log_every=5)
+                     responses={"grad_spike": "rollback", "loss_spike": "log"}, log_every=5,
+                     recovery=gg.RecoveryPolicy(snapshot_every=5, snapshot_clean_steps=5))
     for i in range(13):
         guard.step(_backward(model, i, scale=1e3 if i == 12 else 1.0))
         optimizer.zero_grad()

@@ -27,7 +27,7 @@ def _build(fused: bool, seed: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.01 * s))
     guard = gg.Guard(model, optimizer, clip=gg.clip.ZClip(warmup_steps=5), scheduler=scheduler,
                      detector=gg.detect.Detector(warmup_steps=5), log_every=5, layer_every=3,
-                     snapshot_every=10, backoff_after=2, skip_window=20)
+                     recovery=gg.RecoveryPolicy(snapshot_every=10, backoff_after=2, skip_window=20))
     return model, optimizer, scheduler, guard
 
 

@@ -5,7 +5,7 @@ from gradguard.clip import ClipResult
 from gradguard.doctor import locate_nonfinite, suggest_clip_threshold
 from gradguard.forensics import Forensics
 from gradguard.guard import Guard
-from gradguard.recover import TrainingDiverged
+from gradguard.recover import RecoveryPolicy, TrainingDiverged
 from gradguard.stats import GradStats, grad_stats
 from gradguard.syncs import count_host_syncs
 
@@ -14,6 +14,7 @@ __all__ = [
     "Forensics",
     "GradStats",
     "Guard",
+    "RecoveryPolicy",
     "TrainingDiverged",
     "activations",
     "clip",

@@ -44,6 +44,11 @@ STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "g
 EVENT_KINDS = (*STEP_KINDS, "nonfinite_param")
 
 
+def kinds_of(bits: int) -> list[str]:
+    """The kinds whose bit is set in ``bits`` (bit ``i``: ``STEP_KINDS[i]``), in ``STEP_KINDS`` order."""
+    return [kind for i, kind in enumerate(STEP_KINDS) if bits >> i & 1]
+
+
 def finite(x: Tensor) -> Tensor:
     """``torch.isfinite(x)`` for floating tensors in two kernels instead of four: ``x * 0`` is 0 for finite
     values and NaN for NaN and +-inf (this runs every step, on the device)."""

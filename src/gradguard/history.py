@@ -3,18 +3,19 @@
 Each guarded step writes one row of ``FIELDS`` (float32) into a ``(capacity, len(FIELDS))`` tensor on the
 gradients' device, and every ``layer_every`` steps one row of per-layer norms into a second ring. Writing
 is a device copy; nothing is read. :meth:`History.drain` copies the filled rows to the host at once (the
-only host read of the monitoring path) and turns them into records, one dict per step::
+only host read of the monitoring path) and :func:`to_record` turns each into a :class:`StepRecord`::
 
     {
         "step": int,                  # optimizer step (accumulation boundary), from 0
         "loss": float,                # loss passed to guard.step (summed over accumulated micro-batches)
         "total_norm": float,          # global gradient norm before clipping (NaN/inf when not finite)
-        "coef": float,                # factor applied to the gradients (1.0 = not clipped)
+        "action": str,                # what was done with the step: "step", "clip" or "skip" (a skip wins)
+        "coef": float,                # factor applied to the gradients (1.0: not clipped, or skipped)
         "clip_threshold": float|None, # the total norm allowed this step: total_norm * coef when clipped,
                                       # else the known ceiling (GlobalNorm's max_norm, the spike threshold
                                       # when spikes are clipped); None when there is none
         "skipped": bool,              # the optimizer did not update (parameters and its state unchanged)
-        "clipped": bool,              # the gradients were scaled down
+        "clipped": bool,              # the gradients were scaled down (never on a skipped step)
         "lr": float,                  # learning rate of the first parameter group at this step
         "events": [                   # what the detector saw, and what the Guard did about it
             {"step": int, "kind": str, "layer": str|None, "action": str, ...values},
@@ -26,22 +27,65 @@ Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own a
 ``"lr_recover"`` and ``"rollback"``. Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
 factor); ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
-lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. ``action`` is the response
-configured for the kind (``"log"``, ``"clip"``, ``"skip"``, ``"rollback"``, ``"raise"``), or the action's
-own name for the Guard's actions. On the fused path, events of host actions are attached to the step
-whose row triggered them (or to the last row of the flush).
+lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. ``action`` is what was done about
+the event (``"log"``, ``"clip"``, ``"skip"``, ``"rollback"``, ``"raise"``: the configured response, except
+that a ``"clip"`` response on a skipped step is ``"skip"``), or the action's own name for the Guard's
+actions. On the fused path, events of host actions are attached to the step whose row triggered them (or
+to the last row of the flush).
 Floats may be NaN or inf (the JSON Lines sink writes them as ``NaN`` / ``Infinity``, as ``json`` does).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
 
-from gradguard.detect import STEP_KINDS
+from gradguard.decide import Responses
+from gradguard.detect import kinds_of
+
+
+class _EventKeys(TypedDict):
+    step: int
+    kind: str
+    layer: str | None
+    action: str
+
+
+class Event(_EventKeys, total=False):
+    """One event of a :class:`StepRecord` (the values present depend on the kind, see the module docstring)."""
+
+    total_norm: float
+    loss: float
+    z: float
+    threshold: float
+    rate: float
+    lr_before: float
+    lr_after: float
+    reason: str
+    to_step: int | None
+
+
+class _StepKeys(TypedDict):
+    step: int
+    loss: float
+    total_norm: float
+    action: str
+    coef: float
+    clip_threshold: float | None
+    skipped: bool
+    clipped: bool
+    lr: float
+    events: list[Event]
+
+
+class StepRecord(_StepKeys, total=False):
+    """One guarded step, as flushed to ``guard.history`` and the sinks (see the module docstring)."""
+
+    layer_norms: dict[str, float]
+
 
 #: Columns of a history row, in order.
 FIELDS = (
@@ -197,18 +241,16 @@ class History:
         self._layer_written = int(state["layer_written"])
 
 
-def to_record(row: dict[str, Any], action_of_kind: dict[str, str]) -> dict[str, Any]:
-    """Turn a drained row into the public record format (see the module docstring)."""
+def to_record(row: dict[str, Any], responses: Responses) -> StepRecord:
+    """Turn a drained row into a :class:`StepRecord` (see the module docstring)."""
     names: list[str] = row["names"]
     layer_index = int(row["layer"])
     layer = names[layer_index] if 0 <= layer_index < len(names) else None
-    flags = int(row["flags"])
-    step = row["step"]
-    events: list[dict[str, Any]] = []
-    for bit, kind in enumerate(STEP_KINDS):
-        if not flags >> bit & 1:
-            continue
-        event: dict[str, Any] = {"step": step, "kind": kind, "layer": layer, "action": action_of_kind[kind]}
+    step: int = row["step"]
+    skipped = bool(row["skipped"])
+    events: list[Event] = []
+    for kind in kinds_of(int(row["flags"])):
+        event: Event = {"step": step, "kind": kind, "layer": layer, "action": responses.taken(kind, skipped)}
         if kind in ("nonfinite_grad", "grad_spike", "growth"):
             event["total_norm"] = row["total_norm"]
         if kind in ("nonfinite_loss", "loss_spike"):
@@ -220,14 +262,16 @@ def to_record(row: dict[str, Any], action_of_kind: dict[str, str]) -> dict[str, 
         if kind == "growth":
             event["rate"] = row["growth_rate"]
         events.append(event)
-    record: dict[str, Any] = {
+    clipped = bool(row["clipped"])
+    record: StepRecord = {
         "step": step,
         "loss": row["loss"],
         "total_norm": row["total_norm"],
+        "action": "skip" if skipped else "clip" if clipped else "step",
         "coef": row["coef"],
         "clip_threshold": _float_or_none(row["clip_threshold"]),
-        "skipped": bool(row["skipped"]),
-        "clipped": bool(row["clipped"]),
+        "skipped": skipped,
+        "clipped": clipped,
         "lr": row["lr"],
         "events": events,
     }

@@ -1,54 +1,90 @@
 """Recovery: what the Guard does on the host when skipping a step is not enough.
 
+One object, :class:`Recovery`, owns it all: the policy (:class:`RecoveryPolicy`, what the user configures
+with ``gg.Guard(..., recovery=gg.RecoveryPolicy(...))``), the last good :class:`Snapshot`, the
+:class:`TrainingState` it covers (model, optimizer, scheduler), the escalation counters and the log of the
+actions it took.
+
 Escalation, one rung at a time (and back down once training is healthy again):
 
 1. **LR back-off**: ``backoff_after`` skipped steps within ``skip_window`` steps multiply every
    parameter group's learning rate by ``lr_backoff`` (and an attached scheduler's ``base_lrs``, so that
    schedulers that recompute the rate from them keep the cut).
 2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``rollback_after`` skipped steps
-   within ``skip_window`` steps restore the last good :class:`Snapshot` (model, optimizer state,
-   scheduler, the Guard's detector and clipper) and cut the learning rate by ``rollback_lr_factor``. A
-   GradScaler keeps its current scale: it describes the gradients' range, not the weights (and saving
-   its state would cost a host read). The learning rate
-   itself is not taken from the snapshot: it stays what it was (the user's schedule, earlier cuts), times
-   the cut.
-3. **TrainingDiverged**: a rollback needed when ``max_rollbacks`` were spent (or none is possible)
-   raises, with an account of what happened. Training never goes on silently with NaN weights.
+   within ``skip_window`` steps restore the last good snapshot (model, optimizer state, scheduler) and
+   cut the learning rate by ``rollback_lr_factor``. The learning rate itself is not taken from the
+   snapshot: it stays what it was (the user's schedule, earlier cuts), times the cut. The detector's and
+   the clip strategy's statistics are *not* restored: they are the run's memory of what healthy
+   gradients look like, and a rollback to an earlier point must not put the detector back into its
+   warm-up (a fault soon after would then go unflagged). A GradScaler keeps its current scale: it
+   describes the gradients' range, not the weights.
+3. **TrainingDiverged**: a rollback needed when ``max_rollbacks`` were spent (or none is possible), or a
+   ``"raise"`` response, raises, with an account of what happened. Before raising, the model and the
+   optimizer are put back to the last good snapshot, so that a checkpoint saved in the handler holds
+   finite weights; the exception names that snapshot's step.
 
 Cuts are not for good: ``lr_recover_after`` real steps after a cut, the last outstanding cut is undone
 (as ``GradScaler`` grows its scale back), so that a transient fault costs a transient slow-down.
 
-Snapshots are taken only when the weights were just checked finite, every ``snapshot_every`` steps; in
-memory (a clone of every tensor, on its device) or, with ``snapshot_dir``, in one file on disk written
-atomically (large models).
+**Good snapshots only.** A snapshot is the state rollbacks return to, so it is taken only from state known
+to be good: when a flush has just checked the weights finite, at least ``snapshot_every`` steps after the
+previous one, and after ``snapshot_clean_steps`` steps in a row that had no event and were not skipped,
+over which the loss stayed near its healthy level: the mean of their z-scores of the log loss (the
+detector's, against its moving average) is at most ``snapshot_loss_z`` (a mean, so that one harder batch
+does not count, while a loss that stays above its level does). Weights that an event damaged (a clipped spike that still moved them too far,
+an LR burst) are therefore not kept until training has shown them healthy. The first snapshot holds the
+weights as training starts. Snapshots live in memory (a clone of every tensor, on its device) or, with
+``snapshot_dir``, in one file on disk written atomically (large models).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:  # for annotations only
+    from gradguard.decide import Responses
+    from gradguard.history import Event, StepRecord
+
+__all__ = ["Recovery", "RecoveryPolicy", "Snapshot", "TrainingDiverged", "TrainingState"]
+
 
 class TrainingDiverged(RuntimeError):
-    """Raised when training cannot be kept finite: the rollback budget is spent, or rollback is impossible.
+    """Raised when training cannot be kept finite: the rollback budget is spent, rollback is impossible, or
+    an event's response is ``"raise"``. The model and optimizer then hold the last good snapshot.
 
     Attributes:
         step: the optimizer step at which the Guard gave up.
         events: the last events recorded (dicts in the history format).
         summary: the Guard's counters (``guard.summary()``) at that point.
+        snapshot_step: the step of the snapshot now in the model and optimizer (None: there was none, and
+            they were left as they were).
     """
 
-    def __init__(self, message: str, step: int, events: list[dict[str, Any]], summary: dict[str, int]):
+    def __init__(self, message: str, step: int, events: list[Event], summary: dict[str, int],
+                 snapshot_step: int | None = None):
         super().__init__(message)
         self.step = step
         self.events = events
         self.summary = summary
+        self.snapshot_step = snapshot_step
+
+
+class GiveUp(Exception):
+    """Internal: a recovery decision that ends training. The Guard turns it into :class:`TrainingDiverged`
+    (after publishing its history), with :meth:`Recovery.diverged`."""
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.step = step
 
 
 def clone_tree(obj: Any) -> Any:
@@ -62,6 +98,72 @@ def clone_tree(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(clone_tree(v) for v in obj)
     return obj
+
+
+def _int_at_least(value: Any, low: int, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"RecoveryPolicy: {name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _factor(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"RecoveryPolicy: {name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    """How the Guard escalates when skipping is not enough (see the module docstring).
+
+    Args:
+        lr_backoff: factor on the learning rate after ``backoff_after`` skips within ``skip_window`` steps
+            (at most one back-off per ``skip_window`` steps).
+        backoff_after: skips within ``skip_window`` steps that call for an LR back-off.
+        rollback_after: skips within ``skip_window`` steps that call for a rollback.
+        skip_window: the window, in steps, over which skips are counted.
+        rollback_lr_factor: factor on the learning rate after a rollback.
+        max_rollbacks: rollbacks allowed before ``TrainingDiverged``.
+        lr_recover_after: real steps after a cut (back-off or rollback) before it is undone, one at a time;
+            None: cuts are kept for good.
+        snapshot_every: least steps between two snapshots (taken at a flush, from good state only); None: no
+            snapshots (no memory for them), and a needed rollback raises ``TrainingDiverged``.
+        snapshot_dir: keep the snapshot in this folder instead of memory.
+        snapshot_clean_steps: steps in a row without event or skip before a snapshot may be taken.
+        snapshot_loss_z: the largest mean z-score of the log loss over those steps (against its moving
+            average) that counts as "near its healthy level".
+    """
+
+    lr_backoff: float = 0.5
+    backoff_after: int = 5
+    rollback_after: int = 10
+    skip_window: int = 50
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    lr_recover_after: int | None = 50
+    snapshot_every: int | None = 100
+    snapshot_dir: str | os.PathLike[str] | None = None
+    snapshot_clean_steps: int = 10
+    snapshot_loss_z: float = 1.0
+
+    def __post_init__(self) -> None:
+        _factor(self.lr_backoff, "lr_backoff")
+        _int_at_least(self.backoff_after, 1, "backoff_after")
+        _int_at_least(self.rollback_after, 1, "rollback_after")
+        _int_at_least(self.skip_window, 1, "skip_window")
+        _factor(self.rollback_lr_factor, "rollback_lr_factor")
+        _int_at_least(self.max_rollbacks, 0, "max_rollbacks")
+        if self.lr_recover_after is not None:
+            _int_at_least(self.lr_recover_after, 1, "lr_recover_after")
+        if self.snapshot_every is not None:
+            _int_at_least(self.snapshot_every, 1, "snapshot_every")
+        if self.snapshot_dir is not None and not isinstance(self.snapshot_dir, (str, os.PathLike)):
+            raise ValueError(f"RecoveryPolicy: snapshot_dir must be a path or None, got {self.snapshot_dir!r}")
+        _int_at_least(self.snapshot_clean_steps, 0, "snapshot_clean_steps")
+        if isinstance(self.snapshot_loss_z, bool) or not isinstance(self.snapshot_loss_z, (int, float)) or not (
+            self.snapshot_loss_z > 0
+        ):
+            raise ValueError(f"RecoveryPolicy: snapshot_loss_z must be a number > 0, got {self.snapshot_loss_z!r}")
 
 
 class Snapshot:
@@ -100,14 +202,15 @@ class Snapshot:
             assert self._state is not None
             return clone_tree(self._state)
         assert self.path is not None
-        return torch.load(self.path, weights_only=True)
+        state: dict[str, Any] = torch.load(self.path, weights_only=True)
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         # a memory snapshot travels with the checkpoint; a disk snapshot stays in its file
         return {"step": self.step, "state": self._state if self.directory is None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = state["step"]
+        self.step = None if state["step"] is None else int(state["step"])
         if self.directory is None:
             self._state = None if state["state"] is None else clone_tree(state["state"])
 
@@ -133,56 +236,221 @@ def scale_lr_(optimizer: torch.optim.Optimizer, factor: float, scheduler: Any = 
 
 
 @dataclass
-class RecoveryPolicy:
-    """Host-side escalation counters: which rung to climb (or step down) after each step.
+class TrainingState:
+    """The objects a snapshot covers: the model, the optimizer and, when given, the LR scheduler."""
 
-    All counts are over the skipped steps of the last ``skip_window`` steps:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
 
-    * ``"lr_backoff"``: ``backoff_after`` skips, at most once per ``skip_window`` steps (while most steps
-      are skipped the learning rate changes little, so cutting it again and again would only compound).
-    * ``"rollback"``: ``rollback_after`` skips: the weights themselves are probably bad.
-    * ``"lr_recover"``: ``lr_recover_after`` real steps since the last cut (or the last recovery) undo the
-      last outstanding cut, as ``torch.amp.GradScaler`` grows its scale back after ``growth_interval``
-      steps: a transient fault does not leave the run at a fraction of its learning rate for good.
+    def capture(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load ``state``; the learning rates in force (and the scheduler's ``base_lrs``) are kept."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        base_lrs = list(getattr(self.scheduler, "base_lrs", []))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        if base_lrs:
+            self.scheduler.base_lrs = base_lrs
+
+
+class Recovery:
+    """The host side of the Guard: escalation (back-off, rollback, give up), snapshots and their log.
+
+    The Guard calls :meth:`start` before its first step, :meth:`after_step` with each step's events (every
+    step on the plain path, at the flush on the fused path), and :meth:`at_flush` when it has read the
+    weights' finite check and the flushed records. Decisions that end training raise :class:`GiveUp`;
+    :meth:`diverged` then restores the last good snapshot and builds the :class:`TrainingDiverged`.
     """
 
-    lr_backoff: float = 0.5
-    backoff_after: int = 5
-    rollback_after: int = 10
-    skip_window: int = 50
-    rollback_lr_factor: float = 0.5
-    max_rollbacks: int = 3
-    lr_recover_after: int | None = 50
-    skips: deque[int] = field(default_factory=deque)  # steps of the skips within the window
-    last_backoff: int | None = None
-    clean_steps: int = 0  # real steps since the last LR change
-    cuts: list[float] = field(default_factory=list)  # outstanding LR factors, oldest first
-    rollbacks: int = 0
-    lr_backoffs: int = 0
+    def __init__(self, policy: RecoveryPolicy, state: TrainingState):
+        self.policy = policy
+        self.state = state
+        self.snapshot = Snapshot(policy.snapshot_dir)
+        self.initial_lrs = group_lrs(state.optimizer)
+        # escalation
+        self.skips: deque[int] = deque()  # steps of the skips within the window
+        self.last_backoff: int | None = None
+        self.clean_steps = 0  # real steps since the last LR change
+        self.cuts: list[float] = []  # outstanding LR factors, oldest first
+        self.rollbacks = 0
+        self.lr_backoffs = 0
+        # snapshots: healthy steps in a row, counted from the flushed records after the last restore
+        self.healthy_steps = 0
+        self.healthy_z: deque[float] = deque(maxlen=max(1, policy.snapshot_clean_steps))
+        self.restored_after: int = -1  # records of steps <= this came from state a rollback abandoned
+        # the action log: events of host actions, by step, until the Guard attaches them to their records
+        self.actions: dict[int, list[Event]] = {}
+        self.recent: deque[Event] = deque(maxlen=20)
 
-    def observe(self, step: int, skipped: bool) -> str | None:
-        """Count one step; returns ``"rollback"``, ``"lr_backoff"``, ``"lr_recover"`` or None."""
-        while self.skips and self.skips[0] <= step - self.skip_window:
+    # ------------------------------------------------------------------ the rungs
+
+    def start(self, step: int) -> None:
+        """Before a step: the first snapshot, the weights as training starts (taken here, not when the Guard
+        is made, so that weights loaded after it, e.g. a pretrained checkpoint, are the ones kept)."""
+        if self.policy.snapshot_every is not None and self.snapshot.step is None:
+            self.snapshot.save(step, self.state.capture())
+
+    def after_step(self, step: int, kinds: Sequence[str], responses: Responses, skipped: bool, now: int) -> bool:
+        """One step's host decisions: ``"raise"`` / ``"rollback"`` responses, then the escalation rungs.
+
+        ``now`` is the last step taken (the fused path decides at the flush, after later steps ran).
+        Returns True when it rolled back. Raises :class:`GiveUp`.
+        """
+        for kind in kinds:
+            if responses[kind] == "raise":
+                raise GiveUp(f"a {kind} event at step {step}, whose response is 'raise'", step)
+        for kind in kinds:
+            if responses[kind] == "rollback":
+                self.rollback(step, f"a {kind} event", now)
+                return True
+        rung = self._observe(step, skipped)
+        if rung == "lr_backoff":
+            self._change_lr(step, "lr_backoff", self.policy.lr_backoff)
+            self.cuts.append(self.policy.lr_backoff)
+            self.lr_backoffs += 1
+        elif rung == "lr_recover":
+            self._change_lr(step, "lr_recover", 1.0 / self.cuts.pop())
+        elif rung == "rollback":
+            self.rollback(step, f"{len(self.skips)} skipped steps within {self.policy.skip_window}", now)
+            return True
+        return False
+
+    def _observe(self, step: int, skipped: bool) -> str | None:
+        """Count one step; returns ``"rollback"``, ``"lr_backoff"``, ``"lr_recover"`` or None.
+
+        All counts are over the skipped steps of the last ``skip_window`` steps. A back-off happens at most
+        once per window (while most steps are skipped the learning rate changes little, so cutting it again
+        and again would only compound); ``lr_recover_after`` real steps since the last cut (or recovery)
+        undo the last outstanding cut, as ``torch.amp.GradScaler`` grows its scale back.
+        """
+        p = self.policy
+        while self.skips and self.skips[0] <= step - p.skip_window:
             self.skips.popleft()
         if not skipped:
             self.clean_steps += 1
-            if self.cuts and self.lr_recover_after is not None and self.clean_steps >= self.lr_recover_after:
+            if self.cuts and p.lr_recover_after is not None and self.clean_steps >= p.lr_recover_after:
                 self.clean_steps = 0
                 return "lr_recover"
             return None
         self.skips.append(step)
-        if len(self.skips) >= self.rollback_after:
+        if len(self.skips) >= p.rollback_after:
             return "rollback"
-        cooling = self.last_backoff is not None and step - self.last_backoff < self.skip_window
-        if len(self.skips) >= self.backoff_after and not cooling:
+        cooling = self.last_backoff is not None and step - self.last_backoff < p.skip_window
+        if len(self.skips) >= p.backoff_after and not cooling:
             self.last_backoff = step
             self.clean_steps = 0
             return "lr_backoff"
         return None
 
-    def after_rollback(self) -> None:
+    def _change_lr(self, step: int, kind: str, factor: float) -> tuple[float, float]:
+        optimizer = self.state.optimizer
+        before = float(optimizer.param_groups[0]["lr"])
+        scale_lr_(optimizer, factor, self.state.scheduler)
+        after = float(optimizer.param_groups[0]["lr"])
+        if kind != "rollback":
+            self.note({"step": step, "kind": kind, "layer": None, "action": kind,
+                       "lr_before": before, "lr_after": after})
+        return before, after
+
+    def rollback(self, step: int, reason: str, now: int) -> None:
+        """Restore the last good snapshot and cut the learning rate; raises :class:`GiveUp` when impossible."""
+        if self.snapshot.step is None:
+            raise GiveUp(f"{reason} at step {step} called for a rollback, and snapshots are off "
+                         "(snapshot_every=None)", step)
+        if self.rollbacks >= self.policy.max_rollbacks:
+            raise GiveUp(f"{reason} at step {step} called for a rollback, and the rollback budget is spent "
+                         f"({self.rollbacks} of max_rollbacks={self.policy.max_rollbacks})", step)
+        self.state.restore(self.snapshot.load())
+        before, after = self._change_lr(step, "rollback", self.policy.rollback_lr_factor)
+        self.cuts.append(self.policy.rollback_lr_factor)
+        self.rollbacks += 1
         self.skips.clear()
         self.clean_steps = 0
+        self.healthy_steps = 0
+        self.healthy_z.clear()
+        self.restored_after = now
+        self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
+                   "to_step": self.snapshot.step, "lr_before": before, "lr_after": after})
+
+    def note(self, event: Event) -> None:
+        """Log a host action (attached to its step's record by the Guard)."""
+        self.actions.setdefault(event["step"], []).append(event)
+        self.recent.append(event)
+
+    # ------------------------------------------------------------------ flush: weights and snapshots
+
+    def at_flush(self, records: Sequence[StepRecord], loss_z: Sequence[float], bad_param: str | None,
+                 nonfinite_param_response: str, step_count: int) -> None:
+        """After a flush read: roll back (or give up) on non-finite weights, else snapshot if due and good.
+
+        ``records`` are the steps flushed, ``loss_z`` their z-scores of the log loss, ``bad_param`` the first
+        parameter holding NaN/Inf (None: all finite), ``step_count`` the steps taken so far.
+        """
+        for record, z in zip(records, loss_z):
+            if record["step"] <= self.restored_after:
+                continue
+            if record["events"] or record["skipped"]:
+                self.healthy_steps = 0
+                self.healthy_z.clear()
+            else:
+                self.healthy_steps += 1
+                self.healthy_z.append(z if math.isfinite(z) else 0.0)
+        if bad_param is not None:
+            step = step_count - 1
+            self.note({"step": step, "kind": "nonfinite_param", "layer": bad_param,
+                       "action": nonfinite_param_response})
+            if nonfinite_param_response == "raise":
+                raise GiveUp(f"non-finite weights in {bad_param!r} after step {step}", step)
+            self.rollback(step, f"non-finite weights in {bad_param!r}", now=step)
+            return
+        every = self.policy.snapshot_every
+        due = every is not None and (self.snapshot.step is None or step_count - self.snapshot.step >= every)
+        loss_near_level = not sum(self.healthy_z) > self.policy.snapshot_loss_z * len(self.healthy_z)
+        if due and self.healthy_steps >= self.policy.snapshot_clean_steps and loss_near_level:
+            self.snapshot.save(step_count, self.state.capture())
+
+    # ------------------------------------------------------------------ giving up
+
+    def diverged(self, give_up: GiveUp, summary: dict[str, int]) -> TrainingDiverged:
+        """Put the last good snapshot back into the model and optimizer; the exception that says so."""
+        restored = self.snapshot.step
+        if restored is not None:
+            self.state.restore(self.snapshot.load())
+        lines = [f"gradguard: training diverged at step {give_up.step}: {give_up.reason}."]
+        if self.recent:
+            lines.append("What happened (latest events):")
+            for event in list(self.recent)[-10:]:
+                values = ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in event.items() if k not in ("step", "kind", "layer", "action")
+                )
+                where = f" in {event['layer']!r}" if event.get("layer") else ""
+                lines.append(f"  step {event['step']}: {event['kind']}{where} ({values}) -> {event['action']}")
+        lr_now = float(self.state.optimizer.param_groups[0]["lr"])
+        lines.append(
+            f"Counters: {summary['steps']} steps, {summary['skipped']} skipped, {summary['clipped']} clipped, "
+            f"{summary['rollbacks']} rollbacks, {summary['lr_backoffs']} LR back-offs; "
+            f"lr {self.initial_lrs[0]:.3g} -> {lr_now:.3g}."
+        )
+        if restored is not None:
+            lines.append(f"The model and optimizer now hold the last good snapshot, of step {restored}.")
+        else:
+            lines.append("There is no snapshot (snapshot_every=None): the model and optimizer were left as they are.")
+        lines.append("Try a lower learning rate, gradient clipping (gg.clip.GlobalNorm), a better-scaled init "
+                     "(gg.init.auto_), or gg.doctor(model, batch, loss_fn) to find the layer.")
+        return TrainingDiverged("\n".join(lines), give_up.step, list(self.recent), summary, restored)
+
+    # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +460,12 @@ class RecoveryPolicy:
             "cuts": list(self.cuts),
             "rollbacks": self.rollbacks,
             "lr_backoffs": self.lr_backoffs,
+            "healthy_steps": self.healthy_steps,
+            "healthy_z": list(self.healthy_z),
+            "restored_after": self.restored_after,
+            "snapshot": self.snapshot.state_dict(),
+            "actions": {step: list(events) for step, events in self.actions.items()},
+            "initial_lrs": list(self.initial_lrs),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,31 +475,10 @@ class RecoveryPolicy:
         self.cuts = [float(c) for c in state["cuts"]]
         self.rollbacks = int(state["rollbacks"])
         self.lr_backoffs = int(state["lr_backoffs"])
-
-
-@dataclass
-class TrainingState:
-    """The objects a snapshot covers, and how to read and restore the Guard's own part."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    guard_state: Callable[[], dict[str, Any]]
-    load_guard_state: Callable[[dict[str, Any]], None]
-
-    def capture(self) -> dict[str, Any]:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "guard": self.guard_state(),
-        }
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.load_guard_state(state["guard"])
-        if self.scheduler is not None and "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
+        self.healthy_steps = int(state["healthy_steps"])
+        self.healthy_z.clear()
+        self.healthy_z.extend(float(z) for z in state["healthy_z"])
+        self.restored_after = int(state["restored_after"])
+        self.snapshot.load_state_dict(state["snapshot"])
+        self.actions = {int(step): list(events) for step, events in state["actions"].items()}
+        self.initial_lrs = [float(lr) for lr in state["initial_lrs"]]

@@ -26,7 +26,10 @@ import os
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Protocol, runtime_checkable
 
-Record = dict[str, Any]
+from gradguard.history import StepRecord
+
+#: What a sink receives: one record per guarded step (the schema: :class:`gradguard.history.StepRecord`).
+Record = StepRecord
 
 __all__ = ["JSONL", "Callback", "Logging", "Record", "Sink", "TensorBoard", "scalars_of"]
 

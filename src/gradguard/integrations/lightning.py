@@ -63,7 +63,7 @@ class GradGuardCallback(L.Callback):
 
     def __init__(self, **guard_options: Any):
         check_guard_options(
-            guard_options, "GradGuardCallback", reserved=("scaler", "scheduler", "accumulation_steps")
+            guard_options, "GradGuardCallback", reserved=("scaler", "scheduler", "accumulation_steps", "optimizer_step")
         )
         self.guard_options = guard_options
         self.guard: Guard | None = None
@@ -87,10 +87,10 @@ class GradGuardCallback(L.Callback):
         optimizer = trainer.optimizers[0]
         options = dict(self.guard_options)
         options["sinks"] = [*options.get("sinks", ()), LoggerSink(trainer)]
-        self.guard = Guard(pl_module, optimizer, **options)
+        # Lightning's optimizer.step(closure) will only run the closure; the Guard takes the real step (the
+        # method as it is now, given as optimizer_step) in on_before_optimizer_step.
+        self.guard = Guard(pl_module, optimizer, optimizer_step=optimizer.step, **options)
         self._optimizer = optimizer
-        # Lightning's optimizer.step(closure) now only runs the closure; the Guard takes the real step
-        # (with the step method it captured when it was built) in on_before_optimizer_step.
         optimizer.step = _run_closure_only  # type: ignore[method-assign]
 
     def on_before_backward(

@@ -60,7 +60,7 @@ class GradGuardCallback(TrainerCallback):
 
     def __init__(self, **guard_options: Any):
         check_guard_options(
-            guard_options, "GradGuardCallback", reserved=("scaler", "scheduler", "accumulation_steps")
+            guard_options, "GradGuardCallback", reserved=("scaler", "scheduler", "accumulation_steps", "optimizer_step")
         )
         self.guard_options = guard_options
         self.guard: Guard | None = None

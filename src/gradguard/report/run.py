@@ -27,9 +27,8 @@ from matplotlib import colors
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from gradguard.history import StepRecord as Record
 from gradguard.report.figures import png_data_uri
-
-Record = dict[str, Any]
 
 NAN_COLOUR = "#e0009d"  # magenta: a layer norm that is NaN
 INF_COLOUR = "#000000"  # black: a layer norm that is +Inf
