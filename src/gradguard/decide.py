@@ -141,8 +141,8 @@ class Decision:
 
     Attributes:
         skip: 0-d bool, True: the optimizer does not step (parameters and its state unchanged).
-        coef: 0-d float32, the factor applied to the gradients on a real step (1.0: no clip; 1.0 when
-            skipped). It does not include an in-place clip strategy's own factor (``Value``, ``LayerNorm``,
+        coef: 0-d float32 (float64 for float64 norms), the factor applied to the gradients on a real step
+            (1.0: no clip; 1.0 when skipped). It does not include an in-place clip strategy's own factor (``Value``, ``LayerNorm``,
             ``AGC`` clip the gradients themselves).
         ceiling: 0-d float32, the total norm the step was allowed: the least of the clip strategy's static
             ``max_norm`` and the spike threshold when spikes are clipped (inf: none).
@@ -185,10 +185,11 @@ def decide(
     # sets no limit
     limit_of_kind = torch.where(r.growth_mask, verdict.norm_level, verdict.spike_threshold)
     limits = torch.where(flags & r.clip_mask, limit_of_kind, math.inf).nan_to_num(nan=math.inf)
-    total = total_norm.float()
-    coef = torch.clamp(limits.amin() / (total + _NORM_EPS), max=1.0)
+    # float64 norms (float64 gradients) stay float64: a norm of 1e100 has a coefficient of 1e-100
+    total = total_norm if total_norm.dtype == torch.float64 else total_norm.float()
+    coef = torch.clamp(limits.amin().to(total.dtype) / (total + _NORM_EPS), max=1.0)
     if clip_coef is not None:
-        coef = torch.fmin(coef, clip_coef.float())
+        coef = torch.fmin(coef, clip_coef.to(total.dtype))
     # one action per step: a skipped step is not clipped; a non-finite norm is never "clipped" to NaN
     coef = torch.where(skip | ~finite, 1.0, coef)
     top = verdict.spike_threshold if responses.clips("grad_spike") else None

@@ -370,7 +370,7 @@ class Guard:
         opt: Any = self.optimizer
         if not (self._momentum_buffers_missing() and bool(decision.skip)):  # a read until SGD's first step
             # with a GradScaler the gradients were unscaled already (stage UNSCALED): only our coefficient
-            opt.grad_scale = decision.coef.reciprocal()
+            opt.grad_scale = decision.coef.reciprocal().float()
             opt.found_inf = decision.skip.float()
             try:
                 self._call_optimizer_step()
