@@ -2,8 +2,8 @@
 
 A plain step is ``zero_grad; loss = loss_fn(model(x), y); loss.backward(); optimizer.step()`` (SGD).
 ``locate_nonfinite`` runs one forward and one backward pass with a finiteness flag per module output and
-per output gradient, plus the ``grad_stats`` read of the parameter gradients (the all-finite case, where
-it has to go through both passes). The two are interleaved, timed with ``time.perf_counter`` (with
+per gradient each autograd node makes, plus the ``grad_stats`` read of the parameter gradients (the
+all-finite case, where it has to go through both passes). The two are interleaved, timed with ``time.perf_counter`` (with
 ``torch.cuda.synchronize`` on a GPU), and the median of the repeats is reported, as a ratio. The issue asks
 for a ratio under 3.
 

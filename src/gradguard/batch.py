@@ -5,8 +5,8 @@ A batch is one of:
 * ``(inputs, targets)``: the model is called as ``model(inputs)`` and the loss is
   ``loss_fn(output, targets)``; a third item, ``(inputs, targets, ids)``, names the samples;
 * a dict of keyword inputs (a Hugging Face batch): the model is called as ``model(**inputs)``; the loss is
-  ``output.loss`` (a ``ModelOutput``, or a dict with a ``"loss"`` key) when ``loss_fn`` is None, else
-  ``loss_fn(output, batch)``. An ``"ids"`` or ``"index"`` key names the samples and is not passed to the
+  ``output.loss`` (a ``ModelOutput``, a dict with a ``"loss"`` key, or the first item of a tuple, as
+  ``return_dict=False`` gives it) when ``loss_fn`` is None, else ``loss_fn(output, batch)``. An ``"ids"`` or ``"index"`` key names the samples and is not passed to the
   model.
 
 Without ids a sample is named by its position in the batch. The batch dimension is the first dimension of
@@ -16,7 +16,7 @@ along it when one sample is taken out (:func:`take`), everything else is passed 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["ID_KEYS", "Batch", "as_batch", "forward_loss", "leaves", "model_loss", "take", "to_device"]
+__all__ = ["ID_KEYS", "Batch", "as_batch", "forward_loss", "leaf_inputs", "leaves", "model_loss", "take",
+           "to_device"]
 
 #: Keys of a dict batch that name its samples (the first one present is used).
 ID_KEYS = ("ids", "index")
@@ -80,7 +81,8 @@ def as_batch(batch: Any, where: str = "batch") -> Batch:
     """Split ``batch`` by the convention; raises ``ValueError`` naming ``where`` when it fits none."""
     if isinstance(batch, Batch):
         return batch
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
+        batch = dict(batch)  # a BatchEncoding (a UserDict) as a plain dict
         id_key = next((k for k in ID_KEYS if k in batch), None)
         inputs = {k: v for k, v in batch.items() if k != id_key}
         ids = batch[id_key] if id_key is not None else None
@@ -100,8 +102,13 @@ def as_batch(batch: Any, where: str = "batch") -> Batch:
 
 
 def model_loss(output: Any) -> Tensor:
-    """``output.loss`` of a Hugging Face style output (attribute or ``"loss"`` key)."""
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    """``output.loss`` of a Hugging Face style output (attribute, ``"loss"`` key, or a tuple's first item)."""
+    if isinstance(output, dict):
+        loss = output.get("loss")
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor) and output[0].numel() == 1:
+        loss = output[0]  # return_dict=False: (loss, logits, ...) when labels were given
+    else:
+        loss = getattr(output, "loss", None)
     if not isinstance(loss, Tensor):
         raise ValueError("batch: with no loss_fn the model's output must carry a loss (output.loss); "
                          "pass labels in the batch, or give a loss_fn")
@@ -156,6 +163,22 @@ def leaves(batch: Batch) -> tuple[list[Tensor], Callable[[list[Tensor]], Batch]]
         return Batch(inputs, targets, None, batch.keyword, size)
 
     return [flat[i] for i in where], put
+
+
+def leaf_inputs(batch: Batch) -> tuple[Batch, list[Tensor]]:
+    """The batch with each floating-point input tensor replaced by a detached leaf that takes a gradient, and
+    those leaves: after ``backward`` their ``.grad`` is ``dL/dx`` at the model input. Integer inputs (token
+    ids) stay as they are."""
+    new_leaves: list[Tensor] = []
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point():
+            x = x.detach().requires_grad_(True)
+            new_leaves.append(x)
+        return x
+
+    inputs = tree_map(leaf, batch.inputs)
+    return Batch(inputs, batch.targets, batch.ids, batch.keyword, batch.size), new_leaves
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -43,6 +43,7 @@ from gradguard.doctor.trace import (
     ForwardTrace,
     ModuleCall,
     RecurrentCell,
+    eager,
     find_recurrent_cells,
     flat_tensors,
     norm32,
@@ -308,7 +309,7 @@ def doctor(
         raise ValueError(f"doctor: jacobian_iterations must be >= 1, got {jacobian_iterations}")
     inputs, targets = batch
     notes: list[str] = []
-    with preserved(model):
+    with preserved(model), eager():
         traced = _traced_pass(model, inputs, targets, loss_fn)
         trace, stats = traced.trace, traced.stats
 

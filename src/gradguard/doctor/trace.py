@@ -9,20 +9,29 @@ Recurrent cells written by hand are found from the trace, not from their class: 
 once in a forward pass, where an output tensor of each call is an input of the next call (``h_t =
 cell(x_t, h_{t-1})``; a tuple state such as ``(h, c)`` works the same way). The state may not pass
 through anything else between calls (a dropout on ``h`` hides the cell).
+
+Module calls are seen one by one only when the model runs eagerly: ``torch.compile`` fuses a model into
+graphs whose intermediate outputs are not the tensors the hooks would watch (their gradients arrive as
+None or not at all). Tracing therefore runs inside :func:`eager`, where compiled modules run their
+original Python code. Names are the user's (``names.user_name``: ``_orig_mod.``, ``module.``, FSDP's
+prefixes removed); the real path stays in ``ModuleCall.path``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from gradguard.names import user_name
 from gradguard.stats import per_tensor_norms
 
-__all__ = ["ModuleCall", "ForwardTrace", "RecurrentCell", "find_recurrent_cells", "leaf_calls"]
+__all__ = ["ModuleCall", "ForwardTrace", "RecurrentCell", "eager", "find_recurrent_cells", "leaf_calls"]
 
 # A forward hook may rewrite a module's output (the doctor steps nn.RNN by hand this way).
 OutputRewriter = Callable[[str, nn.Module, tuple, dict, Any], Any]
@@ -33,13 +42,14 @@ class ModuleCall:
     """One call of one module.
 
     Attributes:
-        name: the module's path in the model (``"layers.3"``).
+        name: the module's name for the user (``"layers.3"``): its path without wrapper prefixes.
         module: the module itself.
         args, kwargs: what it was called with (references, not copies).
         inputs: the tensors among ``args``/``kwargs``, flattened in pytree order.
         outputs: the tensors of its output, flattened in pytree order.
         output_grad_norms: for each output, ``||dL/dy||`` once backward has run (a 0-d float32 device
             tensor), None while unknown or when the output takes no gradient.
+        path: the module's path in the model as ``named_modules`` gives it (``"_orig_mod.layers.3"``).
     """
 
     name: str
@@ -49,6 +59,7 @@ class ModuleCall:
     inputs: list[Tensor]
     outputs: list[Tensor]
     output_grad_norms: list[Tensor | None] = field(default_factory=list)
+    path: str = ""
 
     @property
     def is_leaf(self) -> bool:
@@ -62,6 +73,13 @@ def norm32(t: Tensor) -> Tensor:
 
 def flat_tensors(tree: Any) -> list[Tensor]:
     return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled models and modules (``torch.compile``) as plain Python inside: ``set_stance("force_eager")``."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 class ForwardTrace:
@@ -102,7 +120,8 @@ class ForwardTrace:
                 if rewritten is not None:
                     output = rewritten
             outputs = flat_tensors(output)
-            call = ModuleCall(name, module, args, kwargs, flat_tensors((args, kwargs)), outputs)
+            call = ModuleCall(user_name(name), module, args, kwargs, flat_tensors((args, kwargs)), outputs,
+                              path=name)
             call.output_grad_norms = [None] * len(outputs)
             if self.grad_norms:
                 for i, out in enumerate(outputs):
@@ -115,8 +134,10 @@ class ForwardTrace:
 
     @staticmethod
     def _grad_norm_hook(call: ModuleCall, index: int) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
-            call.output_grad_norms[index] = norm32(grad.detach())
+        def hook(grad: Tensor | None) -> None:
+            # None: an output of a multi-output op that nothing used (``a, b = x.chunk(2)``, ``b`` unused).
+            if grad is not None:
+                call.output_grad_norms[index] = norm32(grad.detach())
 
         return hook
 
