@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.doctor import doctor
-from gradguard.doctor.report import DoctorReport
+from gradguard.explain import doctor
+from gradguard.explain.report import DoctorReport
 
 WIDTH = 48
 IN, OUT = 16, 10
@@ -312,7 +312,7 @@ def test_a_fix_that_does_not_reach_stable_says_what_the_flow_becomes() -> None:
 
 
 def test_to_dict_layout_is_the_documented_one(batch) -> None:
-    """The lab and other programs read these keys (see gradguard/doctor/report.py)."""
+    """The lab and other programs read these keys (see gradguard/explain/report.py)."""
     model = mlp(3, nn.ReLU, he)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     data = doctor(model, batch, nn.functional.cross_entropy, optimizer=optimizer, jacobian_iterations=5).to_dict()
@@ -356,3 +356,15 @@ def test_other_dtypes_are_diagnosed(dtype) -> None:
     report = doctor(model, batch, nn.functional.cross_entropy, jacobian_iterations=5)
     assert report.verdict == "exploding" and report.start_layer == "0"
     assert gg.locate_nonfinite(model, batch, nn.functional.cross_entropy) is None
+
+
+def test_gg_doctor_is_a_plain_function_and_the_package_a_plain_module() -> None:
+    """Issue 9.11: mypy said ``Module not callable`` on ``gg.doctor(...)`` (a package made callable by swapping
+    its class). Checked by hand: ``mypy`` on the README's call reports no issue."""
+    import types
+
+    import gradguard.explain.report
+
+    assert isinstance(gg.doctor, types.FunctionType) and gg.doctor is doctor
+    assert type(gradguard.explain) is types.ModuleType
+    assert gradguard.explain.report.DoctorReport is DoctorReport

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.doctor.recurrent import unrolled_forward
+from gradguard.explain.recurrent import unrolled_forward
 
 HIDDEN = 24
 

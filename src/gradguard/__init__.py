@@ -1,8 +1,8 @@
 """gradguard: see, stop, explain and prevent exploding gradients in PyTorch training."""
 
-from gradguard import activations, clip, detect, doctor, forensics, init, regularize, sinks
+from gradguard import activations, clip, detect, explain, forensics, init, regularize, sinks
 from gradguard.clip import ClipResult
-from gradguard.doctor import locate_nonfinite, suggest_clip_threshold
+from gradguard.explain import DoctorReport, doctor, locate_nonfinite, suggest_clip_threshold
 from gradguard.forensics import Forensics
 from gradguard.guard import Guard
 from gradguard.recover import RecoveryPolicy, TrainingDiverged
@@ -11,6 +11,7 @@ from gradguard.syncs import count_host_syncs
 
 __all__ = [
     "ClipResult",
+    "DoctorReport",
     "Forensics",
     "GradStats",
     "Guard",
@@ -21,6 +22,7 @@ __all__ = [
     "count_host_syncs",
     "detect",
     "doctor",
+    "explain",
     "forensics",
     "grad_stats",
     "init",

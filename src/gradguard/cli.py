@@ -73,8 +73,8 @@ def doctor(
     import json
     from pathlib import Path
 
-    from gradguard.doctor import doctor as run_doctor
-    from gradguard.doctor.factory import FactoryError, load_patient
+    from gradguard.explain import doctor as run_doctor
+    from gradguard.explain.factory import FactoryError, load_patient
 
     try:
         patient = load_patient(target)
@@ -100,8 +100,8 @@ def replay(
     """Rebuild a bad step from its bundle; locate its first NaN/Inf and run the doctor on it.
 
     Exit code: 0 no NaN/Inf and a healthy doctor's report, 1 a NaN/Inf or an error finding, 2 bad input."""
-    from gradguard.doctor import doctor as run_doctor
-    from gradguard.doctor.factory import FactoryError, load_patient
+    from gradguard.explain import doctor as run_doctor
+    from gradguard.explain.factory import FactoryError, load_patient
     from gradguard.forensics import rng
     from gradguard.forensics.bundle import load_bundle, replay_step
 

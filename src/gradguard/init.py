@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.activations import RECTIFIERS, activation_kind, negative_slope
+from gradguard.trace import ForwardTrace, find_recurrent_cells, leaf_calls
 
 __all__ = [
     "InitChoice",
@@ -201,8 +202,6 @@ def following_activations(
     registration order of the modules, which is the execution order of ``nn.Sequential``.
     """
     if inputs is not None:
-        from gradguard.doctor.trace import ForwardTrace, leaf_calls
-
         with torch.no_grad(), ForwardTrace(model, grad_norms=False) as trace:
             model(inputs)
         seen: set[int] = set()
@@ -235,8 +234,6 @@ def following_in_order(order: list[tuple[str, nn.Module]]) -> dict[str, nn.Modul
 
 def _recurrent_cell_weights(model: nn.Module, inputs: object) -> set[int]:
     """ids of the square weights of hand-written recurrent cells found by running ``model(inputs)``."""
-    from gradguard.doctor.trace import ForwardTrace, find_recurrent_cells
-
     with torch.no_grad(), ForwardTrace(model, grad_norms=False) as trace:
         model(inputs)
     square: set[int] = set()
@@ -257,7 +254,7 @@ def auto_(model: nn.Module, inputs: object = None) -> dict[str, InitChoice]:
     * Linear/Conv followed by tanh, sigmoid or nothing: Xavier (Glorot & Bengio 2010).
     * ``nn.RNN/GRU/LSTM`` and ``nn.*Cell``: Xavier input weights, orthogonal hidden weights (Saxe et al.
       2014), per gate block; biases 0.
-    * Hand-written recurrent cells (found only when ``inputs`` is given, see ``doctor.trace``): their square
+    * Hand-written recurrent cells (found only when ``inputs`` is given, see ``gradguard.trace``): their square
       ``hidden x hidden`` weights orthogonal.
 
     Args:
@@ -361,8 +358,6 @@ def lsuv_(model: nn.Module, inputs: object, tol: float = 0.1, max_iters: int = 1
         raise ValueError(f"lsuv_: max_iters must be >= 1, got {max_iters}")
     if isinstance(inputs, (tuple, list)) and len(inputs) == 2 and isinstance(inputs[0], Tensor):
         inputs = inputs[0]
-    from gradguard.doctor.trace import ForwardTrace, leaf_calls
-
     with ForwardTrace(model, grad_norms=False) as trace:
         model(inputs)
     order: list[tuple[str, nn.Module]] = []

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.batch import Batch, LossFn, as_batch
-from gradguard.doctor.nonfinite import locate_nonfinite
-from gradguard.doctor.preserve import preserved
+from gradguard.explain.nonfinite import locate_nonfinite
+from gradguard.explain.preserve import preserved
 from gradguard.forensics import rng
 from gradguard.forensics.bundle import write_bundle
 from gradguard.forensics.layer import origin_layer

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.batch import Batch, LossFn, as_batch, to_device
-from gradguard.doctor.nonfinite import NonfiniteOrigin, locate_nonfinite
+from gradguard.explain.nonfinite import NonfiniteOrigin, locate_nonfinite
 from gradguard.forensics import rng
 from gradguard.names import user_name
 

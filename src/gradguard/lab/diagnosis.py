@@ -1,10 +1,10 @@
 """The doctor's view of a lab model at initialization, as JSON values for a run's record.
 
-The gradient flow comes from ``gg.doctor`` (issue 4): the norm of the error signal ``||dL/dy_l||`` at
-each layer's output, in depth order (Glorot & Bengio 2010, eqs. 13-14), its fitted total growth and the
-doctor's verdict; for recurrent models also ``||dL/dh_t||`` over time. Where the doctor is not
-available, the per-layer weight-gradient norms of one backward pass (``gg.grad_stats``) stand in, and
-the record says so (``source``).
+The gradient flow comes from ``gg.doctor``: the norm of the error signal ``||dL/dy_l||`` at each
+layer's output, in depth order (Glorot & Bengio 2010, eqs. 13-14), its fitted total growth and the
+doctor's verdict; for recurrent models also ``||dL/dh_t||`` over time. Where the doctor fails on a model,
+the per-layer weight-gradient norms of one backward pass (``gg.grad_stats``) stand in, and the record
+says so (``source``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from gradguard.explain import doctor
 from gradguard.lab.remedies import Batch, LossFn
 from gradguard.stats import grad_stats
 
@@ -21,10 +22,6 @@ JACOBIAN_ITERATIONS = 3  # the lab reads the flow, not the Jacobian: keep the do
 
 def gradient_flow_at_init(model: nn.Module, batch: Batch, loss_fn: LossFn) -> dict[str, Any]:
     """``{"source", "names", "norms", "weight_grads", "total_growth", "verdict", "start_layer", "time"}``."""
-    try:
-        from gradguard.doctor import doctor
-    except ImportError:  # the doctor (issue 4) is not in this version
-        return _weight_gradient_flow(model, batch, loss_fn)
     try:
         report = doctor(model, batch, loss_fn, jacobian_iterations=JACOBIAN_ITERATIONS).to_dict()
     except Exception as error:  # a doctor failure must not lose the training run: measure the plain way

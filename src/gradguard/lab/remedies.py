@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import clip as gg_clip
+from gradguard.explain import suggest_clip_threshold
 from gradguard.stats import GradStats
 
 #: name -> label used in tables and plots
@@ -112,8 +113,6 @@ def pascanu_threshold(
     """The clipping threshold heuristic of Pascanu, Mikolov & Bengio 2013 (section 3.2: "look at
     statistics on the average norm over a sufficiently large number of updates"), from the doctor's
     ``gg.suggest_clip_threshold``."""
-    from gradguard.doctor import suggest_clip_threshold
-
     return float(suggest_clip_threshold(model, list(batches), loss_fn, steps=steps))
 
 

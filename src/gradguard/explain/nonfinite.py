@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.batch import Batch, LossFn, as_batch, forward_loss, leaf_inputs
-from gradguard.doctor.preserve import preserved
-from gradguard.doctor.trace import eager, flat_tensors
+from gradguard.explain.preserve import preserved
 from gradguard.names import user_name
 from gradguard.stats import grad_stats
+from gradguard.trace import eager, flat_tensors
 
 __all__ = ["NonfiniteOrigin", "TensorStats", "locate_nonfinite", "tensor_stats"]
 

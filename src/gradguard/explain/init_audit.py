@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.activations import activation_kind, derivative_bound
-from gradguard.doctor.trace import RecurrentCell
 from gradguard.init import RECURRENT_MODULES, WEIGHT_LAYERS, prescribed_std, recurrent_weight_blocks
+from gradguard.trace import RecurrentCell
 
 __all__ = ["INIT_TOLERANCE", "InitCheck", "RecurrentBound", "audit_init", "audit_recurrent"]
 

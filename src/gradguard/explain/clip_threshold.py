@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.doctor.preserve import preserved
+from gradguard.explain.preserve import preserved
 from gradguard.stats import grad_stats
 
 __all__ = ["suggest_clip_threshold"]

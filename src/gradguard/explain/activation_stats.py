@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gradguard.activations import activation_kind
-from gradguard.doctor.trace import ModuleCall
+from gradguard.trace import ModuleCall
 
 __all__ = ["SATURATION_LEVEL", "ActivationStats", "activation_stats"]
 

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from gradguard.doctor.flow import fit_growth, safe_exp, verdict_of
-from gradguard.doctor.jacobian import spectral_norm
-from gradguard.doctor.recurrent import State, run_unrolled, unroll_unsupported, unrolled_forward
-from gradguard.doctor.trace import RecurrentCell, flat_tensors, norm32
+from gradguard.explain.flow import fit_growth, safe_exp, verdict_of
+from gradguard.explain.jacobian import spectral_norm
+from gradguard.explain.recurrent import State, run_unrolled, unroll_unsupported, unrolled_forward
+from gradguard.trace import RecurrentCell, flat_tensors, norm32
 
 __all__ = ["RecurrentRecorder", "TimeFlow", "cell_time_flow", "rnn_time_flow", "time_verdict"]
 

@@ -19,13 +19,13 @@ from typing import Any
 
 from torch import nn
 
-from gradguard.doctor.activation_stats import ActivationStats
-from gradguard.doctor.flow import DepthFlow, verdict_of
-from gradguard.doctor.init_audit import InitCheck, RecurrentBound
-from gradguard.doctor.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
-from gradguard.doctor.nonfinite import NonfiniteOrigin
-from gradguard.doctor.remedies import Remedy, auto_init, chrono, lsuv, saturating_classes, swap_saturating
-from gradguard.doctor.time_flow import TimeFlow
+from gradguard.explain.activation_stats import ActivationStats
+from gradguard.explain.flow import DepthFlow, verdict_of
+from gradguard.explain.init_audit import InitCheck, RecurrentBound
+from gradguard.explain.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
+from gradguard.explain.nonfinite import NonfiniteOrigin
+from gradguard.explain.remedies import Remedy, auto_init, chrono, lsuv, saturating_classes, swap_saturating
+from gradguard.explain.time_flow import TimeFlow
 
 __all__ = ["DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "rank"]
 

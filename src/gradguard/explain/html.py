@@ -18,7 +18,7 @@ import jinja2
 from gradguard.report.figures import plt, png_data_uri
 
 if TYPE_CHECKING:
-    from gradguard.doctor.report import DoctorReport
+    from gradguard.explain.report import DoctorReport
 
 __all__ = ["render_html"]
 

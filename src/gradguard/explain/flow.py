@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradguard.doctor.trace import ModuleCall
 from gradguard.stats import GradStats, per_tensor_norms
+from gradguard.trace import ModuleCall
 
 __all__ = ["GROWTH_LIMIT", "LAYER_GAIN_TOLERANCE", "DepthFlow", "LayerFlow", "depth_flow", "fit_growth",
            "safe_exp", "verdict_of"]

@@ -2,7 +2,7 @@
 
 The order of work:
 
-1. one forward and backward pass on ``batch`` under a :class:`~gradguard.doctor.trace.ForwardTrace`
+1. one forward and backward pass on ``batch`` under a :class:`~gradguard.trace.ForwardTrace`
    (``nn.RNN/GRU/LSTM`` stepped by hand, see ``recurrent.py``), the input made a leaf that takes a
    gradient; then ``grad_stats(model)`` for the weight gradients;
 2. gradient flow across depth (``flow.py``) and, for a recurrent model, across time (``time_flow.py``);
@@ -28,18 +28,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.doctor.activation_stats import activation_stats
-from gradguard.doctor.findings import Finding, build_findings
-from gradguard.doctor.flow import DepthFlow, depth_flow
-from gradguard.doctor.init_audit import audit_init, audit_recurrent
-from gradguard.doctor.jacobian import spectral_norm
-from gradguard.doctor.learning_rate import relative_updates
-from gradguard.doctor.nonfinite import NonfiniteOrigin, locate_nonfinite
-from gradguard.doctor.preserve import preserved
-from gradguard.doctor.remedies import first_stabilising, flow_candidates
-from gradguard.doctor.report import DoctorReport
-from gradguard.doctor.time_flow import RecurrentRecorder, TimeFlow, cell_time_flow, rnn_time_flow
-from gradguard.doctor.trace import (
+from gradguard.explain.activation_stats import activation_stats
+from gradguard.explain.findings import Finding, build_findings
+from gradguard.explain.flow import DepthFlow, depth_flow
+from gradguard.explain.init_audit import audit_init, audit_recurrent
+from gradguard.explain.jacobian import spectral_norm
+from gradguard.explain.learning_rate import relative_updates
+from gradguard.explain.nonfinite import NonfiniteOrigin, locate_nonfinite
+from gradguard.explain.preserve import preserved
+from gradguard.explain.remedies import first_stabilising, flow_candidates
+from gradguard.explain.report import DoctorReport
+from gradguard.explain.time_flow import RecurrentRecorder, TimeFlow, cell_time_flow, rnn_time_flow
+from gradguard.init import following_in_order
+from gradguard.stats import GradStats, grad_stats
+from gradguard.trace import (
     ForwardTrace,
     ModuleCall,
     RecurrentCell,
@@ -48,8 +50,6 @@ from gradguard.doctor.trace import (
     flat_tensors,
     norm32,
 )
-from gradguard.init import following_in_order
-from gradguard.stats import GradStats, grad_stats
 
 __all__ = ["doctor"]
 

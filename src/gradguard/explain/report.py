@@ -36,13 +36,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradguard.doctor.activation_stats import ActivationStats
-from gradguard.doctor.findings import Finding
-from gradguard.doctor.flow import DepthFlow
-from gradguard.doctor.init_audit import InitCheck, RecurrentBound
-from gradguard.doctor.learning_rate import UpdateSize
-from gradguard.doctor.nonfinite import NonfiniteOrigin
-from gradguard.doctor.time_flow import TimeFlow
+from gradguard.explain.activation_stats import ActivationStats
+from gradguard.explain.findings import Finding
+from gradguard.explain.flow import DepthFlow
+from gradguard.explain.init_audit import InitCheck, RecurrentBound
+from gradguard.explain.learning_rate import UpdateSize
+from gradguard.explain.nonfinite import NonfiniteOrigin
+from gradguard.explain.time_flow import TimeFlow
 
 __all__ = ["DoctorReport", "json_safe"]
 
@@ -169,7 +169,7 @@ class DoctorReport:
 
     def to_html(self, path: str | Path) -> Path:
         """Write one self-contained HTML page (plots embedded as PNG data URIs); returns its path."""
-        from gradguard.doctor.html import render_html
+        from gradguard.explain.html import render_html
 
         path = Path(path)
         path.write_text(render_html(self), encoding="utf-8")

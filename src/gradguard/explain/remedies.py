@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from gradguard.activations import SATURATING, replace_
+from gradguard.init import auto_, chrono_, lsuv_
 
 __all__ = ["Remedy", "auto_init", "chrono", "first_stabilising", "flow_candidates", "lsuv", "swap_saturating"]
 
@@ -42,8 +43,6 @@ class Remedy:
 
 
 def auto_init(cells_present: bool) -> Remedy:
-    from gradguard.init import auto_
-
     if cells_present:  # auto_ finds hand-written recurrent cells only by running the model once
         return Remedy("gg.init.auto_(model, batch[0])", lambda model, batch: auto_(model, batch[0]))
     return Remedy("gg.init.auto_(model)", lambda model, batch: auto_(model))
@@ -51,16 +50,12 @@ def auto_init(cells_present: bool) -> Remedy:
 
 def chrono(module_name: str, steps: int) -> Remedy:
     """Chrono init of a gated recurrent module's gate biases over ``steps`` (Tallec & Ollivier 2018)."""
-    from gradguard.init import chrono_
-
     span = max(steps, 3)
     return Remedy(f'gg.init.chrono_(model.get_submodule("{module_name}"), max_steps={span})',
                   lambda model, batch: chrono_(model.get_submodule(module_name), max_steps=span))
 
 
 def lsuv() -> Remedy:
-    from gradguard.init import lsuv_
-
     return Remedy("gg.init.lsuv_(model, batch[0])", lambda model, batch: lsuv_(model, batch[0]))
 
 
