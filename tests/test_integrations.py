@@ -150,7 +150,9 @@ def test_transformers_trainer_skips_the_nan_step(tmp_path: Path, monkeypatch: py
     assert trainer.lr_scheduler.last_epoch == 29  # the scheduler did not advance on the skipped step
     logged = [row for row in trainer.state.log_history if "gradguard/total_norm" in row]
     assert len(logged) == 30
-    assert [row["step"] for row in logged if row["gradguard/skipped"] == 1.0] == [10]
+    # the Trainer's step numbers: global_step after the optimizer step (the 11th, 0-based 10, is skipped)
+    assert [row["step"] for row in logged] == list(range(1, 31))
+    assert [row["step"] for row in logged if row["gradguard/skipped"] == 1.0] == [11]
 
 
 def test_transformers_requires_max_grad_norm_zero(tmp_path: Path) -> None:

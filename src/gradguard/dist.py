@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradguard.stats import GradStats, combine_norms, segment_norms
+from gradguard.stats import GradStats, combine_norms, is_dtensor, segment_norms
 
 
 def process_group_or_none(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
@@ -36,7 +36,7 @@ def process_group_or_none(group: dist.ProcessGroup | None = None) -> dist.Proces
 
 
 def _is_dtensor(t: Tensor | None) -> bool:
-    return t is not None and type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+    return t is not None and is_dtensor(t)
 
 
 def _is_sharded(t: Tensor) -> bool:
@@ -44,20 +44,23 @@ def _is_sharded(t: Tensor) -> bool:
 
 
 def local_named_parameters(named: list[tuple[str, Tensor]]) -> tuple[list[tuple[str, Tensor]], list[bool]]:
-    """Replace DTensor parameters by leaf views of their local shard carrying the local gradient shard.
+    """Replace DTensor parameters by leaf views of their local shard, carrying the local gradient shard.
 
-    The stand-ins share memory with the DTensors' local tensors, so clipping them in place clips the
-    real gradients. Returns the named stand-ins and, for each, whether its gradient is sharded.
+    Every DTensor parameter is replaced, with a gradient or without (after ``zero_grad(set_to_none=True)``
+    the weights are still checked at a flush, and local and distributed tensors cannot be mixed in one op).
+    The stand-ins share memory with the DTensors' local tensors, so clipping them in place clips the real
+    gradients. Returns the named stand-ins and, for each, whether its gradient (or, without one, the
+    parameter) is sharded.
     """
     out: list[tuple[str, Tensor]] = []
     sharded: list[bool] = []
     for name, p in named:
-        if _is_dtensor(p) and p.grad is not None:
+        if _is_dtensor(p):
             holder = p.detach().to_local()  # type: ignore[attr-defined]
-            grad = p.grad.to_local() if _is_dtensor(p.grad) else p.grad  # type: ignore[attr-defined]
-            holder.grad = grad
+            if p.grad is not None:
+                holder.grad = p.grad.to_local() if _is_dtensor(p.grad) else p.grad  # type: ignore[attr-defined]
             out.append((name, holder))
-            sharded.append(_is_sharded(p.grad))
+            sharded.append(_is_sharded(p.grad if p.grad is not None else p))
         else:
             out.append((name, p))
             sharded.append(False)
@@ -83,29 +86,34 @@ def all_reduce_stats(
     any_sharded = bool(sharded) and any(sharded)  # type: ignore[arg-type]
     if not any_sharded:
         # replicated: average norms and loss. NaN anywhere spreads to every rank.
-        packed = torch.cat([stats.norms.float(), loss_value.reshape(1)])
+        packed = torch.cat([stats.norms, loss_value.reshape(1).to(stats.norms.dtype)])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         packed = packed / world
-        norms, loss_value = packed[:-1], packed[-1]
+        norms, loss_value = packed[:-1], packed[-1].float()
         total = combine_norms(norms, p) if norms.numel() else stats.total_norm
     else:
         assert sharded is not None
-        weight = torch.tensor([1.0 if s else 1.0 / world for s in sharded], device=device)
+        n = len(stats.names)
+        dtype = stats.param_norms.dtype
+        weight = torch.tensor([1.0 if s else 1.0 / world for s in sharded], dtype=dtype, device=device)
         index = torch.tensor(stats.group_index, device=device)
-        nonfinite = (~torch.isfinite(stats.param_norms)).float().sum().reshape(1)
+        # per layer, how many of its shards are not finite (counted apart: a NaN must stay in its layer
+        # whatever the collective does with it, and an Inf must not be lost to an Inf - Inf)
+        nonfinite = torch.zeros(n, dtype=dtype, device=device)
+        nonfinite.index_add_(0, index, (~torch.isfinite(stats.param_norms)).to(dtype))
         if p == math.inf:
-            norms = segment_norms(stats.param_norms, index, len(stats.names), p)
+            norms = segment_norms(stats.param_norms, index, n, p)
             dist.all_reduce(norms, op=dist.ReduceOp.MAX, group=group)
-            packed = torch.cat([nonfinite, loss_value.reshape(1)])
+            packed = torch.cat([nonfinite, loss_value.reshape(1).to(dtype)])
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         else:
-            powers = torch.zeros(len(stats.names), device=device)
-            powers.index_add_(0, index, stats.param_norms.float().pow(p) * weight)
-            packed = torch.cat([powers, nonfinite, loss_value.reshape(1)])
+            powers = torch.zeros(n, dtype=dtype, device=device)
+            powers.index_add_(0, index, stats.param_norms.pow(p) * weight)
+            packed = torch.cat([powers, nonfinite, loss_value.reshape(1).to(dtype)])
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-            norms = packed[:-2].pow(1.0 / p)
-        nonfinite, loss_value = packed[-2], packed[-1] / world
-        norms = torch.where(nonfinite > 0, torch.full_like(norms, math.nan), norms) if norms.numel() else norms
+            norms = packed[:n].pow(1.0 / p)
+        nonfinite, loss_value = packed[-1 - n : -1], (packed[-1] / world).float()
+        norms = torch.where(nonfinite > 0, torch.full_like(norms, math.nan), norms)
         total = combine_norms(norms, p) if norms.numel() else stats.total_norm
     finite = torch.isfinite(total)
     new_stats = replace(stats, total_norm=total, norms=norms, finite=finite)

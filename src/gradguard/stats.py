@@ -141,10 +141,17 @@ def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     float32, float64 and complex tensors with the very call ``clip_grad_norm_`` makes (bit-equal norms:
     float32 for float32 and complex64, float64 for float64 and complex128; a complex norm is that of the
     moduli ``|z|``). Half-precision tensors are accumulated and returned in float32 (torch returns their
-    norms rounded to the half type). Sparse tensors use their stored values. The inf-norm is read off
+    norms rounded to the half type). Sparse tensors use their stored values. DTensors (FSDP2) get their
+    norm over all shards (:func:`dtensor_norms`: a collective, every rank must call). The inf-norm is read off
     ``torch.aminmax`` instead: the same exact values, and on the CPU ~15x faster than
     ``vector_norm(inf)``, which neither vectorizes nor uses a second thread there (torch 2.13).
     """
+    distributed = [i for i, t in enumerate(tensors) if is_dtensor(t)]
+    if distributed:
+        norms = per_tensor_norms([t for t in tensors if not is_dtensor(t)], norm_type)
+        for i, norm in zip(distributed, dtensor_norms([tensors[i] for i in distributed], norm_type)):
+            norms.insert(i, norm)
+        return norms
     if norm_type == math.inf:
         return [max_abs(t.coalesce()._values() if t.is_sparse else t) for t in tensors]
     norms: list[Tensor | None] = [None] * len(tensors)
@@ -163,6 +170,52 @@ def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
         for k, norm in zip(indices, result):
             norms[dense[k]] = norm.to(norm_dtype(dtype))
     return norms  # type: ignore[return-value]
+
+
+def is_dtensor(t: object) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (FSDP2 parameters and gradients)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def dtensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
+    """The norms of DTensors over all their shards, as plain 0-d tensors equal on every rank.
+
+    Each rank takes the norms of its local shards; then, for each mesh dimension a tensor is sharded on,
+    one all-reduce over that dimension's group combines them: ``||g||_p^p = sum_r ||g_r||_p^p`` (the max
+    for ``p = inf``). A tensor replicated on that dimension counts ``1 / size`` on each rank, so it is
+    counted once. A NaN or Inf in one rank's shard reaches every rank. This is a collective: every rank
+    of the mesh must call it, as with ``clip_grad_norm_`` on DTensors.
+    """
+    local = per_tensor_norms([t.to_local() for t in tensors], norm_type)  # type: ignore[attr-defined]
+    out: list[Tensor | None] = [None] * len(tensors)
+    meshes: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        meshes.setdefault(id(t.device_mesh), []).append(i)  # type: ignore[attr-defined]
+    for indices in meshes.values():
+        mesh = tensors[indices[0]].device_mesh  # type: ignore[attr-defined]
+        values = torch.stack([local[i] for i in indices])
+        if norm_type != math.inf:
+            values = values.pow(norm_type)
+        for dim in range(mesh.ndim):
+            placements = [tensors[i].placements[dim] for i in indices]  # type: ignore[attr-defined]
+            if any(p.is_partial() for p in placements):
+                raise ValueError("grad_stats: a DTensor with a Partial placement holds unreduced values; "
+                                 "its norm is not the combination of its shards' norms")
+            sharded = [p.is_shard() for p in placements]
+            if not any(sharded):
+                continue
+            group = mesh.get_group(dim)
+            if norm_type == math.inf:  # max: a replicated value is the same everywhere
+                torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=group)
+            else:
+                weight = torch.tensor([1.0 if s else 1.0 / mesh.size(dim) for s in sharded], dtype=values.dtype)
+                values = values * weight.to(values.device)
+                torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=group)
+        if norm_type != math.inf:
+            values = values.pow(1.0 / norm_type)
+        for k, i in enumerate(indices):
+            out[i] = values[k]
+    return out  # type: ignore[return-value]
 
 
 def max_abs(tensor: Tensor) -> Tensor:
@@ -232,8 +285,8 @@ def stacked_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
     two calls ``clip_grad_norm_`` makes."""
     device, dtype = tensors[0].device, tensors[0].dtype
     uniform = norm_type != math.inf and accumulate_dtype(dtype) is None and dtype != torch.complex32 and all(
-        t.dtype == dtype and t.device == device and not t.is_sparse for t in tensors
-    )
+        type(t) is Tensor and t.dtype == dtype and t.device == device and not t.is_sparse for t in tensors
+    )  # plain tensors only: DTensors (FSDP2) are combined over their shards by per_tensor_norms
     if uniform and _has_foreach_support(tensors, device):
         norms = torch._foreach_norm(tensors, norm_type)
         if norms[0].dtype != norm_dtype(dtype):  # complex64 gives float32 norms already; nothing else converts

@@ -7,14 +7,22 @@
     args = TrainingArguments(..., max_grad_norm=0)          # gradguard does the clipping
     trainer = Trainer(model, args, ..., callbacks=[GradGuardCallback(clip=gg.clip.ZClip())])
 
-How it hooks in: the Trainer calls ``self.optimizer.step()`` on accelerate's ``AcceleratedOptimizer`` at
-each accumulation boundary. When training begins the callback builds a Guard over the wrapped torch
-optimizer (and accelerate's ``GradScaler``, when there is one) and routes that call to ``guard.step``, which
-measures, clips, and steps or skips. A skipped step is reported to the Trainer the way accelerate reports
-an fp16 overflow (``optimizer_step_was_skipped``), so the LR scheduler is not advanced. The loss is taken
-from the model's output (``output.loss``) with a forward hook, in training mode only.
+How it hooks in: at each accumulation boundary the Trainer (transformers 4.5x-5.x) first measures the
+gradient norm for its logs with ``accelerator.clip_grad_norm_(params, inf)``, even with
+``max_grad_norm=0``, then calls ``optimizer.step()`` on accelerate's ``AcceleratedOptimizer``. That norm
+call multiplies every gradient by ``inf / norm``: by NaN when one layer's gradient is NaN, which would make
+every layer look poisoned (and it is one more pass over the gradients). So when training begins the
+callback builds a Guard over the wrapped torch optimizer (and accelerate's ``GradScaler``, when there is
+one) and takes that norm call for itself: there ``guard.step`` sees the gradients as the backward pass left
+them, measures, clips, and steps or skips; the Trainer's ``optimizer.step()`` that follows does nothing
+more. The Trainer then logs no ``grad_norm`` of its own (``gradguard/total_norm`` is the norm). Where the
+Trainer makes no such call (older versions), ``guard.step`` runs at ``optimizer.step()``. A skipped step
+is reported to the Trainer the way accelerate reports an fp16 overflow (``optimizer_step_was_skipped``), so
+the LR scheduler is not advanced. The loss is taken from the model's output (``output.loss``) with a
+forward hook, in training mode only.
 
-Flushed records are appended to ``trainer.state.log_history`` (tags of :func:`gradguard.sinks.scalars_of`).
+Flushed records are appended to ``trainer.state.log_history`` (tags of :func:`gradguard.sinks.scalars_of`)
+with the Trainer's step numbers: ``global_step`` after that optimizer step, 1 for the first.
 
 Supported: one optimizer, gradient accumulation, fp16 with accelerate's GradScaler and bf16. Not
 supported: ``max_grad_norm > 0`` (an error at the start: the Trainer would clip, and spread a NaN of one
@@ -24,11 +32,12 @@ LOMO optimizers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gradguard.guard import Guard
 from gradguard.integrations import check_guard_options
@@ -36,14 +45,16 @@ from gradguard.sinks import Record, scalars_of
 
 
 class LogHistorySink:
-    """Appends each flushed record's scalars to the Trainer's ``state.log_history``."""
+    """Appends each flushed record's scalars to the Trainer's ``state.log_history``, at the Trainer's step:
+    ``first_step`` (the ``global_step`` training started from) + the Guard's 0-based step + 1."""
 
-    def __init__(self, state: TrainerState):
+    def __init__(self, state: TrainerState, first_step: int = 0):
         self.state = state
+        self.first_step = first_step
 
     def write(self, records: Sequence[Record]) -> None:
         for record in records:
-            self.state.log_history.append({**scalars_of(record), "step": record["step"]})
+            self.state.log_history.append({**scalars_of(record), "step": self.first_step + record["step"] + 1})
 
     def close(self) -> None:
         pass
@@ -65,6 +76,8 @@ class GradGuardCallback(TrainerCallback):
         self.guard_options = guard_options
         self.guard: Guard | None = None
         self._accelerated: Any = None
+        self._accelerator: Any = None
+        self._stepped = False  # guard.step ran at the Trainer's norm call of this boundary
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
 
@@ -79,10 +92,14 @@ class GradGuardCallback(TrainerCallback):
         model, accelerated = kwargs["model"], kwargs["optimizer"]
         optimizer = getattr(accelerated, "optimizer", accelerated)  # the torch optimizer inside accelerate's
         options = dict(self.guard_options)
-        options["sinks"] = [*options.get("sinks", ()), LogHistorySink(state)]
+        options["sinks"] = [*options.get("sinks", ()), LogHistorySink(state, first_step=state.global_step)]
         self.guard = Guard(model, optimizer, scaler=getattr(accelerated, "scaler", None), **options)
         self._accelerated = accelerated
         accelerated.step = self._guarded_step
+        trainer = _calling_trainer()
+        self._accelerator = getattr(trainer, "accelerator", None)
+        if self._accelerator is not None:
+            self._accelerator.clip_grad_norm_ = self._guarded_grad_norm
         # torch's LR scheduler warns unless optimizer.step is its own counting wrapper: say it is, and set
         # the flag that wrapper sets (see torch.optim.lr_scheduler.LRScheduler.step).
         self._guarded_step.__func__._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
@@ -93,11 +110,28 @@ class GradGuardCallback(TrainerCallback):
         if module.training and isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach())
 
-    def _guarded_step(self, closure: Any = None) -> None:
+    def _step_guard(self) -> None:
         assert self.guard is not None
         loss = torch.stack(self._losses).mean() if self._losses else None
         self._losses = []
         self.guard.step(loss)
+
+    def _guarded_grad_norm(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> None:
+        """``accelerator.clip_grad_norm_``, as the Trainer calls it at a boundary to log the norm (``max_norm``
+        inf): the Guard's step instead, on the gradients as they are. Returns None: no ``grad_norm`` log."""
+        if max_norm != float("inf") or not self._accelerator.sync_gradients:
+            # a real clip request (the Trainer's is refused at train begin): accelerate's own
+            return type(self._accelerator).clip_grad_norm_(self._accelerator, parameters, max_norm, norm_type)
+        self._step_guard()
+        self._stepped = True
+        return None
+
+    def _guarded_step(self, closure: Any = None) -> None:
+        assert self.guard is not None
+        if self._stepped:  # the Guard stepped (or skipped) at the Trainer's norm call just before
+            self._stepped = False
+        else:
+            self._step_guard()
         self._accelerated._opt_called = True
         # accelerate's own flag for "the step was skipped" keeps the Trainer's LR scheduler in place.
         # It is a host read, and the Guard's non-fused step made it already.
@@ -111,6 +145,24 @@ class GradGuardCallback(TrainerCallback):
         if self._accelerated is not None:
             del self._accelerated.step  # accelerate's step again
             self._accelerated = None
+        if self._accelerator is not None:
+            del self._accelerator.clip_grad_norm_
+            self._accelerator = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def _calling_trainer() -> Trainer | None:
+    """The ``Trainer`` whose training loop is calling this callback, found on the call stack.
+
+    The Trainer does not pass itself (nor its accelerator) to callbacks, and the callback must take over
+    the accelerator's norm call; the caller of ``on_train_begin`` is ``Trainer._inner_training_loop``.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
