@@ -13,11 +13,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from gradguard.guard import Guard
+
 
 def check_guard_options(options: dict[str, Any], owner: str, reserved: tuple[str, ...]) -> None:
     """Fail at construction, naming the option, rather than when training starts."""
-    from gradguard.guard import Guard
-
     accepted = set(inspect.signature(Guard).parameters) - {"model", "optimizer", *reserved}
     for name in options:
         if name not in accepted:
