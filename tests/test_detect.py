@@ -31,7 +31,7 @@ def _flags(verdict) -> dict[str, bool]:
 def test_moving_zscore_starts_from_warmup_moments_then_follows_the_ema():
     scorer = MovingZScore(alpha=0.9, warmup_steps=3, sigma_floor=0.0)
     for x in (1.0, 2.0, 3.0):
-        assert float(scorer.score(torch.tensor(x))) == 0.0  # warm-up: no scores
+        assert math.isnan(float(scorer.score(torch.tensor(x))))  # fewer than 3 values: no score yet
         scorer.update(torch.tensor(x), torch.tensor(True))
     assert float(scorer.mean) == pytest.approx(2.0)
     assert float(scorer.var) == pytest.approx(2.0 / 3.0)
@@ -58,11 +58,30 @@ def test_grad_spike_is_flagged_after_warmup_only_and_names_the_layer_that_moved(
     assert float(spike.grad_z) > detector.z_thresh
 
 
-def test_a_spike_during_warmup_is_not_flagged():
-    model, noise, detector = _model(), torch.Generator().manual_seed(0), Detector(warmup_steps=10)
-    for _ in range(5):
-        detector.update(_stats_with(model, (1.0, 1.0), noise))
-    assert not _flags(detector.update(_stats_with(model, (1.0, 50.0), noise)))["grad_spike"]
+@pytest.mark.parametrize("position", [3, 5, 20])
+def test_a_spike_during_warmup_is_flagged_from_the_fourth_step(position):
+    """Regression (issue 10 point 2): the first warmup_steps steps were blind; a 1e4 spike there was learned."""
+    model, noise, detector = _model(), torch.Generator().manual_seed(0), Detector()  # warmup_steps=25
+    for step in range(position):
+        verdict = detector.update(_stats_with(model, (1.0, 1.0), noise), loss=torch.tensor(1.0 + 0.01 * step))
+        assert not bool(verdict.flags.any()), step
+    spike = detector.update(_stats_with(model, (1e4, 1e4), noise), loss=torch.tensor(1e4))
+    assert _flags(spike)["grad_spike"] and _flags(spike)["loss_spike"]
+    assert float(spike.spike_threshold) < 1e-2 * float(gg.grad_stats(model).total_norm)
+    assert float(spike.grad_z) > detector.z_thresh
+    after = detector.update(_stats_with(model, (1.0, 1.0), noise), loss=torch.tensor(1.0))
+    assert not bool(after.flags.any())  # the spike was not learned as the new normal
+    again = detector.update(_stats_with(model, (1e4, 1e4), noise), loss=torch.tensor(1e4))
+    assert _flags(again)["grad_spike"] and _flags(again)["loss_spike"]
+
+
+def test_warmup_does_not_flag_the_first_three_steps_nor_an_ordinary_early_drift():
+    model, noise, detector = _model(), torch.Generator().manual_seed(0), Detector()
+    for step, scale in enumerate((1.0, 1e3, 1e-3, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0)):
+        verdict = detector.update(_stats_with(model, (scale, scale), noise))
+        if step < 3:  # fewer than three norms: nothing to score against
+            assert math.isnan(float(verdict.grad_z)) and not bool(verdict.flags.any())
+    assert not _flags(verdict)["grad_spike"]
 
 
 def test_nonfinite_gradient_and_loss_are_flagged_and_the_first_nonfinite_layer_is_named():
@@ -75,7 +94,7 @@ def test_nonfinite_gradient_and_loss_are_flagged_and_the_first_nonfinite_layer_i
     assert flags["nonfinite_grad"] and flags["nonfinite_loss"]
     assert not flags["grad_spike"] and not flags["growth"]
     assert int(verdict.layer) == 1
-    assert detector.norm.calls == 1 and detector.norm._count is not None and float(detector.norm._count) == 0
+    assert detector.norm.calls == 1 and detector.norm._seen is not None and math.isnan(float(detector.norm._seen[0]))
 
 
 def test_loss_spike():

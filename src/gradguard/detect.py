@@ -8,8 +8,10 @@ Kinds of event (``EVENT_KINDS``):
 * ``nonfinite_grad``: a gradient holds NaN or Inf (``stats.finite`` is False).
 * ``nonfinite_loss``: the loss is NaN or Inf.
 * ``grad_spike``: the log of the total gradient norm is more than ``z_thresh`` standard deviations above
-  its exponential moving average (after a warm-up). Scores are taken on the log of the norm because
-  gradient norms vary multiplicatively: a 10x jump is the same surprise at norm 0.1 and at norm 100.
+  its exponential moving average; during the warm-up (the first ``warmup_steps`` steps), above the
+  median of the norms so far, in robust standard deviations (MAD), from the fourth step on: no step is
+  blind. Scores are taken on the log of the norm because gradient norms vary multiplicatively: a 10x
+  jump is the same surprise at norm 0.1 and at norm 100.
 * ``loss_spike``: the same z-score on the log of the loss (positive losses only).
 * ``growth``: the norm rose at every step of the last ``growth_window`` steps, by at least
   ``growth_factor`` per step on average: a run exploding before it turns into NaN.
@@ -25,6 +27,9 @@ calculation of weighted mean and variance"::
     d = x - mu ;  mu <- mu + (1 - alpha) * d ;  var <- alpha * (var + (1 - alpha) * d^2)
 
 started from the plain mean and variance of the first ``warmup_steps`` finite values (as ZClip does).
+During the warm-up, values are scored against the median and the median absolute deviation of those seen
+so far (Hampel 1974; Rousseeuw & Croux 1993, "Alternatives to the median absolute deviation"):
+``z = (x - median) / max(1.4826 * MAD, warmup_sigma_floor)``, robust to the spike it is looking for.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from gradguard.stats import GradStats, per_tensor_norms
 STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "growth")
 #: All kinds of event, the parameter check (at flush time) included.
 EVENT_KINDS = (*STEP_KINDS, "nonfinite_param")
+#: Finite values a warm-up score needs (a spike at the fourth step of a run is scored).
+MIN_WARMUP_VALUES = 3
+_MAD_TO_STD = 1.4826  # the MAD of a normal sample times this is its standard deviation
 
 
 def kinds_of(bits: int) -> list[str]:
@@ -61,10 +69,10 @@ class Verdict:
 
     Attributes:
         flags: bool tensor, one entry per kind of ``STEP_KINDS``.
-        grad_z: 0-d, z-score of the log total norm (0 during warm-up).
-        loss_z: 0-d, z-score of the log loss (0 during warm-up or when the loss is not scored).
-        spike_threshold: 0-d, the total norm above which a step is a spike (inf during warm-up; NaN
-            while no finite norm was seen, like the z-scores).
+        grad_z: 0-d, z-score of the log total norm (robust during warm-up; NaN before the
+            fourth finite norm, or while no finite norm was seen).
+        loss_z: 0-d, z-score of the log loss (the same; 0 when no loss is given).
+        spike_threshold: 0-d, the total norm above which a step is a spike (NaN while there is none yet).
         norm_level: 0-d, the moving average of the total norm (``exp`` of the EMA of its log).
         growth_rate: 0-d, the average factor per step by which the norm rose over the growth window.
         layer: 0-d int64, the index (in ``stats.names``) of the layer the step's events point at.
@@ -85,19 +93,24 @@ class Verdict:
 class MovingZScore:
     """z-scores of a value (or a vector of values) against their exponentially weighted mean and variance.
 
-    The first ``warmup_steps`` calls only collect; ``ready`` (a host bool, from the call count) says when
-    scores mean something. ``sigma_floor`` bounds the standard deviation from below, so that a very steady
-    series does not turn a small wobble into a large z-score. Non-finite values are never learned.
+    **Warm-up.** The first ``warmup_steps`` calls collect the values; meanwhile a value is scored robustly
+    against those seen so far: their median and their median absolute deviation (MAD, times 1.4826, the
+    standard deviation of a normal sample), with the standard deviation floored at ``warmup_sigma_floor``
+    (early training moves fast), once at least :data:`MIN_WARMUP_VALUES` finite values were seen. So a
+    spike at the fourth step is flagged: there is no blind window. Then the EMA starts from the plain
+    mean and variance of the values collected, and ``ready`` (a host bool, from the call count) is True.
+
+    ``sigma_floor`` bounds the standard deviation from below, so that a very steady series does not turn
+    a small wobble into a large z-score. Non-finite values are never learned.
     """
 
-    def __init__(self, alpha: float, warmup_steps: int, sigma_floor: float):
+    def __init__(self, alpha: float, warmup_steps: int, sigma_floor: float, warmup_sigma_floor: float = 0.5):
         self.alpha = alpha
         self.warmup_steps = warmup_steps
         self.sigma_floor = sigma_floor
+        self.warmup_sigma_floor = max(warmup_sigma_floor, sigma_floor)
         self.calls = 0
-        self._count: Tensor | None = None  # warm-up: finite values seen, sum, sum of squares
-        self._sum: Tensor | None = None
-        self._sumsq: Tensor | None = None
+        self._seen: Tensor | None = None  # warm-up: (warmup_steps, *shape) values, NaN where not learned
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
 
@@ -109,30 +122,38 @@ class MovingZScore:
         assert self.var is not None
         return self.var.sqrt().clamp(min=self.sigma_floor)
 
+    def reference(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(center, std)`` a value is scored against now: the EMA's mean and floored std, or in warm-up the
+        median and floored MAD of the values so far. The center is NaN while too little was learned (a NaN
+        compares False with any threshold, so it flags nothing)."""
+        if self.ready:
+            assert self.mean is not None
+            return self.mean, self.std()
+        if self._seen is None or self.calls < MIN_WARMUP_VALUES:  # a host count: no read
+            nan = torch.full_like(like, math.nan)
+            return nan, nan
+        seen = self._seen[: self.calls]
+        center = seen.nanmedian(dim=0).values
+        spread = (seen - center).abs().nanmedian(dim=0).values * _MAD_TO_STD
+        enough = (seen == seen).sum(dim=0) >= MIN_WARMUP_VALUES
+        return torch.where(enough, center, math.nan), spread.nan_to_num(nan=0.0).clamp(min=self.warmup_sigma_floor)
+
     def score(self, x: Tensor, std: Tensor | None = None) -> Tensor:
-        """``(x - mu) / max(sigma, floor)``: 0 during warm-up, NaN while nothing finite was learned (a NaN
-        z-score compares False with any threshold, so it flags nothing)."""
-        if not self.ready:
-            return torch.zeros_like(x)
-        assert self.mean is not None
-        return (x - self.mean) / (self.std() if std is None else std)
+        """``(x - center) / std`` (see :meth:`reference`): NaN while too little was learned."""
+        center, floored = self.reference(x)
+        return (x - center) / (floored if std is None else std)
 
     def update(self, x: Tensor, learn: Tensor) -> None:
         """Learn ``x`` where ``learn`` (bool, same shape or 0-d) is True; ``learn`` must imply a finite ``x``."""
         if not self.ready:
-            x = torch.where(learn, x, 0.0)
-            if self._count is None or self._count.shape != x.shape:
-                self._count, self._sum, self._sumsq = (torch.zeros_like(x) for _ in range(3))
-            assert self._sum is not None and self._sumsq is not None
-            self._count = self._count + learn
-            self._sum = self._sum + x
-            self._sumsq = self._sumsq + x * x
+            if self._seen is None or self._seen.shape[1:] != x.shape:
+                self._seen = torch.full((self.warmup_steps, *x.shape), math.nan, dtype=x.dtype, device=x.device)
+            self._seen[self.calls] = torch.where(learn, x, math.nan)
             self.calls += 1
             if self.ready:  # warm-up over: start from the plain moments (NaN when nothing was finite)
-                n = torch.where(self._count > 0, self._count, math.nan)
-                self.mean = self._sum / n
-                self.var = (self._sumsq / n - self.mean**2).clamp(min=0.0)
-                self._count = self._sum = self._sumsq = None
+                self.mean = self._seen.nanmean(dim=0)
+                self.var = (self._seen - self.mean).square().nanmean(dim=0)
+                self._seen = None
             return
         assert self.mean is not None and self.var is not None
         self.calls += 1
@@ -149,22 +170,14 @@ class MovingZScore:
         def copy(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.clone()
 
-        return {
-            "calls": self.calls,
-            "count": copy(self._count),
-            "sum": copy(self._sum),
-            "sumsq": copy(self._sumsq),
-            "mean": copy(self.mean),
-            "var": copy(self.var),
-        }
+        return {"calls": self.calls, "seen": copy(self._seen), "mean": copy(self.mean), "var": copy(self.var)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def copy(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.clone()
 
         self.calls = int(state["calls"])
-        self._count, self._sum, self._sumsq = copy(state["count"]), copy(state["sum"]), copy(state["sumsq"])
-        self.mean, self.var = copy(state["mean"]), copy(state["var"])
+        self._seen, self.mean, self.var = copy(state["seen"]), copy(state["mean"]), copy(state["var"])
 
 
 class GrowthWindow:
@@ -233,6 +246,9 @@ class Detector:
         growth_window: steps over which sustained growth is measured.
         growth_factor: average per-step factor of the norm over the window that counts as growth.
         sigma_floor: lower bound on the standard deviation of the logs (0.1: a 10% wobble is one sigma).
+        warmup_sigma_floor: lower bound on the robust standard deviation of the logs during the warm-up
+            (0.5: with ``z_thresh=4`` a spike is a value more than e^2 = 7.4 times the median so far; early
+            training moves fast).
 
     A gradient-norm spike teaches the moving average only its threshold value (the clipped value, as in
     ZClip), so one spike barely moves the baseline while a lasting change of scale is learned within some
@@ -248,16 +264,20 @@ class Detector:
         growth_window: int = 6,
         growth_factor: float = 1.5,
         sigma_floor: float = 0.1,
+        warmup_sigma_floor: float = 0.5,
     ):
         _check_detector_args(alpha, z_thresh, warmup_steps, growth_window, growth_factor, sigma_floor)
+        if not (warmup_sigma_floor >= 0.0 and math.isfinite(warmup_sigma_floor)):
+            raise ValueError(f"Detector: warmup_sigma_floor must be a finite number >= 0, got {warmup_sigma_floor}")
         self.z_thresh = float(z_thresh)
         self.alpha = float(alpha)
         self.warmup_steps = warmup_steps
         self.growth_window = growth_window
         self.growth_factor = float(growth_factor)
         self.sigma_floor = float(sigma_floor)
-        self.norm = MovingZScore(alpha, warmup_steps, sigma_floor)
-        self.loss = MovingZScore(alpha, warmup_steps, sigma_floor)
+        self.warmup_sigma_floor = float(warmup_sigma_floor)
+        self.norm = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
+        self.loss = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
         self.layers = MovingZScore(alpha, warmup_steps, sigma_floor)
         self.growth = GrowthWindow(growth_window, growth_factor)
         self._layer_names: list[str] | None = None
@@ -266,13 +286,9 @@ class Detector:
         self, scorer: MovingZScore, x: Tensor, finite: Tensor, learn_spikes: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(spike flag, z, log threshold) of ``x``; learns ``min(x, threshold)``, or only non-spikes."""
-        if not scorer.ready:
-            scorer.update(x, finite)
-            return torch.zeros_like(finite), torch.zeros_like(x), torch.full_like(x, math.inf)
-        assert scorer.mean is not None
-        std = scorer.std()
-        z = scorer.score(x, std)
-        threshold = torch.add(scorer.mean, std, alpha=self.z_thresh)
+        center, std = scorer.reference(x)
+        z = (x - center) / std
+        threshold = torch.add(center, std, alpha=self.z_thresh)
         spike = (z > self.z_thresh) & finite
         if learn_spikes:
             scorer.update(torch.where(spike, threshold, x), finite)
@@ -284,7 +300,8 @@ class Detector:
         """Score this step; advances the moving statistics (from finite values only)."""
         device = stats.total_norm.device
         total = stats.total_norm.to(device=device, dtype=torch.float32)
-        log_norm = torch.log(total.clamp(min=1e-30))
+        # the log in the norm's own dtype: a float64 norm of 1e100 has a finite log
+        log_norm = torch.log(stats.total_norm.to(device).clamp(min=1e-30)).float()
         finite_grad = stats.finite.to(device)
 
         spike, grad_z, log_threshold = self._spike(self.norm, log_norm, finite_grad, learn_spikes=True)

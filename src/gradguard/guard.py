@@ -607,12 +607,6 @@ class Guard:
                 f"Guard.load_state_dict: state format {state['format']!r}, this Guard reads {STATE_FORMAT!r}"
             )
         theirs, ours = state["fingerprint"], self._fingerprint()
-        for key in ours:
-            if key == "params":
-                continue
-            if theirs.get(key) != ours[key]:
-                raise ValueError(f"Guard.load_state_dict: {key} differs: state has {theirs.get(key)!r}, "
-                                 f"this Guard has {ours[key]!r}")
         their_params = {name: (shape, dtype) for name, shape, dtype in theirs.get("params", [])}
         our_params = {name: (shape, dtype) for name, shape, dtype in ours["params"]}
         only_theirs = sorted(set(their_params) - set(our_params))
@@ -628,6 +622,10 @@ class Guard:
                     f"Guard.load_state_dict: parameter {name!r} is {their_params[name][0]} "
                     f"{their_params[name][1]} in the state, {shape} {dtype} in this model"
                 )
+        for key in ours:
+            if key != "params" and theirs.get(key) != ours[key]:
+                raise ValueError(f"Guard.load_state_dict: {key} differs: state has {theirs.get(key)!r}, "
+                                 f"this Guard has {ours[key]!r}")
         snapshot = state["recovery"]["snapshot"]["state"]
         if snapshot is not None:
             model_state = self.model.state_dict()
