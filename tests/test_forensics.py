@@ -62,12 +62,12 @@ def run(model: nn.Module, batches: list, fx: gg.Forensics, lr: float = 0.05,
         if kinds:
             records[step] = fx.analyse(model, stats, kinds, step, loss) | {"kinds": kinds}
         else:
-            fx.remember_norms(stats.norms)
             opt.step()
+        fx.end_step(None if kinds else stats.norms)
         if hooks and step in hooks:
             hooks[step](False)
         opt.zero_grad(set_to_none=True)
-        fx.next_call()
+        fx.end_call()
     return records
 
 
@@ -217,10 +217,9 @@ def test_dict_batch_with_ids_and_accumulation_window():
         x, y = regression_batches(1, size=6, corrupt={0: [4] if k else []})[0]
         micro.append({"features": x, "labels": y, "ids": torch.arange(100 * k, 100 * k + 6)})
     for batch in micro:
-        fx.remember(batch)
+        fx.remember(batch, before_forward=True)
         (model(**{k: v for k, v in batch.items() if k != "ids"})["loss"] / 2).backward()
-        fx.next_call()
-    record = fx.analyse(model, grad_stats(model), ["loss_spike"], 0, torch.tensor(1.0), micro_batches=2)
+    record = fx.analyse(model, grad_stats(model), ["loss_spike"], 0, torch.tensor(1.0))
     assert record["samples"] == [104]
     assert fx.bad_samples == [{"id": 104, "step": 0, "score": record["scores"][0]}]
 

@@ -143,11 +143,13 @@ class Forensics:
         self.top_k = top_k
         self.z_thresh = float(z_thresh)
         self.bad_samples: list[BadSample] = []
+        self.analyses: list[dict[str, Any]] = []  # {"step", "kinds", **record} per analysed step
         self.bundles: list[str] = []
         self._batches: deque[tuple[Batch, rng.RngState | None]] = deque(maxlen=keep)
         self._norms: deque[Tensor] = deque(maxlen=keep)
         self._device: torch.device | None = None
         self._rng_next: rng.RngState | None = None
+        self._pending = 0  # micro-batches remembered since the last optimizer step
 
     def start(self, device: torch.device | None) -> None:
         """Called by the Guard when it is made: the generators as the first forward pass will find them."""
@@ -156,36 +158,43 @@ class Forensics:
 
     # ------------------------------------------------------------------ every call: references only
 
-    def remember(self, batch: Any) -> None:
-        """Keep a reference to this micro-batch (and the generator state its forward started from).
+    def remember(self, batch: Any, before_forward: bool = False) -> None:
+        """Keep a reference to one micro-batch of the current step, with the generator state its forward
+        pass started from: the state now when called ``before_forward`` (a framework's batch-start hook),
+        else the state at the end of the previous ``guard.step`` call (:meth:`end_call`).
 
         ``ValueError`` when the batch fits no form of the convention, or needs a ``loss_fn`` not given."""
         split = as_batch(batch, "guard.step: batch")
         if not split.keyword and self.loss_fn is None:
             raise ValueError("Forensics: an (inputs, targets) batch needs Forensics(loss_fn=...); "
                              "without one, pass a dict batch whose model output carries .loss")
-        self._batches.append((split, self._rng_next))
+        self._batches.append((split, rng.capture(self._device) if before_forward else self._rng_next))
+        self._pending += 1
 
-    def remember_norms(self, norms: Tensor) -> None:
-        """Keep a reference to a (healthy or analysed) step's per-layer norms: the layers' history."""
-        self._norms.append(norms)
-
-    def next_call(self) -> None:
+    def end_call(self) -> None:
         """The end of a ``guard.step`` call: the generator state the next forward pass starts from."""
         self._rng_next = rng.capture(self._device)
+
+    def end_step(self, healthy_norms: Tensor | None) -> None:
+        """The end of an optimizer step; a healthy step's per-layer norms join the layers' history."""
+        if healthy_norms is not None:
+            self._norms.append(healthy_norms)
+        self._pending = 0
 
     # ------------------------------------------------------------------ a bad step
 
     def analyse(self, model: nn.Module, stats: GradStats, kinds: list[str], step: int, loss: Tensor | None,
-                micro_batches: int = 1, guard_config: dict[str, Any] | None = None) -> ForensicsRecord:
+                guard_config: dict[str, Any] | None = None) -> ForensicsRecord:
         """Explain one bad step: the live ``stats`` (before clipping), its ``kinds`` of event and ``loss``;
-        ``micro_batches`` of the kept batches make up the step. Reads a few values to the host; leaves
+        the micro-batches remembered since the last :meth:`end_step` make up the step (when some of them
+        were not kept, ``keep`` too small, nothing is recomputed). Reads a few values to the host; leaves
         ``.grad``, buffers and the random-number generators as they were. An analysis that fails returns a
         record with ``"error"`` (and warns): the Guard's response to the step does not depend on it."""
         start = time.perf_counter()
         record: ForensicsRecord = {"layer": None, "layer_z": None, "samples": [], "scores": [],
                                    "reproducible": None, "origin": None, "bundle": None, "method": None}
-        window = list(self._batches)[-micro_batches:] if len(self._batches) >= micro_batches else []
+        pending = self._pending
+        window = list(self._batches)[-pending:] if 0 < pending <= len(self._batches) else []
         history = torch.stack([n.detach().float().cpu() for n in self._norms]) if self._norms else None
         live = torch.stack([stats.total_norm.float().reshape(()),
                             (loss if loss is not None else stats.total_norm.new_full((), math.nan))
@@ -205,6 +214,7 @@ class Forensics:
                           RuntimeWarning, stacklevel=3)
         record["seconds"] = time.perf_counter() - start
         self.bad_samples.extend({"id": i, "step": step, "score": s} for i, s in zip(record["samples"], record["scores"]))
+        self.analyses.append({"step": step, "kinds": list(kinds), **record})
         return record
 
     def _analyse(self, model: nn.Module, stats: GradStats, kinds: list[str], step: int, live: list[float],
