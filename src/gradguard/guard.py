@@ -49,6 +49,13 @@ gradient (skip), and calls ``scaler.update()`` itself (do not call ``scaler.step
 micro-batch's backward; the Guard sums the losses and acts on every N-th call only.
 ``guard.sync_gradients`` is True after a call that ended an accumulation window: zero the gradients then.
 
+**Forensics**: with ``forensics=gg.Forensics(...)`` and ``guard.step(loss, batch=batch)``, each step with a
+``nonfinite_grad``, ``nonfinite_loss``, ``grad_spike`` or ``loss_spike`` event is explained before the
+weights move (the origin layer, the samples responsible, whether it reproduces, a replay bundle: see
+``gradguard.forensics``), in ``event["forensics"]`` and ``guard.bad_samples``. Healthy steps keep references
+only (the batch, the per-layer norms) and read nothing more on the plain path; on the fused path forensics
+adds the one read of the event flags per step.
+
 **Bad input** is refused before anything changes, with the argument named: a loss that is not a scalar,
 a step with no gradient at all (backward not called, or every parameter frozen), an optimizer that holds
 none of the model's parameters, a model on the meta device, unknown ``groups``, a clip strategy's invalid
@@ -71,6 +78,7 @@ from gradguard import dist as gg_dist
 from gradguard.clip import Clipper, ClipResult, GlobalNorm, ScaleClipper, scale_grads_
 from gradguard.decide import ACTIONS, ALLOWED_ACTIONS, Decision, Responses, decide
 from gradguard.detect import STEP_KINDS, Detector, Verdict, kinds_of, nonfinite_layer
+from gradguard.forensics import ANALYSED_KINDS, BadSample, Forensics, ForensicsRecord
 from gradguard.history import FIELDS, History, StepRecord, to_record
 from gradguard.names import user_name
 from gradguard.recover import GiveUp, Recovery, RecoveryPolicy, TrainingDiverged, TrainingState, clone_tree
@@ -150,6 +158,8 @@ class Guard:
         groups: how layers are formed for per-layer norms (``grad_stats``'s ``groups``: ``"module"`` or
             ``"param"``).
         process_group: the torch.distributed group (default: the world, when initialised).
+        forensics: a :class:`~gradguard.forensics.Forensics` to explain bad steps (``guard.step(loss,
+            batch=...)``); its ``keep`` must be at least ``accumulation_steps``.
         optimizer_step: for integrations only: the framework's original ``optimizer.step`` when the
             framework routes ``optimizer.step()`` to the Guard. By default the Guard calls
             ``optimizer.step()`` at each step (so a scheduler made after the Guard sees the step).
@@ -178,6 +188,7 @@ class Guard:
         sinks: Sequence[Sink] | Iterable[Sink] = (),
         groups: str = "module",
         process_group: Any = None,
+        forensics: Forensics | None = None,
         optimizer_step: Callable[[], Any] | None = None,
     ):
         _check_model_and_optimizer(model, optimizer)
@@ -196,6 +207,11 @@ class Guard:
             raise ValueError(f"Guard: optimizer_step must be callable or None, got {optimizer_step!r}")
         self.responses = Responses.resolve(on_nonfinite, on_spike, on_loss_spike, responses)
         self.accumulation_steps = _int_at_least(accumulation_steps, 1, "accumulation_steps")
+        if forensics is not None and not isinstance(forensics, Forensics):
+            raise ValueError(f"Guard: forensics must be a gradguard.Forensics or None, got {forensics!r}")
+        if forensics is not None and forensics.keep < self.accumulation_steps:
+            raise ValueError(f"Guard: Forensics(keep={forensics.keep}) is less than accumulation_steps="
+                             f"{self.accumulation_steps}: a bad step's micro-batches would not all be kept")
         self.log_every = _int_at_least(log_every, 1, "log_every")
         self.layer_every = _int_at_least(layer_every, 0, "layer_every")
         self.sinks: list[Sink] = list(sinks)
@@ -232,15 +248,21 @@ class Guard:
         self._last_skipped_host: bool | None = None
         self._in_flush = False
         self._closed = False
+        self.forensics = forensics
+        self._explained: dict[int, ForensicsRecord] = {}  # step -> its analysis, until its row is published
+        if forensics is not None:
+            forensics.start(self._device())
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, loss: Tensor | None = None) -> Tensor:
+    def step(self, loss: Tensor | None = None, batch: Any = None) -> Tensor:
         """Guard one optimizer step: measure, decide, apply (clip, then ``optimizer.step()``, or skip).
 
         Args:
             loss: this micro-batch's loss, a scalar tensor (unscaled; detached here), or None to skip the
                 loss checks.
+            batch: this micro-batch, for ``forensics`` (``gradguard.batch``'s convention); a reference is
+                kept, nothing is computed on it unless the step goes bad. Ignored without forensics.
 
         Returns:
             0-d bool device tensor, True when the optimizer stepped. Between accumulation boundaries
@@ -252,11 +274,15 @@ class Guard:
         boundary = self._micro + 1 >= self.accumulation_steps
         if boundary:
             self._check_gradients()
+        if self.forensics is not None and batch is not None:
+            self.forensics.remember(batch)
         if loss is not None:
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         if not boundary:
             self._micro += 1
             self.sync_gradients = False
+            if self.forensics is not None:
+                self.forensics.end_call()
             return torch.zeros((), dtype=torch.bool)
         self._micro = 0
         self.sync_gradients = True
@@ -271,11 +297,16 @@ class Guard:
         decision = decide(stats.total_norm, stats.finite, verdict, clip_coef, self.responses, self._ceiling)
         if self.process_group is not None:
             decision = self._agree(decision)
+        # forensics: a bad step is explained before the weights move (the step's one read, on both paths)
+        code = None
+        if self.forensics is not None:
+            code = self._read_code(decision, verdict)
+            self._explain(stats, loss, kinds_of(code >> 2))
         # 3. apply
         if self.fused:
             kinds, in_place = None, self._apply_fused(decision, stats)
         else:
-            kinds, in_place = self._apply_eager(decision, stats, verdict)
+            kinds, in_place = self._apply_eager(decision, stats, verdict, code)
         if self.scaler is not None:
             self.scaler.update()
         # 4. record; the host side of the step (plain optimizers: now; fused: at the flush)
@@ -288,6 +319,8 @@ class Guard:
             except GiveUp as give_up:
                 self._give_up(give_up)
         self.step_count += 1
+        if self.forensics is not None:
+            self.forensics.end_call()
         if self.step_count % self.log_every == 0:
             self.flush()
         return ~decision.skip
@@ -344,12 +377,34 @@ class Guard:
             return None
         return self.clip.clip_(stats)
 
-    def _apply_eager(self, decision: Decision, stats: GradStats, verdict: Verdict) -> tuple[list[str], Tensor | None]:
-        """A plain optimizer: one host read (skip, scale, event flags), then clip and step, or nothing."""
-        device = decision.skip.device
-        weights = self._weights(device)
+    def _read_code(self, decision: Decision, verdict: Verdict) -> int:
+        """The one host read of a step: bit 0 skip, bit 1 scale the gradients, then one bit per event kind."""
+        weights = self._weights(decision.skip.device)
         bits = torch.cat([torch.stack([decision.skip, decision.coef < 1.0]), verdict.flags]).long()
-        code = int((bits * weights).sum())  # the one host read of the step
+        return int((bits * weights).sum())
+
+    def _explain(self, stats: GradStats, loss: Tensor | None, kinds: list[str]) -> None:
+        """Forensics of a bad step (``gradguard.forensics``); a healthy step's layer norms join its history."""
+        assert self.forensics is not None
+        bad = [kind for kind in kinds if kind in ANALYSED_KINDS]
+        if bad:
+            self._explained[self.step_count] = self.forensics.analyse(
+                self.model, stats, bad, self.step_count, loss, self._config())
+        self.forensics.end_step(None if kinds else stats.norms)
+
+    def _config(self) -> dict[str, Any]:
+        """The Guard's configuration, as plain values (for replay bundles)."""
+        detector = {k: v for k, v in vars(self.detector).items() if isinstance(v, (int, float, str))}
+        return {"responses": dict(self.responses.by_kind), "clip": repr(self.clip), "detector": detector,
+                "accumulation_steps": self.accumulation_steps, "groups": self.groups,
+                "norm_type": self.norm_type, "fused": self.fused}
+
+    def _apply_eager(self, decision: Decision, stats: GradStats, verdict: Verdict,
+                     code: int | None = None) -> tuple[list[str], Tensor | None]:
+        """A plain optimizer: one host read (skip, scale, event flags; ``code``, when forensics read it
+        already), then clip and step, or nothing."""
+        if code is None:
+            code = self._read_code(decision, verdict)
         skipped = bool(code & 1)
         in_place = None
         if not skipped:
@@ -503,6 +558,10 @@ class Guard:
     def _publish(self, records: list[StepRecord]) -> None:
         actions = self.recovery.actions
         for record in records:
+            explained = self._explained.pop(record["step"], None)
+            for event in record["events"]:
+                if explained is not None and event["kind"] in ANALYSED_KINDS:
+                    event["forensics"] = dict(explained)
             record["events"].extend(actions.pop(record["step"], []))
         if actions and records:  # actions noted for a step whose row was already published
             last = records[-1]
@@ -521,6 +580,11 @@ class Guard:
     def history(self) -> list[StepRecord]:
         """The records flushed so far (oldest first; at most ``MAX_HISTORY``). See ``gradguard.history``."""
         return list(self._history)
+
+    @property
+    def bad_samples(self) -> list[BadSample]:
+        """Every sample forensics named so far, ``{"id", "step", "score"}`` (empty without forensics)."""
+        return [] if self.forensics is None else list(self.forensics.bad_samples)
 
     @property
     def last_step_skipped(self) -> bool:

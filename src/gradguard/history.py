@@ -27,7 +27,9 @@ Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own a
 ``"lr_recover"`` and ``"rollback"``. Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
 factor); ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
-lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. ``action`` is what was done about
+lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. With ``gg.Forensics``, the events
+of kinds ``nonfinite_grad``, ``nonfinite_loss``, ``grad_spike`` and ``loss_spike`` also hold ``forensics``:
+``{"layer", "samples", "scores", "reproducible", "origin", "bundle", ...}`` (``gradguard.forensics``). ``action`` is what was done about
 the event (``"log"``, ``"clip"``, ``"skip"``, ``"rollback"``, ``"raise"``: the configured response, except
 that a ``"clip"`` response on a skipped step is ``"skip"``), or the action's own name for the Guard's
 actions. On the fused path, events of host actions are attached to the step whose row triggered them (or
@@ -66,6 +68,7 @@ class Event(_EventKeys, total=False):
     lr_after: float
     reason: str
     to_step: int | None
+    forensics: dict[str, Any]  # gg.Forensics' analysis of the step (gradguard.forensics.ForensicsRecord)
 
 
 class _StepKeys(TypedDict):

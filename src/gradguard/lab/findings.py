@@ -291,7 +291,7 @@ def faults_findings(rows: list[Row], records: list[Record]) -> list[str]:
     clean = by_variant.get("clean / no remedy")
     if clean is not None:
         lines.append(f"Without faults the run reaches test accuracy {pct(clean['test_accuracy'])}.")
-    for fault in ("bad batch", "NaN grad"):
+    for fault in ("bad batch", "NaN grad", "bad samples"):
         group = [row for row in rows if row["variant"].startswith(fault + " /")]
         if not group:
             continue
@@ -305,6 +305,18 @@ def faults_findings(rows: list[Row], records: list[Record]) -> list[str]:
             )
             + "."
         )
+    for row in rows:
+        if row.get("forensics_recall") is not None:
+            lines.append(
+                f"{row['variant']}: forensics named the corrupted samples with precision "
+                f"{pct(row.get('forensics_precision'))} and recall {pct(row['forensics_recall'])} (mean over seeds)."
+            )
+        elif row["variant"].startswith("NaN grad /") and row.get("forensics_analysed"):
+            lines.append(
+                f"{row['variant']}: {fmt(row['forensics_reproducible'])} of {fmt(row['forensics_analysed'])} "
+                "analysed steps reproduced when recomputed: the NaN, written after the backward pass, is told "
+                "apart from the data (a transient fault)."
+            )
     return lines
 
 

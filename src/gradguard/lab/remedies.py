@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from gradguard import clip as gg_clip
 from gradguard.explain import suggest_clip_threshold
+from gradguard.forensics import Forensics
 from gradguard.stats import GradStats
 
 #: name -> label used in tables and plots
@@ -61,8 +62,8 @@ class Remedy:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
 
-    def step(self, loss: Tensor, stats: GradStats) -> None:
-        del loss, stats
+    def step(self, loss: Tensor, stats: GradStats, batch: Batch | None = None) -> None:
+        del loss, stats, batch
         self.optimizer.step()
 
     def summary(self) -> dict[str, int]:
@@ -78,8 +79,8 @@ class ClipRemedy(Remedy):
         self.label = label
         self.clipped = 0
 
-    def step(self, loss: Tensor, stats: GradStats) -> None:
-        del loss
+    def step(self, loss: Tensor, stats: GradStats, batch: Batch | None = None) -> None:
+        del loss, batch
         result = self.clipper(stats.params, stats=stats)
         self.clipped += int(result.clipped)
         self.optimizer.step()
@@ -99,9 +100,9 @@ class GuardRemedy(Remedy):
 
         self.guard = Guard(model, optimizer, **options)
 
-    def step(self, loss: Tensor, stats: GradStats) -> None:
+    def step(self, loss: Tensor, stats: GradStats, batch: Batch | None = None) -> None:
         del stats
-        self.guard.step(loss)
+        self.guard.step(loss, batch=batch if self.guard.forensics is not None else None)
 
     def summary(self) -> dict[str, int]:
         return {key: int(value) for key, value in self.guard.summary().items()}
@@ -131,7 +132,7 @@ def make_remedy(
     if name == "none":
         return Remedy(optimizer)
     if name == "guard":
-        return GuardRemedy(model, optimizer, guard_options(options))
+        return GuardRemedy(model, optimizer, guard_options(options, loss_fn))
     if name == "global_norm" and options.get("max_norm") == "pascanu":
         if threshold_batches is None or loss_fn is None:
             raise ValueError("remedy 'global_norm' with max_norm='pascanu' needs threshold_batches and loss_fn")
@@ -141,9 +142,13 @@ def make_remedy(
     return ClipRemedy(optimizer, CLIPPERS[name](**options), REMEDY_LABELS[name])
 
 
-def guard_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Turn a JSON guard spec into ``gg.Guard`` keyword arguments: ``clip`` names a clipper spec."""
+def guard_options(options: dict[str, Any], loss_fn: LossFn | None = None) -> dict[str, Any]:
+    """Turn a JSON guard spec into ``gg.Guard`` keyword arguments: ``clip`` names a clipper spec;
+    ``forensics`` (a dict of ``gg.Forensics`` arguments) turns forensics on, with the run's ``loss_fn``."""
     options = dict(options)
+    forensics_spec = options.pop("forensics", None)
+    if forensics_spec is not None:
+        options["forensics"] = Forensics(loss_fn=loss_fn, **forensics_spec)
     clip_spec = options.pop("clip", None)
     if clip_spec is not None:
         if clip_spec.get("name") not in CLIPPERS:

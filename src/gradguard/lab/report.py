@@ -51,6 +51,17 @@ def _guard_actions(row: Row) -> str:
     return f"{row.get('skipped', 0)} / {row['rollbacks']} / {row.get('lr_backoffs', 0)}"
 
 
+def _forensics(row: Row) -> str:
+    """Forensics of the Guard's bad steps: steps that reproduced / steps analysed, and the precision and
+    recall of the samples named where samples were corrupted (means over seeds); "-" without forensics."""
+    if row.get("forensics_analysed") is None:
+        return "-"
+    text = f"{fmt(row['forensics_reproducible'])} / {fmt(row['forensics_analysed'])} reproduced"
+    if row.get("forensics_recall") is not None:
+        text += f"; samples P {pct(row.get('forensics_precision'))} R {pct(row['forensics_recall'])}"
+    return text
+
+
 def _solved(row: Row) -> str:
     if "solved" not in row:
         return "n/a"
@@ -107,6 +118,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("final loss", _number("final_loss")),
         ("largest |g|", _number("max_grad_norm")),
         ("Guard skips / rollbacks / LR cuts", _guard_actions),
+        ("forensics", _forensics),
     ],
 }
 

@@ -69,7 +69,8 @@ def summarize_variant(variant: str, records: list[Record]) -> dict[str, Any]:
         "wall_seconds": mean_of(finished, "wall_seconds"),
     }
     for key in ("test_accuracy", "train_accuracy", "generalization_gap", "test_loss", "val_loss", "test_score",
-                "final_weight_norm", "initial_weight_norm", "clip_threshold"):
+                "final_weight_norm", "initial_weight_norm", "clip_threshold", "forensics_precision",
+                "forensics_recall", "forensics_analysed", "forensics_reproducible"):
         row[key] = mean_of(finished, key)
     growths = [(r.get("layer_flow") or {}).get("total_growth") for r in finished]
     growths = [g for g in growths if isinstance(g, (int, float)) and math.isfinite(g)]

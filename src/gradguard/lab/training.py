@@ -30,11 +30,17 @@ class Faults:
         bad_batch_steps: steps whose inputs are multiplied by ``bad_batch_scale`` (a corrupted batch).
         nan_grad_steps: steps at which one gradient element of the first parameter is set to NaN after
             the backward pass (a numerical fault in the backward pass).
+        bad_sample_steps: steps at which the samples at ``bad_sample_positions`` of the batch have their
+            inputs multiplied by ``bad_sample_scale`` (corrupted samples in a healthy batch; forensics should
+            name exactly those).
     """
 
     bad_batch_steps: frozenset[int] = frozenset()
     bad_batch_scale: float = 1e4
     nan_grad_steps: frozenset[int] = frozenset()
+    bad_sample_steps: frozenset[int] = frozenset()
+    bad_sample_positions: tuple[int, ...] = ()
+    bad_sample_scale: float = 1e3
 
 
 @dataclass
@@ -79,6 +85,9 @@ def train(
         inputs, targets = next_batch(step)
         if step in faults.bad_batch_steps:
             inputs = inputs * faults.bad_batch_scale
+        if step in faults.bad_sample_steps:
+            inputs = inputs.clone()
+            inputs[list(faults.bad_sample_positions)] *= faults.bad_sample_scale
 
         task_loss = loss_fn(model(inputs), targets)
         loss = task_loss if penalty is None else task_loss + penalty(model)
@@ -93,7 +102,7 @@ def train(
         log.grad_norms.append(float(stats.total_norm))
 
         try:
-            remedy.step(loss.detach(), stats)
+            remedy.step(loss.detach(), stats, batch=(inputs, targets))
         except TrainingDiverged as error:  # the Guard spent its rollback budget: the run is over
             log.stopped_at = step
             log.stop_reason = str(error).splitlines()[0]

@@ -4,6 +4,14 @@ Real runs meet rare bad batches (a mis-scaled input) and numerical faults (a NaN
 One NaN gradient reaches every weight through ``optimizer.step()`` and the run is lost; one batch scaled
 by 1e4 gives a gradient 1e4 times too large and one update throws the weights away. The Guard is meant to
 skip non-finite steps and clip spikes; a plain global-norm clip bounds the spike but lets NaN through.
+
+The Guard runs with forensics on (``gg.Forensics``): in the ``bad samples`` fault three samples of a healthy
+batch are corrupted (inputs x -1e3, at known positions), and the samples forensics names on the bad steps
+are scored against them (precision and recall). The sign matters: a ReLU network is positively
+homogeneous, so a sample scaled by +1e3 that the model already classifies right only gets a more confident
+right answer (loss and gradient near 0: no bad step at all); scaled by -1e3 it gets a confidently wrong
+one. The NaN-gradient fault is injected after the backward pass, so a recomputed step does not reproduce
+it, which forensics should report (``reproducible`` False).
 """
 
 from __future__ import annotations
@@ -28,12 +36,15 @@ CLAIM = (
     "not happened."
 )
 
-FAULT_KINDS = ("clean", "bad batch", "NaN grad")
+FAULT_KINDS = ("clean", "bad batch", "NaN grad", "bad samples")
 REMEDIES: dict[str, dict[str, Any]] = {
     "none": {"name": "none"},
     "global_norm": {"name": "global_norm", "max_norm": 5.0},
-    "guard": {"name": "guard"},
+    "guard": {"name": "guard", "forensics": {}},
 }
+#: Positions, in the batch of 64, of the corrupted samples of the ``bad samples`` fault, and their factor.
+BAD_SAMPLE_POSITIONS = (5, 23, 41)
+BAD_SAMPLE_SCALE = -1e3
 
 
 def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
@@ -81,9 +92,11 @@ def run(config: RunConfig) -> Record:
         "clean": Faults(),
         "bad batch": Faults(bad_batch_steps=steps),
         "NaN grad": Faults(nan_grad_steps=steps),
+        "bad samples": Faults(bad_sample_steps=steps, bad_sample_positions=BAD_SAMPLE_POSITIONS,
+                              bad_sample_scale=BAD_SAMPLE_SCALE),
     }[config["fault"]]
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
-    remedy = make_remedy(config["remedy"], model, optimizer)
+    remedy = make_remedy(config["remedy"], model, optimizer, loss_fn=F.cross_entropy)
     log = train(model, remedy, next_batch, F.cross_entropy, config["steps"], faults=faults)
     train_accuracy = accuracy(model, data.x_train, data.y_train)
     test_accuracy = accuracy(model, data.x_test, data.y_test)
@@ -95,4 +108,23 @@ def run(config: RunConfig) -> Record:
         generalization_gap=train_accuracy - test_accuracy,
         test_loss=evaluate_loss(model, F.cross_entropy, data.x_test, data.y_test),
         remedy_summary=remedy.summary(),
+        **forensics_scores(remedy, faults),
     )
+
+
+def forensics_scores(remedy: Any, faults: Faults) -> dict[str, Any]:
+    """Precision and recall of the samples forensics named (against the corrupted ones, where samples were
+    corrupted), and how many analysed steps reproduced."""
+    forensics = getattr(getattr(remedy, "guard", None), "forensics", None)
+    if forensics is None:
+        return {}
+    truth = {(step, i) for step in faults.bad_sample_steps for i in faults.bad_sample_positions}
+    named = {(s["step"], s["id"]) for s in forensics.bad_samples}
+    hits = len(truth & named)
+    return {
+        "forensics_analysed": len(forensics.analyses),
+        "forensics_reproducible": sum(bool(a["reproducible"]) for a in forensics.analyses),
+        "forensics_named": len(named),
+        "forensics_precision": hits / len(named) if truth and named else None,
+        "forensics_recall": hits / len(truth) if truth else None,
+    }
