@@ -121,9 +121,11 @@ def replay(
         typer.echo("replayed: every forward value, the loss and every gradient are finite")
     else:
         typer.echo(f"replayed (micro-batch {result.micro_batch}): {result.origin}")
-    batch = (result.batch.inputs, result.batch.targets)
+    if result.batch.keyword:  # the doctor takes (inputs, targets) batches
+        typer.echo("the doctor was not run: it takes (inputs, targets) batches, this bundle holds a dict")
+        raise typer.Exit(code=0 if result.origin is None else 1)
     with rng.replaying(data["batches"][0]["rng"]):
-        report = run_doctor(patient.model, batch, patient.loss_fn)
+        report = run_doctor(patient.model, (result.batch.inputs, result.batch.targets), patient.loss_fn)
     typer.echo(str(report))
     raise typer.Exit(code=0 if result.origin is None and report.healthy else 1)
 

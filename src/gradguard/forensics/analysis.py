@@ -245,10 +245,8 @@ class Forensics:
         nonfinite = "nonfinite_grad" in kinds or "nonfinite_loss" in kinds
         if nonfinite and record["reproducible"]:
             for batch, state in window:
-                if batch.keyword:
-                    break  # locate_nonfinite takes (inputs, targets) batches
                 with rng.replaying(state, self._device):
-                    origin = locate_nonfinite(model, (batch.inputs, batch.targets), self.loss_fn)
+                    origin = locate_nonfinite(model, batch, self.loss_fn)
                 if origin is not None:
                     record["origin"] = {"module": origin.module, "phase": origin.phase, "kind": origin.kind}
                     break

@@ -134,10 +134,8 @@ def replay_step(bundle: Bundle, model: nn.Module, loss_fn: LossFn | None,
     for i, item in enumerate(bundle["batches"]):
         batch = as_batch(to_device(item["batch"], device), "bundle batch")
         first = first if first is not None else batch
-        if batch.keyword:
-            raise ValueError("replay: locate_nonfinite takes (inputs, targets) batches; this bundle holds a dict")
         with rng.replaying(item["rng"], device):
-            origin = locate(model, (batch.inputs, batch.targets), loss_fn)
+            origin = locate(model, batch, loss_fn)
         if origin is not None:
             return Replay(origin, i, batch)
     return Replay(None, None, first)
