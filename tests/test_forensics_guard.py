@@ -179,3 +179,66 @@ def test_forensics_arguments_checked_before_anything_changes():
         guard.step(torch.tensor(1.0), batch=torch.ones(2, 8))
     assert guard.step_count == 0
     assert gg.Guard(model, opt).bad_samples == []
+
+
+def test_lightning_callback_passes_the_batch():
+    L = pytest.importorskip("lightning")
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    class Regressor(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    L.seed_everything(0, verbose=False)
+    callback = GradGuardCallback(forensics=gg.Forensics(loss_fn=F.mse_loss, keep=2), log_every=5,
+                                 detector=gg.detect.Detector(warmup_steps=5))
+    trainer = L.Trainer(callbacks=[callback], max_epochs=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accumulate_grad_batches=2)
+    data = batches(24, {17: {3: math.nan}}, size=8)  # micro-batch 17: the second of optimizer step 8
+    trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=None))
+    assert callback.guard.bad_samples == [{"id": 11, "step": 8, "score": math.inf}]  # 8 + position 3
+    with pytest.raises(ValueError, match="keep=2\\) is less than accumulate_grad_batches=4"):
+        trainer = L.Trainer(callbacks=[GradGuardCallback(forensics=gg.Forensics(loss_fn=F.mse_loss, keep=2))],
+                            max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=4)
+        trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=None))
+
+
+def test_transformers_callback_passes_the_batch(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gradguard.integrations.transformers import GradGuardCallback
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    fired = {"forwards": 0}
+
+    def poison_once(module, args, output):  # a transient fault: NaN embeddings on training forward 6 only
+        if module.training:
+            fired["forwards"] += 1
+            if fired["forwards"] == 7:
+                return output * math.nan
+        return output
+
+    model.transformer.wte.register_forward_hook(poison_once)
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 64, (64,), generator=gen)
+    rows = [{"input_ids": ids, "labels": ids} for ids in (starts[:, None] + torch.arange(16)) % 64]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3, max_grad_norm=0,
+        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    callback = GradGuardCallback(forensics=gg.Forensics(), log_every=4)
+    transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback]).train()
+    found = analysed(callback.guard)
+    assert found[6]["reproducible"] is False and found[6]["samples"] == []

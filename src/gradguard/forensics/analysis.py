@@ -150,6 +150,7 @@ class Forensics:
         self._device: torch.device | None = None
         self._rng_next: rng.RngState | None = None
         self._pending = 0  # micro-batches remembered since the last optimizer step
+        self.analysing = False  # True while a bad step is recomputed: forward hooks see these passes too
 
     def start(self, device: torch.device | None) -> None:
         """Called by the Guard when it is made: the generators as the first forward pass will find them."""
@@ -164,6 +165,8 @@ class Forensics:
         else the state at the end of the previous ``guard.step`` call (:meth:`end_call`).
 
         ``ValueError`` when the batch fits no form of the convention, or needs a ``loss_fn`` not given."""
+        if self.analysing:  # a forward pass of the analysis itself, seen by a framework's hook
+            return
         split = as_batch(batch, "guard.step: batch")
         if not split.keyword and self.loss_fn is None:
             raise ValueError("Forensics: an (inputs, targets) batch needs Forensics(loss_fn=...); "
@@ -199,6 +202,7 @@ class Forensics:
         live = torch.stack([stats.total_norm.float().reshape(()),
                             (loss if loss is not None else stats.total_norm.new_full((), math.nan))
                             .detach().float().reshape(()).to(stats.total_norm.device)]).tolist()
+        self.analysing = True
         try:
             self._analyse(_user_model(model), stats, kinds, step, live, window, history, record)
             if self.bundle_dir is not None and window and len(self.bundles) < self.max_bundles:
@@ -212,6 +216,8 @@ class Forensics:
             record["error"] = f"{type(error).__name__}: {error}"
             warnings.warn(f"gradguard forensics: the analysis of step {step} failed: {record['error']}",
                           RuntimeWarning, stacklevel=3)
+        finally:
+            self.analysing = False
         record["seconds"] = time.perf_counter() - start
         self.bad_samples.extend({"id": i, "step": step, "score": s} for i, s in zip(record["samples"], record["scores"]))
         self.analyses.append({"step": step, "kinds": list(kinds), **record})

@@ -12,6 +12,11 @@ the gradients. The callback lets the closure run, then hands the step to the Gua
 clips, and steps the optimizer or skips it. The optimizer's own ``step`` is replaced for the run by one
 that only runs the closure, so the step is never taken twice; the original is restored when training ends.
 
+With ``forensics=gg.Forensics(loss_fn=...)`` each training batch is handed to it as it starts
+(``on_train_batch_start``); forensics then calls ``pl_module(inputs)`` and ``loss_fn(output, targets)`` on a
+bad step, so the batch must follow ``gradguard.batch``'s convention and the module's ``forward`` give what
+``loss_fn`` takes.
+
 Norms are logged through the Trainer's logger (``trainer.logger.log_metrics``) when the Guard flushes,
 every ``log_every`` steps: no host read in between.
 
@@ -84,6 +89,10 @@ class GradGuardCallback(L.Callback):
                 f"GradGuardCallback: set gradient_clip_val=None (got {trainer.gradient_clip_val}); "
                 "pass clip=gg.clip.GlobalNorm(...) to the callback instead"
             )
+        forensics = self.guard_options.get("forensics")
+        if forensics is not None and forensics.keep < trainer.accumulate_grad_batches:
+            raise ValueError(f"GradGuardCallback: Forensics(keep={forensics.keep}) is less than "
+                             f"accumulate_grad_batches={trainer.accumulate_grad_batches}")
         optimizer = trainer.optimizers[0]
         options = dict(self.guard_options)
         options["sinks"] = [*options.get("sinks", ()), LoggerSink(trainer)]
@@ -92,6 +101,12 @@ class GradGuardCallback(L.Callback):
         self.guard = Guard(pl_module, optimizer, optimizer_step=optimizer.step, **options)
         self._optimizer = optimizer
         optimizer.step = _run_closure_only  # type: ignore[method-assign]
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.guard is not None and self.guard.forensics is not None:
+            self.guard.forensics.remember(batch, before_forward=True)
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor

@@ -19,7 +19,9 @@ more. The Trainer then logs no ``grad_norm`` of its own (``gradguard/total_norm`
 Trainer makes no such call (older versions), ``guard.step`` runs at ``optimizer.step()``. A skipped step
 is reported to the Trainer the way accelerate reports an fp16 overflow (``optimizer_step_was_skipped``), so
 the LR scheduler is not advanced. The loss is taken from the model's output (``output.loss``) with a
-forward hook, in training mode only.
+forward hook, in training mode only. With ``forensics=gg.Forensics()`` each training micro-batch (the keyword
+inputs the Trainer calls the model with) is handed to it by a forward pre-hook; the loss is then
+``output.loss``, as the Trainer computes it.
 
 Flushed records are appended to ``trainer.state.log_history`` (tags of :func:`gradguard.sinks.scalars_of`)
 with the Trainer's step numbers: ``global_step`` after that optimizer step, 1 for the first.
@@ -79,6 +81,7 @@ class GradGuardCallback(TrainerCallback):
         self._accelerator: Any = None
         self._stepped = False  # guard.step ran at the Trainer's norm call of this boundary
         self._hook: Any = None
+        self._batch_hook: Any = None
         self._losses: list[torch.Tensor] = []
 
     def on_train_begin(
@@ -89,6 +92,10 @@ class GradGuardCallback(TrainerCallback):
                 f"GradGuardCallback: set TrainingArguments(max_grad_norm=0) (got {args.max_grad_norm}); "
                 "pass clip=gg.clip.GlobalNorm(...) to the callback instead"
             )
+        forensics = self.guard_options.get("forensics")
+        if forensics is not None and forensics.keep < args.gradient_accumulation_steps:
+            raise ValueError(f"GradGuardCallback: Forensics(keep={forensics.keep}) is less than "
+                             f"gradient_accumulation_steps={args.gradient_accumulation_steps}")
         model, accelerated = kwargs["model"], kwargs["optimizer"]
         optimizer = getattr(accelerated, "optimizer", accelerated)  # the torch optimizer inside accelerate's
         options = dict(self.guard_options)
@@ -104,10 +111,17 @@ class GradGuardCallback(TrainerCallback):
         # the flag that wrapper sets (see torch.optim.lr_scheduler.LRScheduler.step).
         self._guarded_step.__func__._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         self._hook = model.register_forward_hook(self._keep_loss)
+        if self.guard.forensics is not None:
+            self._batch_hook = model.register_forward_pre_hook(self._keep_batch, with_kwargs=True)
+
+    def _keep_batch(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and self.guard is not None and self.guard.forensics is not None:
+            self.guard.forensics.remember(kwargs, before_forward=True)
 
     def _keep_loss(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if module.training and isinstance(loss, torch.Tensor):
+        analysing = self.guard is not None and self.guard.forensics is not None and self.guard.forensics.analysing
+        if module.training and isinstance(loss, torch.Tensor) and not analysing:
             self._losses.append(loss.detach())
 
     def _step_guard(self) -> None:
@@ -151,6 +165,9 @@ class GradGuardCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._batch_hook is not None:
+            self._batch_hook.remove()
+            self._batch_hook = None
 
 
 def _calling_trainer() -> Trainer | None:
