@@ -8,7 +8,14 @@ in one run, interleaved round by round in rotating order, medians over the round
 * ``zclip pkg``: the ``zclip`` package's ``ZClip().step(model)`` then ``optimizer.step()``;
 * ``guard``: ``gg.Guard(model, AdamW, clip=GlobalNorm(1))``, ``guard.step(loss)``;
 * ``bare fused`` / ``guard fused``: the same with ``AdamW(fused=True)``: the Guard passes the clip
-  coefficient as ``grad_scale`` and the skip flag as ``found_inf``.
+  coefficient as ``grad_scale`` and the skip flag as ``found_inf``;
+* ``guard forensics`` / ``guard fused forensics``: the Guards with ``forensics=gg.Forensics(loss_fn=...)``
+  and ``guard.step(loss, batch=batch)``: on healthy steps forensics keeps references (the batch, the
+  layer norms, the random-number state) and, on the fused path, reads the event flags once.
+
+After the rounds, the cost of one forensics analysis (what a bad step costs: recompute the step,
+per-sample losses and gradient norms, the origin layer) is timed on the same model and batch, as a
+multiple of the bare training step.
 
 A step is forward + backward + the optimizer phase; the optimizer phase (everything after backward) is
 also timed alone, because the overhead of clipping lives there and is small next to the step's noise.
@@ -27,6 +34,7 @@ launch of a few microseconds, whatever the model's size. Views (``select``, ``vi
 no kernel and are counted apart.
 
     python benchmarks/bench_guard.py [--rounds 15] [--layers 6] [--width 320] [--threads 2] [--ops]
+                                     [--analyses 3]
 """
 
 from __future__ import annotations
@@ -131,8 +139,8 @@ def count_guard_ops(model: nn.Module, fused: bool, vocab: int, steps: int = 31) 
     return counter
 
 
-def make_variants(model: nn.Module) -> dict:
-    """name -> (model copy, optimizer, phase function(loss))."""
+def make_variants(model: nn.Module, loss_fn: Any) -> dict:
+    """name -> (model copy, optimizer, phase function(loss, batch))."""
     from zclip import ZClip as ZClipPackage
 
     variants = {}
@@ -142,12 +150,12 @@ def make_variants(model: nn.Module) -> dict:
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused)
         variants[name] = (m, opt, phase_factory(m, opt))
 
-    add("bare", False, lambda m, opt: lambda loss: opt.step())
+    add("bare", False, lambda m, opt: lambda loss, batch: opt.step())
 
     def torch_clip(m, opt):
         params = list(m.parameters())
 
-        def phase(loss):
+        def phase(loss, batch):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
 
@@ -158,17 +166,52 @@ def make_variants(model: nn.Module) -> dict:
     def zclip_package(m, opt):
         zclip = ZClipPackage(max_grad_norm=1.0)
 
-        def phase(loss):
+        def phase(loss, batch):
             zclip.step(m)
             opt.step()
 
         return phase
 
     add("zclip pkg", False, zclip_package)
-    add("guard", False, lambda m, opt: gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0)).step)
-    add("bare fused", True, lambda m, opt: lambda loss: opt.step())
-    add("guard fused", True, lambda m, opt: gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0)).step)
+    def guard(forensics: bool):
+        def factory(m, opt):
+            if not forensics:
+                g = gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0))
+                return lambda loss, batch: g.step(loss)
+            g = gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0), forensics=gg.Forensics(loss_fn=loss_fn))
+            phase = lambda loss, batch: g.step(loss, batch=batch)  # noqa: E731
+            phase.guard = g  # the analysis cost is measured on it
+            return phase
+
+        return factory
+
+    add("guard", False, guard(forensics=False))
+    add("guard forensics", False, guard(forensics=True))
+    add("bare fused", True, lambda m, opt: lambda loss, batch: opt.step())
+    add("guard fused", True, guard(forensics=False))
+    add("guard fused forensics", True, guard(forensics=True))
     return variants
+
+
+def analysis_seconds(variant: tuple, batch: tuple, loss_fn: Any, repeats: int) -> tuple[list[float], str]:
+    """Wall times of ``repeats`` forensics analyses of one (healthy) step of ``variant``'s model, as the
+    Guard would run one on a grad_spike step; and the per-sample method it used."""
+    m, opt, phase = variant
+    forensics = phase.guard.forensics
+    times, method = [], ""
+    for _ in range(repeats):
+        loss = loss_fn(m(batch[0]), batch[1])
+        loss.backward()
+        forensics.remember(batch)
+        stats = gg.grad_stats(m)
+        start = time.perf_counter()
+        record = forensics.analyse(m, stats, ["grad_spike"], phase.guard.step_count, loss.detach())
+        times.append(time.perf_counter() - start)
+        forensics.end_step(None)
+        method = str(record.get("method"))
+        assert "error" not in record, record["error"]
+        opt.zero_grad(set_to_none=True)
+    return times, method
 
 
 def main() -> None:
@@ -183,13 +226,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--ops", action="store_true", help="list the ops counted in one guarded step")
+    parser.add_argument("--analyses", type=int, default=3, help="forensics analyses timed after the rounds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = TinyGPT(args.vocab, args.width, args.layers, args.heads, args.context)
     n_params = sum(p.numel() for p in model.parameters())
-    variants = make_variants(model)
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.reshape(-1, args.vocab), targets.reshape(-1))
+
+    variants = make_variants(model, loss_fn)
     data = torch.Generator().manual_seed(1)
     names = list(variants)
     steps = {name: [] for name in names}
@@ -210,11 +257,10 @@ def main() -> None:
         for name in order:
             m, opt, phase = variants[name]
             start, cpu_start = time.perf_counter(), time.thread_time()
-            logits = m(idx[:, :-1])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, args.vocab), idx[:, 1:].reshape(-1))
+            loss = loss_fn(m(idx[:, :-1]), idx[:, 1:])
             loss.backward()
             middle, cpu_middle = time.perf_counter(), time.thread_time()
-            phase(loss)
+            phase(loss, (idx[:, :-1], idx[:, 1:]))
             opt.zero_grad(set_to_none=True)
             end, cpu_end = time.perf_counter(), time.thread_time()
             if round_ >= args.warmup:
@@ -226,18 +272,28 @@ def main() -> None:
     for clock, step_times, phase_times in (("wall clock", steps, phases), ("thread CPU time", cpu_steps,
                                                                            cpu_phases)):
         report(clock, names, step_times, phase_times)
+    analysed = sum(len(variants[n][2].guard.forensics.analyses) for n in names if "forensics" in n)
+    print(f"\nbad steps analysed during the rounds: {analysed} (healthy steps are what the rounds measure)")
+    if args.analyses:
+        idx = torch.randint(0, args.vocab, (args.batch, args.context + 1), generator=data)
+        times, method = analysis_seconds(variants["guard forensics"], (idx[:, :-1], idx[:, 1:]), loss_fn,
+                                         args.analyses)
+        bare = statistics.median(steps["bare"])
+        print(f"one forensics analysis (per-sample gradients by {method}): median {statistics.median(times):.2f} s "
+              f"over {len(times)} = {statistics.median(times) / bare:.1f} bare steps ({bare * 1e3:.0f} ms, wall "
+              f"clock); target: a few steps")
 
 
 def report(clock: str, names: list[str], steps: dict, phases: dict) -> None:
     step_med = {n: statistics.median(steps[n]) for n in names}
     phase_med = {n: statistics.median(phases[n]) for n in names}
     print(f"\n== {clock}, medians over {len(steps[names[0]])} rounds")
-    print(f"{'variant':<12} {'step ms':>9} {'step/bare':>10} {'opt phase ms':>13} {'phase/bare':>11} "
+    print(f"{'variant':<22} {'step ms':>9} {'step/bare':>10} {'opt phase ms':>13} {'phase/bare':>11} "
           f"{'overhead % of step':>19}")
     for name in names:
         base = "bare fused" if "fused" in name else "bare"
         overhead = (phase_med[name] - phase_med[base]) / step_med[base] * 100
-        print(f"{name:<12} {step_med[name] * 1e3:>9.1f} {step_med[name] / step_med[base]:>10.3f} "
+        print(f"{name:<22} {step_med[name] * 1e3:>9.1f} {step_med[name] / step_med[base]:>10.3f} "
               f"{phase_med[name] * 1e3:>13.2f} {phase_med[name] / phase_med[base]:>11.3f} {overhead:>18.2f}%")
     torch_over = phase_med["torch clip"] - phase_med["bare"]
     guard_over = phase_med["guard"] - phase_med["bare"]
@@ -246,6 +302,10 @@ def report(clock: str, names: list[str], steps: dict, phases: dict) -> None:
           f"{fused_over / torch_over:.2f} (fused AdamW)")
     print(f"Guard overhead as % of the bare step: {guard_over / step_med['bare'] * 100:.2f}% (plain), "
           f"{fused_over / step_med['bare fused'] * 100:.2f}% (fused); target: <= torch's, and < 3%")
+    plain_fx = phase_med["guard forensics"] - phase_med["guard"]
+    fused_fx = phase_med["guard fused forensics"] - phase_med["guard fused"]
+    print(f"Forensics on healthy steps, as % of the bare step: {plain_fx / step_med['bare'] * 100:.2f}% (plain), "
+          f"{fused_fx / step_med['bare fused'] * 100:.2f}% (fused); target: <= 0.5%")
 
 
 if __name__ == "__main__":
