@@ -26,8 +26,10 @@ demo: $(VENV)/.lab-installed
 test: $(VENV)/.dev-installed browser
 	$(BIN)/python -m pytest
 
+# ruff on everything, mypy on src (configured in pyproject.toml: [tool.mypy]).
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/bench_stats.py

@@ -453,6 +453,7 @@ class ZClip(ScaleClipper):
         learn = finite & ~spike if self.skip_update_on_spike else finite
         new_mean = self.alpha * mean + (1 - self.alpha) * clip_value
         new_var = self.alpha * var + (1 - self.alpha) * (clip_value - new_mean) ** 2
+        assert self._mean is not None and self._var is not None
         self._mean = torch.where(learn, new_mean, self._mean)
         self._var = torch.where(learn, new_var, self._var)
         return coef

@@ -55,8 +55,10 @@ class AddingRNN(nn.Module):
         self.rnn = nn.RNN(2, hidden, nonlinearity="tanh", batch_first=True)
         self.head = nn.Linear(hidden, 1)
         with torch.no_grad():  # an orthogonal matrix has all singular values 1: scale them to the radius
-            nn.init.orthogonal_(self.rnn.weight_hh_l0)
-            self.rnn.weight_hh_l0.mul_(spectral_radius)
+            weight_hh = self.rnn.weight_hh_l0
+            assert isinstance(weight_hh, torch.Tensor)
+            nn.init.orthogonal_(weight_hh)
+            weight_hh.mul_(spectral_radius)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)
@@ -100,13 +102,16 @@ def _train(name: str, steps: int, seed: int, mode: str) -> RunResult:
                 zclip(model)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    summary, events = None, None
+    summary: dict[str, int] | None = None
+    events: dict[str, int] | None = None
     if guard is not None:
         guard.close()
-        summary, events = guard.summary(), {}
+        summary = guard.summary()
+        counts: dict[str, int] = {}
         for record in guard.history:
             for event in record["events"]:
-                events[event["kind"]] = events.get(event["kind"], 0) + 1
+                counts[event["kind"]] = counts.get(event["kind"], 0) + 1
+        events = counts
     tail = losses[-20:]
     return RunResult(
         name=name,

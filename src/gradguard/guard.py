@@ -232,7 +232,7 @@ class Guard:
         self.recovery = Recovery(recovery if recovery is not None else RecoveryPolicy(),
                                  TrainingState(model, optimizer, scheduler))
         self._optimizer_step = optimizer_step
-        self._named = list(model.named_parameters())
+        self._named: list[tuple[str, Tensor]] = list(model.named_parameters())
         self._has_dtensor = any(gg_dist._is_dtensor(p) for _, p in self._named)
         self._ceiling = clip.max_norm if isinstance(clip, GlobalNorm) else math.inf
         self._bit_weights: dict[torch.device, Tensor] = {}

@@ -259,7 +259,7 @@ def to_record(row: dict[str, Any], responses: Responses) -> StepRecord:
         if kind in ("nonfinite_loss", "loss_spike"):
             event["loss"] = row["loss"]
         if kind == "grad_spike":
-            event.update(z=row["grad_z"], threshold=row["spike_threshold"])
+            event["z"], event["threshold"] = row["grad_z"], row["spike_threshold"]
         if kind == "loss_spike":
             event["z"] = row["loss_z"]
         if kind == "growth":

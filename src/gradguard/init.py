@@ -133,7 +133,9 @@ def _init_layer(layer: nn.Module, scheme: str, gain: float, slope: float = 0.0) 
     if isinstance(layer, RECURRENT_MODULES):
         blocks = [(n, w, g) for n, w, g in recurrent_weight_blocks(layer)]
     else:
-        blocks = [("weight", layer.weight, 1)]
+        weight = layer.weight
+        assert isinstance(weight, Tensor)
+        blocks = [("weight", weight, 1)]
     for name, weight, gates in blocks:
         for block in _per_gate(weight, gates):
             if scheme == "xavier":
@@ -152,8 +154,8 @@ def _init_layer(layer: nn.Module, scheme: str, gain: float, slope: float = 0.0) 
                 raise ValueError(f"unknown scheme {scheme!r}")
     if isinstance(layer, RECURRENT_MODULES):
         _zero_biases(layer)
-    elif getattr(layer, "bias", None) is not None:
-        nn.init.zeros_(layer.bias)
+    elif isinstance(bias := getattr(layer, "bias", None), Tensor):
+        nn.init.zeros_(bias)
 
 
 def _check_module(module: object, fn: str) -> nn.Module:
@@ -382,7 +384,9 @@ def lsuv_(model: nn.Module, inputs: object, tol: float = 0.1, max_iters: int = 1
                     raise ValueError(f"lsuv_: layer {name!r} has output variance {variance} on these inputs")
                 if abs(variance - 1.0) < tol:
                     break
-                layer.weight.div_(math.sqrt(variance))
+                weight = layer.weight
+                assert isinstance(weight, Tensor)
+                weight.div_(math.sqrt(variance))
             captured.clear()
             model(inputs)
             reached[name] = float(torch.cat([c.detach().float().flatten() for c in captured]).var())

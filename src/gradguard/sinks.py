@@ -144,9 +144,11 @@ def scalars_of(record: Record) -> dict[str, float]:
     Booleans become 0/1; a missing loss or threshold is left out; NaN and Inf are kept.
     """
     scalars = {}
-    for key in ("loss", "total_norm", "coef", "clip_threshold", "lr"):
-        if record.get(key) is not None:
-            scalars[f"gradguard/{key}"] = float(record[key])
+    values = {"loss": record.get("loss"), "total_norm": record.get("total_norm"), "coef": record.get("coef"),
+              "clip_threshold": record.get("clip_threshold"), "lr": record.get("lr")}
+    for key, value in values.items():
+        if value is not None:
+            scalars[f"gradguard/{key}"] = float(value)
     for key in ("skipped", "clipped"):
         scalars[f"gradguard/{key}"] = float(bool(record.get(key)))
     for name, norm in (record.get("layer_norms") or {}).items():
@@ -172,6 +174,7 @@ class TensorBoard:
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            assert log_dir is not None
             writer = SummaryWriter(log_dir=os.fspath(log_dir))
             self._owns_writer = True
         else:

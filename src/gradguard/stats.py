@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -115,8 +116,8 @@ def group_by_device_and_dtype(
     """``{(device, dtype): (tensors, their positions in the input)}``: the batches foreach kernels take."""
     if not tensors:
         return {}
-    groups = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
-    return {key: (group, indices) for key, ([group], indices) in groups.items()}
+    groups = _group_tensors_by_device_and_dtype([cast("list[Tensor | None]", tensors)], with_indices=True)
+    return {key: (cast("list[Tensor]", group), indices) for key, ([group], indices) in groups.items()}
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -148,10 +149,10 @@ def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     """
     distributed = [i for i, t in enumerate(tensors) if is_dtensor(t)]
     if distributed:
-        norms = per_tensor_norms([t for t in tensors if not is_dtensor(t)], norm_type)
+        local = per_tensor_norms([t for t in tensors if not is_dtensor(t)], norm_type)
         for i, norm in zip(distributed, dtensor_norms([tensors[i] for i in distributed], norm_type)):
-            norms.insert(i, norm)
-        return norms
+            local.insert(i, norm)
+        return local
     if norm_type == math.inf:
         return [max_abs(t.coalesce()._values() if t.is_sparse else t) for t in tensors]
     norms: list[Tensor | None] = [None] * len(tensors)
@@ -163,13 +164,14 @@ def per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
             norms[i] = norm.to(norm_dtype(values.dtype))
     for (device, dtype), (group, indices) in group_by_device_and_dtype([tensors[i] for i in dense]).items():
         accumulate = accumulate_dtype(dtype)
+        result: Sequence[Tensor]
         if _has_foreach_support(group, device) and dtype != torch.complex32:
             result = torch._foreach_norm(group, norm_type, dtype=accumulate)
         else:
             result = [torch.linalg.vector_norm(g, norm_type, dtype=accumulate) for g in group]
         for k, norm in zip(indices, result):
             norms[dense[k]] = norm.to(norm_dtype(dtype))
-    return norms  # type: ignore[return-value]
+    return cast("list[Tensor]", norms)
 
 
 def is_dtensor(t: object) -> bool:
@@ -288,7 +290,7 @@ def stacked_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
         type(t) is Tensor and t.dtype == dtype and t.device == device and not t.is_sparse for t in tensors
     )  # plain tensors only: DTensors (FSDP2) are combined over their shards by per_tensor_norms
     if uniform and _has_foreach_support(tensors, device):
-        norms = torch._foreach_norm(tensors, norm_type)
+        norms = list(torch._foreach_norm(tensors, norm_type))
         if norms[0].dtype != norm_dtype(dtype):  # complex64 gives float32 norms already; nothing else converts
             norms = [n.to(norm_dtype(dtype)) for n in norms]
         return torch.stack(norms)
@@ -316,9 +318,9 @@ def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.
         empty = torch.zeros(0, dtype=torch.float32)
         return GradStats(zero, empty, [], torch.ones((), dtype=torch.bool), norm_type, [], [], empty, [])
 
-    grads = [p.grad for _, p in named]
+    grads = [p.grad for _, p in named if p.grad is not None]  # all of them: named holds those with one
     device = grads[0].device
-    param_norms = stacked_norms(grads, norm_type)  # type: ignore[arg-type]
+    param_norms = stacked_norms(grads, norm_type)
     layout = _layout(tuple(name for name, _ in named), groups)
     if len(layout.names) == len(named):  # one tensor per group: nothing to combine
         norms = param_norms

@@ -55,7 +55,8 @@ def suggest_clip_threshold(
             if not _is_single_batch(batch):
                 raise ValueError(f"suggest_clip_threshold: batch {i} must be an (inputs, targets) pair")
             model.zero_grad(set_to_none=True)
-            loss_fn(model(batch[0]), batch[1]).backward()
+            inputs, targets = batch
+            loss_fn(model(inputs), targets).backward()
             norms.append(grad_stats(model).total_norm)
     finite = [n for n in torch.stack(norms).tolist() if math.isfinite(n)]
     if not finite:

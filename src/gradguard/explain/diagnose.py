@@ -20,6 +20,7 @@ modules that own parameters directly; activations are seen only when they are mo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,18 +144,18 @@ def _measure_jacobians(model: nn.Module, inputs: Any, calls: list[ModuleCall], i
             notes.append(f"input-output Jacobian not measured: {_short(error)}")
     else:
         notes.append("input-output Jacobian not measured: the model input is not a floating-point tensor")
-    first_call = {}
+    first_call: dict[int, ModuleCall] = {}
     for call in calls:
         first_call.setdefault(id(call.module), call)
     for name, block in _blocks(model):
-        call = first_call.get(id(block))
-        position = _first_floating(call) if call is not None else None
-        if call is None or position is None:
+        block_call = first_call.get(id(block))
+        position = _first_floating(block_call) if block_call is not None else None
+        if block_call is None or position is None:
             continue
-        args = list(call.args)
+        args = list(block_call.args)
 
         def block_fn(x: Tensor, block: nn.Module = block, args: list = args, position: int = position,
-                     kwargs: dict = call.kwargs) -> tuple:
+                     kwargs: dict = block_call.kwargs) -> tuple:
             return tuple(flat_tensors(block(*args[:position], x, *args[position + 1:], **kwargs)))
 
         try:
@@ -169,14 +170,14 @@ def _time_flow(trace: ForwardTrace, recorder: RecurrentRecorder, cells: list[Rec
                iterations: int, notes: list[str]) -> TimeFlow | None:
     """Time flow of the recurrent module that runs first."""
     position = {id(call): i for i, call in enumerate(trace.calls)}
-    first_position = {}
+    first_position: dict[str, int] = {}
     for i, call in enumerate(trace.calls):
         first_position.setdefault(call.name, i)
     candidates: list[tuple[int, Callable[[], TimeFlow]]] = []
     for run in recorder.runs:
-        candidates.append((first_position.get(run.name, 0), lambda run=run: rnn_time_flow(run, iterations)))
+        candidates.append((first_position.get(run.name, 0), functools.partial(rnn_time_flow, run, iterations)))
     for cell in cells:
-        candidates.append((position[id(cell.calls[0])], lambda cell=cell: cell_time_flow(cell, iterations)))
+        candidates.append((position[id(cell.calls[0])], functools.partial(cell_time_flow, cell, iterations)))
     for name, reason in recorder.skipped.items():
         notes.append(f"time flow of {name} not measured: {reason}")
     notes.extend(recorder.notes)

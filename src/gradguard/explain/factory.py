@@ -92,4 +92,4 @@ def load_patient(target: str) -> Patient:
         raise FactoryError(f"{target}: the loss function (item 2) must be callable, got {type(loss_fn).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise FactoryError(f"{target}: item 3 must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return Patient(model, tuple(batch), loss_fn, optimizer)  # type: ignore[arg-type]
+    return Patient(model, tuple(batch), loss_fn, optimizer)

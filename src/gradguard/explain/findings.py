@@ -157,9 +157,9 @@ def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_pre
         else:
             why = "the gates or inputs amplify the state"
         auto = auto_init(cells_present)
-        remedy: Remedy | None = Remedy(auto.code + "  # orthogonal hidden-to-hidden weights (Saxe et al. 2014)",
-                                       auto.apply)
-        fix = remedy.code
+        orthogonal = Remedy(auto.code + "  # orthogonal hidden-to-hidden weights (Saxe et al. 2014)", auto.apply)
+        remedy: Remedy | None = orthogonal
+        fix = orthogonal.code
         cause = "recurrent"
     else:
         why = "each step contracts the state"
@@ -228,16 +228,16 @@ def _layer_list(names: list[str]) -> str:
 def activation_findings(stats: list[ActivationStats], init_flagged: bool, cells_present: bool) -> list[Finding]:
     """One finding for dead ReLU layers, one for saturated tanh/sigmoid layers, each naming the worst."""
     findings = []
-    dead = sorted((s for s in stats if s.dead is not None and s.dead > DEAD_LIMIT), key=lambda s: -s.dead)
+    dead = sorted((s for s in stats if s.dead is not None and s.dead > DEAD_LIMIT), key=lambda s: -(s.dead or 0.0))
     if dead:
         fix = _init_fix(cells_present) if init_flagged else "gg.activations.replace_(model, nn.ReLU, nn.LeakyReLU)"
         message = (f"{len(dead)} ReLU layer(s) with more than {DEAD_LIMIT:.0%} of their units at 0 for the whole "
                    f"batch (dead, they pass no gradient): {_layer_list([s.name for s in dead])}; "
                    f"worst {dead[0].dead:.0%}")
         findings.append(Finding("warning", dead[0].name, message, fix,
-                                {"layers": {s.name: s.dead for s in dead}}, "dead_units", dead[0].dead))
+                                {"layers": {s.name: s.dead for s in dead}}, "dead_units", dead[0].dead or 0.0))
     saturated = sorted((s for s in stats if s.saturated is not None and s.saturated > SATURATED_LIMIT),
-                       key=lambda s: -s.saturated)
+                       key=lambda s: -(s.saturated or 0.0))
     if saturated:
         fix = _init_fix(cells_present) if init_flagged else "gg.init.lsuv_(model, batch[0])"
         message = (f"{len(saturated)} tanh/sigmoid layer(s) with more than {SATURATED_LIMIT:.0%} of their units "
@@ -245,7 +245,7 @@ def activation_findings(stats: list[ActivationStats], init_flagged: bool, cells_
                    f"worst {saturated[0].saturated:.0%}")
         findings.append(Finding("warning", saturated[0].name, message, fix,
                                 {"layers": {s.name: s.saturated for s in saturated}}, "saturation",
-                                saturated[0].saturated))
+                                saturated[0].saturated or 0.0))
     return findings
 
 
@@ -287,8 +287,9 @@ def nonfinite_findings(origin: NonfiniteOrigin | None, init_flagged: bool, cells
         message += "; its inputs were already non-finite (an operation outside any module or the data)"
     if origin.inputs_finite and largest > OVERFLOW_SCALE:
         message += (f": its inputs reach {largest:.3g}, the signal grows layer after layer until float overflows")
-        remedy: Remedy | None = auto_init(cells_present) if init_flagged else lsuv()
-        fix = remedy.code
+        chosen = auto_init(cells_present) if init_flagged else lsuv()
+        remedy: Remedy | None = chosen
+        fix = chosen.code
     else:
         remedy = None
         fix = (f"# make {origin.module!r} finite: add an epsilon to divisors, clamp before log/sqrt/exp; "

@@ -215,7 +215,7 @@ def depth_flow(
     # Chain the counted gains from the last layer down: log error signal relative to the last layer.
     log_profile = [0.0]
     for layer in reversed(counted):
-        log_profile.append(log_profile[-1] + math.log(max(layer.gain, _TINY)))  # type: ignore[arg-type]
+        log_profile.append(log_profile[-1] + math.log(max(layer.gain or 0.0, _TINY)))
     slope = fit_growth(log_profile)
     growth = safe_exp(slope)
     total = safe_exp(slope * len(counted)) if counted else 1.0

@@ -10,6 +10,7 @@ module, rendered with jinja2 (autoescaped).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ __all__ = ["render_html"]
 _TEMPLATE = Path(__file__).with_name("doctor.html.j2")
 
 
-def _positive(values: list[float | None]) -> list[float]:
+def _positive(values: Sequence[float | None]) -> list[float]:
     # log axes: a 0 or NaN norm is drawn at the bottom of the axis instead of breaking the plot
     return [v if v is not None and math.isfinite(v) and v > 0 else float("nan") for v in values]
 

@@ -119,8 +119,7 @@ def audit_init(order: list[tuple[str, nn.Module]], following: dict[str, nn.Modul
 
 
 def _cell_gamma(cell: RecurrentCell, leaf_modules: list[nn.Module]) -> tuple[str, float]:
-    kinds = [activation_kind(m) for m in leaf_modules]
-    kinds = [k for k in kinds if k is not None]
+    kinds = [k for m in leaf_modules if (k := activation_kind(m)) is not None]
     kind = kinds[-1] if kinds else "linear"
     return kind, derivative_bound(kind)
 

@@ -72,7 +72,7 @@ def spectral_norm(
     v = tuple(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p) for p in primals)
     scale = _norm(v)
     v = tuple(t / scale.to(t.dtype) for t in v)
-    _, vjp_fn = torch.func.vjp(lambda *xs: _as_tuple(fn(*xs)), *primals)
+    vjp_fn = torch.func.vjp(lambda *xs: _as_tuple(fn(*xs)), *primals)[1]
     sigma = 0.0
     for step in range(1, iterations + 1):
         # Forward mode needs no autograd graph; with parameters that require grad, building one makes the
@@ -81,7 +81,7 @@ def spectral_norm(
             # torch's first forward-AD call loads its jvp decompositions through torch.jit.script, which
             # warns that it is deprecated: torch's own business, not the caller's.
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
-            _, jv = torch.func.jvp(lambda *xs: _as_tuple(fn(*xs)), primals, v)
+            jv = torch.func.jvp(lambda *xs: _as_tuple(fn(*xs)), primals, v)[1]
         new_sigma = float(_norm(jv))
         jtjv = tuple(t.detach() for t in vjp_fn(jv))
         length = _norm(jtjv)

@@ -38,6 +38,7 @@ def unroll_unsupported(module: nn.RNNBase, args: tuple) -> str | None:
 
 def _step(mode: str, x: Tensor, h: Tensor, c: Tensor | None, weights: list[Tensor | None]) -> tuple:
     w_ih, w_hh, b_ih, b_hh = weights
+    assert w_ih is not None and w_hh is not None
     gates_x = F.linear(x, w_ih, b_ih)
     gates_h = F.linear(h, w_hh, b_hh)
     if mode == "RNN_TANH":
@@ -53,6 +54,7 @@ def _step(mode: str, x: Tensor, h: Tensor, c: Tensor | None, weights: list[Tenso
         return (1 - update) * candidate + update * h, None
     if mode == "LSTM":
         i, f, g, o = (gates_x + gates_h).chunk(4, -1)
+        assert c is not None
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c_next), c_next
     raise ValueError(f"recurrent: unknown mode {mode!r}")

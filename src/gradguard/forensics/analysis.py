@@ -206,12 +206,13 @@ class Forensics:
         try:
             self._analyse(_user_model(model), stats, kinds, step, live, window, history, record)
             if self.bundle_dir is not None and window and len(self.bundles) < self.max_bundles:
-                record["bundle"] = write_bundle(
+                bundle = write_bundle(
                     self.bundle_dir, step, model, window, guard_config or {},
                     {"kinds": kinds, "total_norm": live[0], "loss": live[1],
                      "layer_norms": dict(zip(stats.names, stats.norms.float().cpu().tolist()))},
                     dict(record))
-                self.bundles.append(record["bundle"])
+                record["bundle"] = bundle
+                self.bundles.append(bundle)
         except Exception as error:  # noqa: BLE001 - a diagnosis must not stop the training it diagnoses
             record["error"] = f"{type(error).__name__}: {error}"
             warnings.warn(f"gradguard forensics: the analysis of step {step} failed: {record['error']}",

@@ -14,7 +14,7 @@ positions within a batch name samples only within that batch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sized
-from typing import Any
+from typing import Any, cast
 
 from torch.utils.data import Dataset, IterableDataset, Sampler, Subset
 
@@ -65,8 +65,9 @@ def exclude(data: Any, ids: Iterable[Any]) -> Any:
         raise TypeError("exclude: an IterableDataset has no indices; filter its stream by id instead")
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and isinstance(data, Sized)):
         drop = _id_set(ids)
-        bad = [i for i in drop if not (isinstance(i, int) and 0 <= i < len(data))]
+        size = len(cast(Sized, data))
+        bad = [i for i in drop if not (isinstance(i, int) and 0 <= i < size)]
         if bad:
-            raise ValueError(f"exclude: ids must be indices of the dataset (0..{len(data) - 1}), got {bad[:5]}")
-        return Subset(data, [i for i in range(len(data)) if i not in drop])
+            raise ValueError(f"exclude: ids must be indices of the dataset (0..{size - 1}), got {bad[:5]}")
+        return Subset(cast(Dataset, data), [i for i in range(size) if i not in drop])
     raise TypeError(f"exclude: data must be a map-style dataset or a sampler, got {type(data).__name__}")

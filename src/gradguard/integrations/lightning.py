@@ -100,7 +100,7 @@ class GradGuardCallback(L.Callback):
         # method as it is now, given as optimizer_step) in on_before_optimizer_step.
         self.guard = Guard(pl_module, optimizer, optimizer_step=optimizer.step, **options)
         self._optimizer = optimizer
-        optimizer.step = _run_closure_only  # type: ignore[method-assign]
+        optimizer.step = _run_closure_only
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

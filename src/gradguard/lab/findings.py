@@ -73,8 +73,7 @@ def depth_findings(rows: list[Row], records: list[Record]) -> list[str]:
         worst = min(group, key=lambda row: row["test_accuracy"] or 0.0)
         ratios = {}
         for row in group:
-            values = [flow_ratio(r) for r in records if r["config"]["variant"] == row["variant"]]
-            values = [v for v in values if v is not None]
+            values = [v for r in records if r["config"]["variant"] == row["variant"] and (v := flow_ratio(r)) is not None]
             ratios[row["variant"]] = float(np.median(values)) if values else None
         verdicts = {}
         for row in group:
@@ -94,8 +93,7 @@ def depth_findings(rows: list[Row], records: list[Record]) -> list[str]:
                 f" With N(0,1) weights the gradient at the first layer is {fmt(ratio)}x the last layer's at "
                 f"init, and {normal['diverged']}/{normal['runs']} runs diverged."
             )
-        others = [v for k, v in ratios.items() if normal is None or k != normal["variant"]]
-        others = [v for v in others if v is not None]
+        others = [v for k, v in ratios.items() if (normal is None or k != normal["variant"]) and v is not None]
         if others:
             text += f" The other initializations give first/last ratios from {fmt(min(others))} to {fmt(max(others))}."
         if verdicts:
@@ -123,7 +121,7 @@ def recurrence_findings(rows: list[Row], records: list[Record]) -> list[str]:
     criterion = {
         "temporal_order": "accuracy of at least 99% on 1000 held-out sequences",
         "adding": "mean squared error of at most 0.01 on 1000 held-out sequences",
-    }.get(task, "the held-out score")
+    }.get(str(task), "the held-out score")
     lines.append(
         f"Solved means {criterion}. Success rate: "
         + "; ".join(f"{row['variant']} {row.get('solved', 0)}/{row['runs']}" for row in ranked)

@@ -30,7 +30,7 @@ DIVERGENCE_FACTOR = 10.0
 WINDOW = 10
 
 
-def _finite_prefix(values: Sequence[float]) -> np.ndarray:
+def _finite_prefix(values: Sequence[float] | np.ndarray) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(array))
     return array if bad.size == 0 else array[: bad[0]]

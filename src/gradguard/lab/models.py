@@ -7,6 +7,7 @@ that the doctor and ``gg.init`` recognise them.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,10 @@ class TanhRNN(nn.Module):
             if not spectral_radius > 0:
                 raise ValueError(f"TanhRNN: spectral_radius must be > 0, got {spectral_radius}")
             with torch.no_grad():
-                nn.init.orthogonal_(self.rnn.weight_hh_l0)
-                self.rnn.weight_hh_l0.mul_(spectral_radius)
+                weight_hh = self.rnn.weight_hh_l0
+                assert isinstance(weight_hh, Tensor)
+                nn.init.orthogonal_(weight_hh)
+                weight_hh.mul_(spectral_radius)
 
     def forward(self, x: Tensor) -> Tensor:
         states, _ = self.rnn(x)
@@ -81,7 +84,7 @@ class DeepMLP(nn.Module):
 
     def linear_layers(self) -> list[nn.Linear]:
         """The Linear layers in depth order, output layer last."""
-        return [block.linear for block in self.blocks] + [self.out]
+        return [cast(nn.Linear, block.linear) for block in self.blocks] + [self.out]
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,6 +139,7 @@ class CausalTransformer(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
+            assert isinstance(block, Block)
             nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * n_layer))
             nn.init.normal_(block.fc_out.weight, std=0.02 / math.sqrt(2 * n_layer))
 

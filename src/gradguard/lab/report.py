@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,7 @@ def regularization_plots(records: list[Record], rows: list[Row]) -> list[tuple[s
         "median |g|": [row["median_grad_norm"] for row in rows],
         "largest |g|": [row["max_grad_norm"] for row in rows],
     })
-    points = {
+    points: dict[str, tuple[Sequence[float], Sequence[float]]] = {
         variant: ([r["max_grad_norm"] for r in group], [r["generalization_gap"] for r in group])
         for variant, group in by_variant(_finished(records)).items()
     }

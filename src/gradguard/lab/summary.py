@@ -72,10 +72,10 @@ def summarize_variant(variant: str, records: list[Record]) -> dict[str, Any]:
                 "final_weight_norm", "initial_weight_norm", "clip_threshold", "forensics_precision",
                 "forensics_recall", "forensics_analysed", "forensics_reproducible"):
         row[key] = mean_of(finished, key)
-    growths = [(r.get("layer_flow") or {}).get("total_growth") for r in finished]
-    growths = [g for g in growths if isinstance(g, (int, float)) and math.isfinite(g)]
+    growths = [g for r in finished if isinstance(g := (r.get("layer_flow") or {}).get("total_growth"), (int, float))
+               and math.isfinite(g)]
     row["init_growth"] = float(np.median(growths)) if growths else None
-    verdicts = sorted({(r.get("layer_flow") or {}).get("verdict") for r in finished} - {None})
+    verdicts = sorted({str(v) for r in finished if (v := (r.get("layer_flow") or {}).get("verdict")) is not None})
     row["init_verdict"] = "/".join(verdicts) if verdicts else None
     if any("solved" in record for record in finished):
         solved = count_of(finished, lambda r: bool(r.get("solved")))

@@ -95,6 +95,7 @@ def train(
         loss.backward()
         if step in faults.nan_grad_steps:
             first = next(p for p in model.parameters() if p.grad is not None)
+            assert first.grad is not None
             first.grad.view(-1)[0] = math.nan
 
         stats = grad_stats(model)

@@ -14,7 +14,7 @@ from matplotlib.ticker import NullFormatter
 
 from gradguard.report.figures import plt, png_data_uri
 
-COLORS = plt.get_cmap("tab10").colors
+COLORS = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
 DPI = 80  # small multiples stay legible; rendering time and page size grow with the square of it
 
 

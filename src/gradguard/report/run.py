@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Literal, cast
 
 import jinja2
 import numpy as np
@@ -58,7 +58,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
                 raise ValueError(
                     f"{os.fspath(path)}:{number}: expected a record with a 'step', got {line[:80]!r}"
                 )
-            records.append(record)
+            records.append(cast(Record, record))
     return records
 
 
@@ -102,10 +102,10 @@ def _mark_events(ax: Any, records: Sequence[Record]) -> None:
         ax.axvline(step, color="#8c564b", lw=1.0, ls="--", label="LR back-off" if i == 0 else None)
 
 
-def _plot_with_marks(ax: Any, records: Sequence[Record], key: str) -> None:
+def _plot_with_marks(ax: Any, records: Sequence[Record], key: Literal["loss", "total_norm"]) -> None:
     """Plot ``key`` over steps on a log axis; non-finite values are drawn as triangles at the top."""
     steps = np.array([r["step"] for r in records])
-    values = np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
+    values = np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=np.float64)
     finite = np.isfinite(values) & (values > 0)
     ax.plot(steps[finite], values[finite], lw=1.0, color="#1f77b4", label=key.replace("_", " "))
     for flag, style in MARKS.items():
@@ -144,7 +144,7 @@ def norm_figure(records: Sequence[Record]) -> Figure:
     ax = fig.subplots()
     _plot_with_marks(ax, records, "total_norm")
     steps = [r["step"] for r in records if r.get("clip_threshold") is not None]
-    thresholds = [r["clip_threshold"] for r in records if r.get("clip_threshold") is not None]
+    thresholds = [t for r in records if (t := r.get("clip_threshold")) is not None]
     if steps:
         ax.plot(steps, thresholds, color="#2ca02c", lw=1.0, ls="--", label="clip threshold")
     ax.set_ylabel("total gradient norm")

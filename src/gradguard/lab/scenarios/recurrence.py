@@ -10,6 +10,7 @@ with the adaptive strategies (ZClip, AutoClip, AGC), the Guard, and an LSTM (Hoc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,6 +80,8 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
 
 def run(config: RunConfig) -> Record:
     task = config["task"]
+    loss_fn: Callable[..., torch.Tensor]
+    model: torch.nn.Module
     if task == "adding":
         make_data, input_size, output_size, loss_fn = adding_problem, 2, 1, F.mse_loss
     elif task == "temporal_order":
@@ -120,6 +123,6 @@ def run(config: RunConfig) -> Record:
         test_loss=test_loss,
         test_score=test_score,
         solved=bool(solved),
-        clip_threshold=float(threshold) if config["remedy"]["name"] == "global_norm" else None,
+        clip_threshold=float(threshold) if threshold is not None and config["remedy"]["name"] == "global_norm" else None,
         remedy_summary=remedy.summary(),
     )
