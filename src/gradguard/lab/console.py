@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gradguard.lab.findings import fmt, pct
+from gradguard.lab.scenarios import Record
 from gradguard.lab.summary import summarize
-
-Record = dict[str, Any]
 
 
 def headline(scenario: str, row: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-Record = dict[str, Any]
+from gradguard.lab.scenarios import Record
 
 CONFIG_COLUMNS = ("scenario", "part", "variant", "seed")
 SKIPPED_KEYS = ("config", "curves", "layer_flow", "traceback", "remedy_summary")

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from gradguard.lab.scenarios import Record
+
 Row = dict[str, Any]
-Record = dict[str, Any]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -18,11 +18,10 @@ import torch
 
 from gradguard.lab import metrics
 from gradguard.lab.findings import findings_for, fmt, pct
-from gradguard.lab.scenarios import all_scenarios
+from gradguard.lab.scenarios import Record, all_scenarios
 from gradguard.lab.summary import by_variant, summarize
 from gradguard.report.charts import Panel, Series, bars_with_intervals, curves, grouped_bars, scatter
 
-Record = dict[str, Any]
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
 

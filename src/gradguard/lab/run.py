@@ -9,9 +9,7 @@ from typing import Any
 from gradguard.lab.export import write_csv, write_json
 from gradguard.lab.report import render_lab_report
 from gradguard.lab.runner import GridResult, default_workers, describe_config, run_grid
-from gradguard.lab.scenarios import build_grid
-
-Record = dict[str, Any]
+from gradguard.lab.scenarios import Record, build_grid
 
 
 @dataclass

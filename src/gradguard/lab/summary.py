@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from gradguard.lab.metrics import wilson_interval
-
-Record = dict[str, Any]
+from gradguard.lab.scenarios import Record
 
 
 def by_variant(records: list[Record]) -> dict[str, list[Record]]:

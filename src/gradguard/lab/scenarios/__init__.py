@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 RunConfig = dict[str, Any]
+#: The record of one lab run (config, metrics, curves; made by ``gradguard.lab.record.make_record``): the lab's
+#: one record type, imported by every lab module that handles records. (A guarded step's record is another
+#: schema: ``gradguard.history.StepRecord``.)
 Record = dict[str, Any]
 
 
