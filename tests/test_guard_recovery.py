@@ -72,7 +72,7 @@ def test_a_rollback_keeps_the_detectors_memory_so_a_later_burst_is_flagged():
             with torch.no_grad():
                 model[2].bias.fill_(math.nan)  # found at the flush after step 29: a rollback to step 0
     assert guard.summary()["rollbacks"] == 1
-    assert guard.detector.norm.ready  # its memory of healthy norms survived the rollback
+    assert guard.detector.scores.ready  # its memory of healthy norms survived the rollback
     guard.step(_loss(model, 30, scale=1e4))
     optimizer.zero_grad()
     for group in optimizer.param_groups:

@@ -111,16 +111,17 @@ class MovingZScore:
         self.warmup_sigma_floor = max(warmup_sigma_floor, sigma_floor)
         self.calls = 0
         self._seen: Tensor | None = None  # warm-up: (warmup_steps, *shape) values, NaN where not learned
-        self.mean: Tensor | None = None
+        self.mean: Tensor | None = None  # NaN where nothing finite was learned yet
         self.var: Tensor | None = None
+        self._std: Tensor | None = None  # max(sqrt(var), sigma_floor), kept with var
 
     @property
     def ready(self) -> bool:
         return self.calls >= self.warmup_steps
 
     def std(self) -> Tensor:
-        assert self.var is not None
-        return self.var.sqrt().clamp(min=self.sigma_floor)
+        assert self._std is not None
+        return self._std
 
     def reference(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """``(center, std)`` a value is scored against now: the EMA's mean and floored std, or in warm-up the
@@ -150,21 +151,22 @@ class MovingZScore:
                 self._seen = torch.full((self.warmup_steps, *x.shape), math.nan, dtype=x.dtype, device=x.device)
             self._seen[self.calls] = torch.where(learn, x, math.nan)
             self.calls += 1
-            if self.ready:  # warm-up over: start from the plain moments (NaN when nothing was finite)
+            if self.ready:  # warm-up over: start from the plain moments (mean NaN when nothing was finite)
                 self.mean = self._seen.nanmean(dim=0)
-                self.var = (self._seen - self.mean).square().nanmean(dim=0)
+                self.var = (self._seen - self.mean).square().nanmean(dim=0).nan_to_num(nan=0.0)
+                self._std = self.var.sqrt().clamp(min=self.sigma_floor)
                 self._seen = None
             return
         assert self.mean is not None and self.var is not None
         self.calls += 1
         # nothing finite in warm-up (mean NaN, the only value not equal to itself): start from this value
         mean = torch.where(self.mean == self.mean, self.mean, x)
-        var = torch.nan_to_num(self.var, nan=0.0)
         d = x - mean
         new_mean = torch.add(mean, d, alpha=1.0 - self.alpha)
-        new_var = torch.addcmul(var, d, d, value=1.0 - self.alpha).mul_(self.alpha)
+        new_var = torch.addcmul(self.var, d, d, value=1.0 - self.alpha).mul_(self.alpha)
         self.mean = torch.where(learn, new_mean, self.mean)
         self.var = torch.where(learn, new_var, self.var)
+        self._std = self.var.sqrt().clamp_(min=self.sigma_floor)
 
     def state_dict(self) -> dict[str, Any]:
         def copy(t: Tensor | None) -> Tensor | None:
@@ -177,39 +179,33 @@ class MovingZScore:
             return None if t is None else t.clone()
 
         self.calls = int(state["calls"])
-        self._seen, self.mean, self.var = copy(state["seen"]), copy(state["mean"]), copy(state["var"])
+        self._seen, self.mean, var = copy(state["seen"]), copy(state["mean"]), state["var"]
+        self.var = None if var is None else var.nan_to_num(nan=0.0)
+        self._std = None if self.var is None else self.var.sqrt().clamp(min=self.sigma_floor)
 
 
 class GrowthWindow:
     """Sustained growth: ``log g_t`` rose at each of the last ``window`` steps, by ``log(factor)`` per step
-    on average. Keeps the last ``window + 1`` log norms in a ring on the device."""
+    on average. Keeps the last ``window + 1`` log norms on the device, oldest first."""
 
     def __init__(self, window: int, factor: float):
         self.window = window
         self.log_factor = math.log(factor)
         self.calls = 0
         self._ring: Tensor | None = None
-        self._order: dict[tuple[int, str], Tensor] = {}  # chronological index per ring position, cached
 
     def update(self, log_norm: Tensor) -> tuple[Tensor, Tensor]:
-        """Push this step's log norm; returns (growth flag, average factor per step over the window)."""
-        size = self.window + 1
+        """Push this step's log norm (NaN when not finite); returns (growth flag, average factor per step
+        over the window)."""
         if self._ring is None or self._ring.device != log_norm.device:
-            self._ring = torch.full((size,), math.nan, dtype=torch.float32, device=log_norm.device)
-        position = self.calls % size
-        self._ring[position] = log_norm
+            self._ring = torch.full((self.window + 1,), math.nan, dtype=torch.float32, device=log_norm.device)
+        self._ring = torch.cat([self._ring[1:], log_norm.reshape(1).float()])
         self.calls += 1
-        key = (position, str(log_norm.device))
-        if key not in self._order:
-            self._order[key] = torch.tensor(
-                [(position + 1 + i) % size for i in range(size)], device=log_norm.device
-            )
-        history = self._ring.index_select(0, self._order[key])  # oldest first
-        steps = history[1:] - history[:-1]
-        rate = (history[-1] - history[0]) / self.window
-        full = self.calls >= size
-        growth = (steps > 0).all() & (rate > self.log_factor) & full
-        return growth, torch.exp(rate)
+        rise = self._ring[-1] - self._ring[0]
+        growth = (self._ring.diff() > 0).all() & (rise > self.window * self.log_factor)
+        if self.calls <= self.window:
+            growth = torch.zeros_like(growth)  # not a full window yet
+        return growth, torch.exp(rise / self.window)
 
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "ring": None if self._ring is None else self._ring.clone()}
@@ -235,6 +231,19 @@ def _check_detector_args(alpha: float, z_thresh: float, warmup_steps: int, growt
         raise ValueError(f"Detector: sigma_floor must be >= 0, got {sigma_floor}")
 
 
+@dataclass(frozen=True)
+class _Constants:
+    """Per-slot constants of the packed vector ``[log ||g||, log loss, log ||g_layer|| ...]``, on its device."""
+
+    floor: Tensor  # lower clamp before the log: 1e-30 for norms (a zero norm is scored), -inf for the loss
+    z_thresh: Tensor  # z_thresh for the total norm and the loss, inf for layers (no spike of their own)
+    loss_slot: Tensor  # True at the loss: its spikes are not learned
+    no_loss: Tensor  # a NaN in the loss slot when no loss is given
+    without_loss: Tensor  # the flags that stay when no loss is given
+    zeros: Tensor
+    inf: Tensor
+
+
 class Detector:
     """Scores each step's total gradient norm, per-layer norms and loss; returns a :class:`Verdict`.
 
@@ -253,7 +262,10 @@ class Detector:
     A gradient-norm spike teaches the moving average only its threshold value (the clipped value, as in
     ZClip), so one spike barely moves the baseline while a lasting change of scale is learned within some
     steps. A loss spike teaches nothing: a loss that stays far above its history means the weights went
-    bad (the Guard skips, then rolls back), not a new normal.
+    bad (the Guard skips, then rolls back), not a new normal. A layer learns its own finite values.
+
+    The total norm, the loss and the layer norms are scored together: their logs are one vector, with one
+    moving mean and variance (``self.scores``) updated by one set of element-wise kernels per step.
     """
 
     def __init__(
@@ -276,91 +288,96 @@ class Detector:
         self.growth_factor = float(growth_factor)
         self.sigma_floor = float(sigma_floor)
         self.warmup_sigma_floor = float(warmup_sigma_floor)
-        self.norm = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
-        self.loss = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
-        self.layers = MovingZScore(alpha, warmup_steps, sigma_floor)
+        #: the moving statistics of ``[log ||g||, log loss, log ||g_layer|| for each layer]``
+        self.scores = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
         self.growth = GrowthWindow(growth_window, growth_factor)
         self._layer_names: list[str] | None = None
+        self._constants: dict[tuple[torch.device, int], _Constants] = {}
 
-    def _spike(
-        self, scorer: MovingZScore, x: Tensor, finite: Tensor, learn_spikes: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(spike flag, z, log threshold) of ``x``; learns ``min(x, threshold)``, or only non-spikes."""
-        center, std = scorer.reference(x)
-        z = (x - center) / std
-        threshold = torch.add(center, std, alpha=self.z_thresh)
-        spike = (z > self.z_thresh) & finite
-        if learn_spikes:
-            scorer.update(torch.where(spike, threshold, x), finite)
-        else:
-            scorer.update(x, finite & ~spike)
-        return spike, z, threshold
+    def _constants_for(self, device: torch.device, layers: int) -> _Constants:
+        key = (device, layers)
+        if key not in self._constants:
+            def vector(total: float, loss: float, layer: float, dtype: torch.dtype = torch.float32) -> Tensor:
+                return torch.tensor([total, loss] + [layer] * layers, dtype=dtype, device=device)
+
+            self._constants[key] = _Constants(
+                floor=vector(1e-30, -math.inf, 1e-30),
+                z_thresh=vector(self.z_thresh, self.z_thresh, math.inf),
+                loss_slot=vector(False, True, False, dtype=torch.bool),
+                no_loss=torch.full((1,), math.nan, device=device),
+                without_loss=torch.tensor([k not in ("nonfinite_loss", "loss_spike") for k in STEP_KINDS],
+                                          device=device),
+                zeros=torch.zeros(2 + layers, device=device),
+                inf=torch.full((2 + layers,), math.inf, device=device),
+            )
+        return self._constants[key]
 
     def update(self, stats: GradStats, loss: Tensor | None = None) -> Verdict:
         """Score this step; advances the moving statistics (from finite values only)."""
         device = stats.total_norm.device
-        total = stats.total_norm.to(device=device, dtype=torch.float32)
-        # the log in the norm's own dtype: a float64 norm of 1e100 has a finite log
-        log_norm = torch.log(stats.total_norm.to(device).clamp(min=1e-30)).float()
-        finite_grad = stats.finite.to(device)
+        layers = stats.norms.numel()
+        c = self._constants_for(device, layers)
+        if self._layer_names != stats.names:
+            self._new_layers(stats.names)
+        loss_slot = c.no_loss if loss is None else loss.detach().reshape(1).to(device)
+        u = torch.cat([stats.total_norm.reshape(1), loss_slot, stats.norms]).float()
+        x = torch.clamp(u, min=c.floor).log()  # a loss <= 0 has no log: NaN or -inf, never scored
+        nonfinite = u[:2] * 0 != 0  # [gradient, loss] hold NaN or inf (x * 0 is NaN for NaN and inf)
+        ok = x * 0 == 0  # finite logs: the values that are scored and learned
 
-        spike, grad_z, log_threshold = self._spike(self.norm, log_norm, finite_grad, learn_spikes=True)
-        mean = self.norm.mean
-        norm_level = torch.exp(mean) if mean is not None else torch.full_like(total, math.inf)
-
+        scores = self.scores
+        center, std = scores.reference(x)  # the EMA; in warm-up, the median and MAD so far (NaN: too few)
+        z = (x - center) / std
+        log_threshold = torch.addcmul(center, std, c.z_thresh)
+        spike = (z > c.z_thresh) & ok
+        # learn where finite, a loss spike excepted (spike implies ok, so the xor drops just that one);
+        # a gradient spike teaches its threshold (fmin: a NaN threshold, nothing learned yet, sets none)
+        scores.update(torch.fmin(x, log_threshold), ok ^ (spike & c.loss_slot))
+        # the ring gets NaN for a non-finite norm (inf * False is NaN), which ends any run of growth
+        growth, growth_rate = self.growth.update(x[:1] * ok[:1])
+        flags = torch.cat([nonfinite, spike[:2], growth.reshape(1)])
         if loss is None:
-            nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)
-            loss_spike = nonfinite_loss
-            loss_z = torch.zeros((), dtype=torch.float32, device=device)
+            flags = flags & c.without_loss
+        if layers:  # the first non-finite layer (inf wins), else the one furthest above its own average
+            moved = z[2:] if scores.ready else x[2:]
+            layer = torch.where(ok[2:], moved, c.inf[2:]).argmax()
         else:
-            loss = loss.detach().to(device=device, dtype=torch.float32).reshape(())
-            nonfinite_loss = ~finite(loss)
-            scored = (loss > 0) & ~nonfinite_loss
-            log_loss = torch.log(loss.clamp(min=1e-30))
-            loss_spike, loss_z, _ = self._spike(self.loss, log_loss, scored, learn_spikes=False)
-
-        growth, growth_rate = self.growth.update(torch.where(finite_grad, log_norm, math.nan))
-        layer = self._layer(stats, finite_grad)
-        flags = torch.stack([~finite_grad, nonfinite_loss, spike, loss_spike, growth & finite_grad])
+            layer = torch.zeros((), dtype=torch.int64, device=device)
+        norm_level = torch.exp(scores.mean[0]) if scores.mean is not None else c.inf[0]
         return Verdict(
             flags=flags,
-            grad_z=grad_z,
-            loss_z=loss_z,
-            spike_threshold=torch.exp(log_threshold),
+            grad_z=z[0],
+            loss_z=c.zeros[1] if loss is None else z[1],
+            spike_threshold=torch.exp(log_threshold[0]),
             norm_level=norm_level,
             growth_rate=growth_rate,
             layer=layer,
         )
 
-    def _layer(self, stats: GradStats, finite_grad: Tensor) -> Tensor:
-        """First non-finite layer, else the layer furthest above its own moving average."""
-        device = stats.total_norm.device
-        if stats.norms.numel() == 0:
-            return torch.zeros((), dtype=torch.int64, device=device)
-        if self._layer_names != stats.names:  # a different set of layers: start their history over
-            self._layer_names = list(stats.names)
-            self.layers = MovingZScore(self.alpha, self.warmup_steps, self.sigma_floor)
-        norms = stats.norms.to(device=device, dtype=torch.float32)
-        log_norms = torch.log(norms.clamp(min=1e-30))
-        moved = self.layers.score(log_norms) if self.layers.ready else log_norms
-        self.layers.update(log_norms, finite_grad.expand_as(log_norms))
-        first_nonfinite = (~finite(norms)).to(torch.uint8).argmax()
-        # all layers are finite when the total is: the largest z-score is the layer that moved most
-        return torch.where(finite_grad, moved.argmax(), first_nonfinite)
+    def _new_layers(self, names: list[str]) -> None:
+        """A different set of layers: their statistics start over, those of the norm and the loss stay."""
+        previous, self._layer_names = self._layer_names, list(names)
+        s = self.scores
+        if previous is None or (s.mean is None and s._seen is None):
+            return
+        if not s.ready:  # the rest of the warm-up collects the new layers
+            if s._seen is not None:
+                s._seen = torch.cat([s._seen[:, :2], s._seen.new_full((s._seen.shape[0], len(names)), math.nan)], 1)
+            return
+        assert s.mean is not None and s.var is not None
+        s.mean = torch.cat([s.mean[:2], s.mean.new_full((len(names),), math.nan)])  # from their first value
+        s.var = torch.cat([s.var[:2], s.var.new_zeros(len(names))])
+        s._std = s.var.sqrt().clamp(min=s.sigma_floor)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "norm": self.norm.state_dict(),
-            "loss": self.loss.state_dict(),
-            "layers": self.layers.state_dict(),
+            "scores": self.scores.state_dict(),
             "layer_names": None if self._layer_names is None else list(self._layer_names),
             "growth": self.growth.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.norm.load_state_dict(state["norm"])
-        self.loss.load_state_dict(state["loss"])
-        self.layers.load_state_dict(state["layers"])
+        self.scores.load_state_dict(state["scores"])
         self._layer_names = None if state["layer_names"] is None else list(state["layer_names"])
         self.growth.load_state_dict(state["growth"])
 
