@@ -67,6 +67,8 @@ class _ResponseTensors:
     growth_mask: Tensor  # bool per kind: the limit is the norm level (growth), else the spike threshold
     stepped: Tensor  # int64 per kind: the action code on a real step
     skipped: Tensor  # int64 per kind: the action code on a skipped step
+    inf: Tensor  # float32 per kind: no limit
+    ceiling: dict[tuple[float, torch.dtype], Tensor]  # 0-d constants (see Responses.constant)
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,17 @@ class Responses:
                 growth_mask=torch.tensor([k == "growth" for k in STEP_KINDS], device=device),
                 stepped=torch.tensor(stepped, dtype=torch.int64, device=device),
                 skipped=torch.tensor(skipped, dtype=torch.int64, device=device),
+                inf=torch.full((len(STEP_KINDS),), math.inf, device=device),
+                ceiling={},
             )
         return self._tensors[device]
+
+    def constant(self, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A 0-d tensor of ``value`` (1.0 or a ceiling), made once per device and dtype."""
+        cache = self.tensors(device).ceiling
+        if (value, dtype) not in cache:
+            cache[(value, dtype)] = torch.full((), value, dtype=dtype, device=device)
+        return cache[(value, dtype)]
 
 
 @dataclass(frozen=True)
@@ -141,19 +152,27 @@ class Decision:
 
     Attributes:
         skip: 0-d bool, True: the optimizer does not step (parameters and its state unchanged).
-        coef: 0-d float32 (float64 for float64 norms), the factor applied to the gradients on a real step
-            (1.0: no clip; 1.0 when skipped). It does not include an in-place clip strategy's own factor (``Value``, ``LayerNorm``,
+        coef: 0-d float32, the factor applied to the gradients on a real step (1.0: no clip; 1.0 when
+            skipped). It does not include an in-place clip strategy's own factor (``Value``, ``LayerNorm``,
             ``AGC`` clip the gradients themselves).
         ceiling: 0-d float32, the total norm the step was allowed: the least of the clip strategy's static
             ``max_norm`` and the spike threshold when spikes are clipped (inf: none).
+        flags: bool per kind of ``STEP_KINDS``: the verdict's flags.
         actions: int64 per kind of ``STEP_KINDS``: ``ACTIONS.index(action) + 1`` for each kind flagged at
-            this step (the action taken, see :meth:`Responses.taken`), 0 for the others.
+            this step (the action taken, see :meth:`Responses.taken`), 0 for the others (computed when read:
+            the Guard records the flags and the skip, from which the records are decoded).
     """
 
     skip: Tensor
     coef: Tensor
     ceiling: Tensor
-    actions: Tensor
+    flags: Tensor
+    responses: Responses = field(repr=False, compare=False)
+
+    @property
+    def actions(self) -> Tensor:
+        r = self.responses.tensors(self.flags.device)
+        return torch.where(self.skip, r.skipped, r.stepped) * self.flags
 
     def kinds(self) -> list[str]:
         """The kinds flagged at this step (a host read; for tests and debugging)."""
@@ -176,24 +195,30 @@ def decide(
         verdict: the detector's verdict for this step.
         clip_coef: 0-d float32, the clip strategy's coefficient (``ScaleClipper.coefficient``), or None.
         responses: the action for each kind of event.
-        ceiling: a static ceiling on the total norm (GlobalNorm's ``max_norm``), for the record.
+        ceiling: a static ceiling on the total norm: GlobalNorm's ``max_norm``, folded into the coefficient
+            exactly as ``clip_grad_norm_`` computes it (so the Guard need not ask GlobalNorm for its
+            coefficient), and recorded.
     """
-    r = responses.tensors(total_norm.device)
+    device = total_norm.device
+    r = responses.tensors(device)
     flags = verdict.flags
-    skip = (flags & r.skip_mask).any()
+    # a non-finite gradient is always skipped (the detector flags it: nonfinite_grad's responses all skip)
+    skip = (flags & r.skip_mask).any() | ~finite
     # the clip limits of the flagged kinds whose response is "clip"; a NaN threshold (nothing learned yet)
     # sets no limit
     limit_of_kind = torch.where(r.growth_mask, verdict.norm_level, verdict.spike_threshold)
-    limits = torch.where(flags & r.clip_mask, limit_of_kind, math.inf).nan_to_num(nan=math.inf)
+    limit = torch.where(flags & r.clip_mask, limit_of_kind, r.inf).nan_to_num(nan=math.inf).amin()
     # float64 norms (float64 gradients) stay float64: a norm of 1e100 has a coefficient of 1e-100
     total = total_norm if total_norm.dtype == torch.float64 else total_norm.float()
-    coef = torch.clamp(limits.amin().to(total.dtype) / (total + _NORM_EPS), max=1.0)
+    if math.isfinite(ceiling):  # the static ceiling (GlobalNorm's max_norm) is one more limit
+        limit = torch.fmin(limit.to(total.dtype), responses.constant(ceiling, total.dtype, device))
+    # limit * (1 / (||g|| + 1e-6)): the very kernels of clip_grad_norm_'s max_norm / (total_norm + 1e-6)
+    coef = torch.clamp(limit.to(total.dtype) * torch.reciprocal(total + _NORM_EPS), max=1.0)
     if clip_coef is not None:
         coef = torch.fmin(coef, clip_coef.to(total.dtype))
-    # one action per step: a skipped step is not clipped; a non-finite norm is never "clipped" to NaN
-    coef = torch.where(skip | ~finite, 1.0, coef)
-    top = verdict.spike_threshold if responses.clips("grad_spike") else None
-    limit = torch.full((), ceiling, dtype=torch.float32, device=total.device) if top is None else torch.fmin(
-        top.float(), torch.full((), ceiling, dtype=torch.float32, device=total.device))
-    actions = torch.where(skip, r.skipped, r.stepped) * flags
-    return Decision(skip=skip, coef=coef, ceiling=limit, actions=actions)
+    # one action per step: a skipped step is not clipped (and a non-finite norm never "clipped" to NaN)
+    coef = torch.where(skip, responses.constant(1.0, total.dtype, device), coef)
+    ceiling_t = responses.constant(ceiling, torch.float32, device)
+    if responses.clips("grad_spike"):
+        ceiling_t = torch.fmin(verdict.spike_threshold.float(), ceiling_t)
+    return Decision(skip=skip, coef=coef, ceiling=ceiling_t, flags=flags, responses=responses)

@@ -243,8 +243,8 @@ class Guard:
         self.sync_gradients = True
         self._micro = 0
         self._loss_sum: Tensor | None = None
-        self._counts: Tensor | None = None  # device: [skipped, clipped]
-        self._last_stepped: Tensor | None = None
+        self._counts: Tensor | None = None  # device, float32: [skipped, clipped]
+        self._last_skip: Tensor | None = None  # the last step's skip flag, on the device
         self._last_skipped_host: bool | None = None
         self._in_flush = False
         self._closed = False
@@ -292,25 +292,30 @@ class Guard:
         # 1. measure
         stats, loss = self._measure(loss)
         verdict = self.detector.update(stats, loss)
-        clip_coef = self.clip.coefficient(stats) if isinstance(self.clip, ScaleClipper) else None
+        # GlobalNorm's coefficient is decide's static ceiling (the same kernels); other scale strategies' own
+        clip_coef = self.clip.coefficient(stats) if isinstance(self.clip, ScaleClipper) and not isinstance(
+            self.clip, GlobalNorm) else None
         # 2. decide
         decision = decide(stats.total_norm, stats.finite, verdict, clip_coef, self.responses, self._ceiling)
         if self.process_group is not None:
             decision = self._agree(decision)
+        # bits = [skip, coef < 1, flags...] as 0/1 floats, codes = [all bits, the flags' bits]
+        bits = torch.cat([decision.skip.reshape(1), (decision.coef < 1.0).reshape(1), decision.flags]).float()
+        codes = self._code_weights(bits.device) @ bits
         # forensics: a bad step is explained before the weights move (the step's one read, on both paths)
         code = None
         if self.forensics is not None:
-            code = self._read_code(decision, verdict)
+            code = int(codes[0])
             self._explain(stats, loss, kinds_of(code >> 2))
         # 3. apply
         if self.fused:
-            kinds, in_place = None, self._apply_fused(decision, stats)
+            kinds, in_place = None, self._apply_fused(decision, stats, bits)
         else:
-            kinds, in_place = self._apply_eager(decision, stats, verdict, code)
+            kinds, in_place = self._apply_eager(decision, stats, codes, code)
         if self.scaler is not None:
             self.scaler.update()
         # 4. record; the host side of the step (plain optimizers: now; fused: at the flush)
-        self._record(stats, loss, verdict, decision, in_place)
+        self._record(stats, loss, verdict, decision, in_place, bits, codes)
         if kinds is not None:
             assert self._last_skipped_host is not None
             try:
@@ -323,7 +328,7 @@ class Guard:
             self.forensics.end_call()
         if self.step_count % self.log_every == 0:
             self.flush()
-        return ~decision.skip
+        return decision.skip.logical_not()
 
     def _checked_loss(self, loss: Any) -> Tensor | None:
         if loss is None:
@@ -363,7 +368,7 @@ class Guard:
         packed = torch.stack([decision.skip.float(), -decision.coef.float()])
         gg_dist.all_reduce_max_(packed, self.process_group)
         skip = packed[0] > 0
-        return replace(decision, skip=skip, coef=torch.where(skip, 1.0, -packed[1]))
+        return replace(decision, skip=skip, coef=torch.where(skip, 1.0, -packed[1]).to(decision.coef.dtype))
 
     def _call_optimizer_step(self) -> None:
         if self._optimizer_step is not None:
@@ -376,12 +381,6 @@ class Guard:
         if self.clip is None or isinstance(self.clip, ScaleClipper):
             return None
         return self.clip.clip_(stats)
-
-    def _read_code(self, decision: Decision, verdict: Verdict) -> int:
-        """The one host read of a step: bit 0 skip, bit 1 scale the gradients, then one bit per event kind."""
-        weights = self._weights(decision.skip.device)
-        bits = torch.cat([torch.stack([decision.skip, decision.coef < 1.0]), verdict.flags]).long()
-        return int((bits * weights).sum())
 
     def _explain(self, stats: GradStats, loss: Tensor | None, kinds: list[str]) -> None:
         """Forensics of a bad step (``gradguard.forensics``); a healthy step's layer norms join its history."""
@@ -399,12 +398,12 @@ class Guard:
                 "accumulation_steps": self.accumulation_steps, "groups": self.groups,
                 "norm_type": self.norm_type, "fused": self.fused}
 
-    def _apply_eager(self, decision: Decision, stats: GradStats, verdict: Verdict,
+    def _apply_eager(self, decision: Decision, stats: GradStats, codes: Tensor,
                      code: int | None = None) -> tuple[list[str], Tensor | None]:
         """A plain optimizer: one host read (skip, scale, event flags; ``code``, when forensics read it
         already), then clip and step, or nothing."""
         if code is None:
-            code = self._read_code(decision, verdict)
+            code = int(codes[0])  # the one host read of the step
         skipped = bool(code & 1)
         in_place = None
         if not skipped:
@@ -418,15 +417,15 @@ class Guard:
         self._last_skipped_host = skipped
         return kinds_of(code >> 2), in_place
 
-    def _apply_fused(self, decision: Decision, stats: GradStats) -> Tensor | None:
+    def _apply_fused(self, decision: Decision, stats: GradStats, bits: Tensor) -> Tensor | None:
         """A fused optimizer takes the decision itself: it divides by ``grad_scale`` and skips on ``found_inf``
         (``coef`` is 1 on a skipped step, so ``grad_scale = 1 / coef`` either way)."""
         result = self._in_place_clip(stats)
         opt: Any = self.optimizer
         if not (self._momentum_buffers_missing() and bool(decision.skip)):  # a read until SGD's first step
             # with a GradScaler the gradients were unscaled already (stage UNSCALED): only our coefficient
-            opt.grad_scale = decision.coef.reciprocal().float()
-            opt.found_inf = decision.skip.float()
+            opt.grad_scale = decision.coef.float().reciprocal()
+            opt.found_inf = bits[0]  # the skip flag as 0.0 / 1.0
             try:
                 self._call_optimizer_step()
             finally:
@@ -453,31 +452,38 @@ class Guard:
             for group in opt.param_groups
         )
 
-    def _weights(self, device: torch.device) -> Tensor:
-        """``2**i`` for the skip bit, the scale bit and one bit per kind of ``STEP_KINDS``."""
+    def _code_weights(self, device: torch.device) -> Tensor:
+        """``W @ bits`` for bits ``[skip, scale, flag per kind of STEP_KINDS]``: row 0 gives the code the plain
+        path reads (``2**i`` for bit ``i``), row 1 the flags' own code (``2**k`` for kind ``k``); exact in
+        float32."""
         if device not in self._bit_weights:
-            self._bit_weights[device] = torch.tensor([1 << i for i in range(2 + len(STEP_KINDS))], device=device)
+            n = 2 + len(STEP_KINDS)
+            weights = [[float(1 << i) for i in range(n)], [float(1 << (i - 2)) if i >= 2 else 0.0 for i in range(n)]]
+            self._bit_weights[device] = torch.tensor(weights, device=device)
         return self._bit_weights[device]
 
     def _record(self, stats: GradStats, loss: Tensor | None, verdict: Verdict, decision: Decision,
-                in_place: Tensor | None) -> None:
+                in_place: Tensor | None, bits: Tensor, codes: Tensor) -> None:
+        """One row of history on the device: ``FIELDS`` as float32, stacked in one kernel."""
         device = stats.total_norm.device
         total = stats.total_norm.float()
-        skip = decision.skip
-        coef = decision.coef if in_place is None else torch.where(skip, 1.0, torch.minimum(decision.coef, in_place))
-        clipped = (coef < 1.0) & ~skip
-        counts = torch.stack([skip, clipped]).long()
+        skipped, clipped = bits[0], bits[1]  # coef < 1 only on a real step (decide sets 1.0 when skipping)
+        coef = decision.coef.float()
+        if in_place is not None:  # a per-layer / per-element strategy clipped the gradients itself
+            coef = torch.where(decision.skip, coef, torch.minimum(coef, in_place.float()))
+            clipped = (coef < 1.0).float()
+        counts = bits[:2] if in_place is None else torch.stack([skipped, clipped])
         self._counts = counts if self._counts is None else self._counts + counts
-        self._last_stepped = ~skip
-        nan = torch.full((), math.nan, dtype=torch.float32, device=device)
+        self._last_skip = decision.skip
         values = {
-            "loss": nan if loss is None else loss.float().reshape(()).to(device),
+            "loss": self.responses.constant(math.nan, torch.float32, device) if loss is None
+            else loss.reshape(()).to(device=device, dtype=torch.float32),
             "total_norm": total,
-            "coef": coef.float(),
-            "clip_threshold": torch.where(clipped, total * coef, decision.ceiling),
-            "skipped": skip.float(),
-            "clipped": clipped.float(),
-            "flags": (verdict.flags.long() * self._weights(device)[: len(STEP_KINDS)]).sum().float(),
+            "coef": coef,
+            "clip_threshold": torch.where(clipped > 0, total * coef, decision.ceiling),
+            "skipped": skipped,
+            "clipped": clipped,
+            "flags": codes[1],
             "grad_z": verdict.grad_z.float(),
             "loss_z": verdict.loss_z.float(),
             "spike_threshold": verdict.spike_threshold.float(),
@@ -591,7 +597,7 @@ class Guard:
         """Whether the last guarded step was skipped (a host read on the fused path without scheduler)."""
         if self._last_skipped_host is not None:
             return self._last_skipped_host
-        return self._last_stepped is not None and not bool(self._last_stepped)
+        return self._last_skip is not None and bool(self._last_skip)
 
     def summary(self) -> dict[str, int]:
         """``{"steps", "skipped", "clipped", "rollbacks", "lr_backoffs"}`` as ints (one host read)."""
