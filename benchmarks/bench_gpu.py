@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import inspect
 import math
 import statistics
 import sys
@@ -157,7 +158,8 @@ class Variant:
 
 
 def has_forensics() -> bool:
-    return hasattr(gg, "Forensics")
+    """Whether this gradguard's Guard takes ``forensics=gg.Forensics(...)`` (issue 11)."""
+    return hasattr(gg, "Forensics") and "forensics" in inspect.signature(gg.Guard).parameters
 
 
 def make_variants(model: nn.Module) -> dict[str, Variant]:
@@ -212,7 +214,7 @@ def make_variants(model: nn.Module) -> dict[str, Variant]:
     if has_forensics():
         add("guard fused", True, guard(forensics=True))
     else:
-        print("(this gradguard has no gg.Forensics: the 'guard fused' row with forensics on is left out)")
+        print("(this gradguard's Guard takes no forensics: the 'guard fused' row with forensics on is left out)")
     add("guard fused, forensics off", True, guard(forensics=False))
     return variants
 

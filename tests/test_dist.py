@@ -25,6 +25,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _CollectiveCounter:
+    """Counts the torch.distributed collectives called (from Python) while ``active``."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+             "all_to_all_single", "barrier")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = False
+        self._real = {name: getattr(dist, name) for name in self.NAMES}
+
+    def __enter__(self) -> _CollectiveCounter:
+        for name, real in self._real.items():
+            def counted(*args, _real=real, **kwargs):
+                self.count += self.active
+                return _real(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, real in self._real.items():
+            setattr(dist, name, real)
+
+
 def _ddp_run(rank: int, fused: bool) -> dict:
     """DDP training where rank 1 alone sees a NaN gradient at NAN_STEP (after the gradient all-reduce)."""
     torch.manual_seed(0)
@@ -32,22 +57,28 @@ def _ddp_run(rank: int, fused: bool) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     guard = gg.Guard(model, optimizer, clip=gg.clip.ZClip(warmup_steps=3), log_every=3)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: losses differ across ranks
-    skipped = []
-    for step in range(8):
-        x = torch.randn(8, 4, generator=g)
-        loss = nn.functional.mse_loss(model(x), x[:, :1])
-        loss.backward()
-        if rank == 1 and step == NAN_STEP:
-            model.module[0].weight.grad[0, 0] = math.nan
-        guard.step(loss)
-        optimizer.zero_grad()
-        skipped.append(guard.last_step_skipped)
+    skipped, collectives = [], []
+    with _CollectiveCounter() as counter:
+        for step in range(8):
+            x = torch.randn(8, 4, generator=g)
+            loss = nn.functional.mse_loss(model(x), x[:, :1])
+            loss.backward()
+            if rank == 1 and step == NAN_STEP:
+                model.module[0].weight.grad[0, 0] = math.nan
+            counter.count, counter.active = 0, True
+            guard.step(loss)
+            counter.active = False
+            flushed = guard.step_count % guard.log_every == 0
+            collectives.append((counter.count, flushed))
+            optimizer.zero_grad()
+            skipped.append(guard.last_step_skipped)
     guard.close()
     return {
         "skipped": skipped,
         "params": [p.detach().clone() for p in model.parameters()],
         "norms": [r["total_norm"] for r in guard.history],
         "losses": [r["loss"] for r in guard.history],
+        "collectives": collectives,
     }
 
 
@@ -68,6 +99,10 @@ def _sharded_norm(rank: int) -> dict:
     local, sharded = gg_dist.local_named_parameters(named)
     stats = gg.grad_stats(local)
     stats, loss = gg_dist.all_reduce_stats(stats, torch.tensor(float(rank)), dist.group.WORLD, sharded)
+    with _CollectiveCounter() as counter:  # the inf-norm: a max for the norms, a sum for the rest
+        counter.active = True
+        inf_stats, inf_loss = gg_dist.all_reduce_stats(
+            gg.grad_stats(local, norm_type=math.inf), torch.tensor(float(rank)), dist.group.WORLD, sharded)
     expected_layers = [
         torch.cat([full["a.weight"].flatten(), full["a.bias"]]).norm(),
         full["b.weight"].norm(),
@@ -79,6 +114,10 @@ def _sharded_norm(rank: int) -> dict:
         "layers": stats.norms.tolist(),
         "expected_layers": [float(n) for n in expected_layers],
         "loss": float(loss),
+        "inf_total": float(inf_stats.total_norm),
+        "expected_inf_total": float(torch.cat([g.flatten() for g in full.values()]).abs().max()),
+        "inf_loss": float(inf_loss),
+        "inf_collectives": counter.count,
     }
 
 
@@ -120,3 +159,15 @@ def test_sharded_dtensor_gradients_give_the_norm_of_the_full_gradient(results):
         assert r["total"] == pytest.approx(r["expected_total"], rel=1e-5)
         assert r["layers"] == pytest.approx(r["expected_layers"], rel=1e-5)
         assert r["loss"] == pytest.approx(0.5)
+        assert r["inf_total"] == r["expected_inf_total"] and r["inf_loss"] == pytest.approx(0.5)
+        assert r["inf_collectives"] == 1
+
+
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_one_collective_per_guarded_step(results, path):
+    # norms, non-finite count and loss travel in one all-reduce; every rank derives the same decision from
+    # them (no second all-reduce of the decision). A flush adds one: the check that the weights are finite.
+    for rank in results:
+        counts = rank[path]["collectives"]
+        assert [n for n, flushed in counts if not flushed] == [1] * 6
+        assert [n for n, flushed in counts if flushed] == [2, 2]

@@ -2,16 +2,21 @@
 
 Under ``torch.distributed`` every rank must clip, skip and roll back at the same step, or the replicas
 drift apart (DDP) or the shards stop matching (FSDP). The Guard makes every rank see the same numbers
-before it decides, with one small all-reduce per step (and one more for the decision flags):
+before it decides, with **one collective per guarded step**: the per-layer norms (or powers), the count of
+non-finite tensors and the loss, packed in one small vector:
 
 * **replicated gradients** (DDP, or plain tensors): every rank holds the whole, already averaged gradient.
   The per-layer norms and the loss are averaged over ranks; equal inputs stay equal, and a NaN on one
   rank (a fault the all-reduce of the backward pass did not see) becomes a NaN on all of them.
 * **sharded gradients** (FSDP2 / DTensor with a ``Shard`` placement): each rank holds a slice. Norms are
-  combined from the slices: ``||g||_p^p = sum_ranks ||g_r||_p^p`` (the max for ``p = inf``). A DTensor
-  gradient with a ``Replicate`` placement counts ``1 / world`` on each rank so that it is counted once.
+  combined from the slices: ``||g||_p^p = sum_ranks ||g_r||_p^p`` (the max for ``p = inf``, where the
+  one collective is an all-gather, reduced on each rank). A DTensor gradient with a ``Replicate``
+  placement counts ``1 / world`` on each rank so that it is counted once.
 
-Then the decision flags are all-reduced with MAX, so that one rank's skip or rollback is everyone's.
+No second collective for the decision: every input of the decision is either one of these global values or
+a deterministic function of them and of state that every rank updated from the same values (the detector,
+the clip strategy), so every rank takes the same decision (skip, coefficient, rollback) by itself. At
+thousands of ranks each small collective is a latency-bound step on the communication stream.
 These are device collectives; none reads a tensor on the host.
 """
 
@@ -73,7 +78,7 @@ def all_reduce_stats(
     group: dist.ProcessGroup,
     sharded: list[bool] | None = None,
 ) -> tuple[GradStats, Tensor | None]:
-    """Global per-layer norms, total norm, finite flag and mean loss, equal on every rank.
+    """Global per-layer norms, total norm, finite flag and mean loss, equal on every rank: one collective.
 
     ``sharded[i]`` says whether ``stats.params[i]``'s gradient is a shard (see the module docstring).
     """
@@ -101,11 +106,14 @@ def all_reduce_stats(
         # whatever the collective does with it, and an Inf must not be lost to an Inf - Inf)
         nonfinite = torch.zeros(n, dtype=dtype, device=device)
         nonfinite.index_add_(0, index, (~torch.isfinite(stats.param_norms)).to(dtype))
-        if p == math.inf:
-            norms = segment_norms(stats.param_norms, index, n, p)
-            dist.all_reduce(norms, op=dist.ReduceOp.MAX, group=group)
-            packed = torch.cat([nonfinite, loss_value.reshape(1).to(dtype)])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        if p == math.inf:  # a max for the norms, a sum for the rest: gather once, reduce on each rank
+            local = torch.cat([segment_norms(stats.param_norms, index, n, p), nonfinite,
+                               loss_value.reshape(1).to(dtype)])
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local, group=group)
+            ranks = torch.stack(gathered)
+            norms = ranks[:, :n].amax(dim=0)
+            packed = ranks[:, n:].sum(dim=0)
         else:
             powers = torch.zeros(n, dtype=dtype, device=device)
             powers.index_add_(0, index, stats.param_norms.pow(p) * weight)

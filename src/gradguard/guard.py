@@ -68,7 +68,6 @@ import inspect
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -296,9 +295,8 @@ class Guard:
         clip_coef = self.clip.coefficient(stats) if isinstance(self.clip, ScaleClipper) and not isinstance(
             self.clip, GlobalNorm) else None
         # 2. decide
+        # (distributed: every input is global already, so every rank takes the same decision; dist.py)
         decision = decide(stats.total_norm, stats.finite, verdict, clip_coef, self.responses, self._ceiling)
-        if self.process_group is not None:
-            decision = self._agree(decision)
         # bits = [skip, coef < 1, flags...] as 0/1 floats, codes = [all bits, the flags' bits]
         bits = torch.cat([decision.skip.reshape(1), (decision.coef < 1.0).reshape(1), decision.flags]).float()
         codes = self._code_weights(bits.device) @ bits
@@ -361,14 +359,6 @@ class Guard:
         if self.process_group is not None:
             stats, loss = gg_dist.all_reduce_stats(stats, loss, self.process_group, sharded)
         return stats, loss
-
-    def _agree(self, decision: Decision) -> Decision:
-        """The same decision on every rank: any rank's skip, the least coefficient."""
-        assert self.process_group is not None
-        packed = torch.stack([decision.skip.float(), -decision.coef.float()])
-        gg_dist.all_reduce_max_(packed, self.process_group)
-        skip = packed[0] > 0
-        return replace(decision, skip=skip, coef=torch.where(skip, 1.0, -packed[1]).to(decision.coef.dtype))
 
     def _call_optimizer_step(self) -> None:
         if self._optimizer_step is not None:
