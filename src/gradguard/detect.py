@@ -320,7 +320,8 @@ class Detector:
         if self._layer_names != stats.names:
             self._new_layers(stats.names)
         loss_slot = c.no_loss if loss is None else loss.detach().reshape(1).to(device)
-        u = torch.cat([stats.total_norm.reshape(1), loss_slot, stats.norms]).float()
+        # float32, or float64 for float64 norms (a float64 gradient of 1e100 has a finite norm, see stats.py)
+        u = torch.cat([stats.total_norm.reshape(1), loss_slot.float(), stats.norms])
         x = torch.clamp(u, min=c.floor).log()  # a loss <= 0 has no log: NaN or -inf, never scored
         nonfinite = u[:2] * 0 != 0  # [gradient, loss] hold NaN or inf (x * 0 is NaN for NaN and inf)
         ok = x * 0 == 0  # finite logs: the values that are scored and learned

@@ -82,7 +82,7 @@ from gradguard.history import FIELDS, History, StepRecord, to_record
 from gradguard.names import user_name
 from gradguard.recover import GiveUp, Recovery, RecoveryPolicy, TrainingDiverged, TrainingState, clone_tree
 from gradguard.sinks import Sink
-from gradguard.stats import GradStats, grad_stats
+from gradguard.stats import GradStats, named_grad_stats
 
 __all__ = ["ACTIONS", "ALLOWED_ACTIONS", "Guard", "RecoveryPolicy", "TrainingDiverged"]
 
@@ -297,8 +297,9 @@ class Guard:
         # 2. decide
         # (distributed: every input is global already, so every rank takes the same decision; dist.py)
         decision = decide(stats.total_norm, stats.finite, verdict, clip_coef, self.responses, self._ceiling)
-        # bits = [skip, coef < 1, flags...] as 0/1 floats, codes = [all bits, the flags' bits]
-        bits = torch.cat([decision.skip.reshape(1), (decision.coef < 1.0).reshape(1), decision.flags]).float()
+        # bits = [skip, coef < 1, flags...], as bools and as 0/1 floats; codes = [all bits, the flags' bits]
+        flags = torch.cat([decision.skip.reshape(1), (decision.coef < 1.0).reshape(1), decision.flags])
+        bits = flags.float()
         codes = self._code_weights(bits.device) @ bits
         # forensics: a bad step is explained before the weights move (the step's one read, on both paths)
         code = None
@@ -313,7 +314,7 @@ class Guard:
         if self.scaler is not None:
             self.scaler.update()
         # 4. record; the host side of the step (plain optimizers: now; fused: at the flush)
-        self._record(stats, loss, verdict, decision, in_place, bits, codes)
+        self._record(stats, loss, verdict, decision, in_place, flags, bits, codes)
         if kinds is not None:
             assert self._last_skipped_host is not None
             try:
@@ -355,7 +356,7 @@ class Guard:
         named, sharded = self._named, None
         if self._has_dtensor:
             named, sharded = gg_dist.local_named_parameters(named)
-        stats = grad_stats(named, groups=self.groups, norm_type=self.norm_type)
+        stats = named_grad_stats(named, self.groups, self.norm_type)
         if self.process_group is not None:
             stats, loss = gg_dist.all_reduce_stats(stats, loss, self.process_group, sharded)
         return stats, loss
@@ -453,15 +454,17 @@ class Guard:
         return self._bit_weights[device]
 
     def _record(self, stats: GradStats, loss: Tensor | None, verdict: Verdict, decision: Decision,
-                in_place: Tensor | None, bits: Tensor, codes: Tensor) -> None:
-        """One row of history on the device: ``FIELDS`` as float32, stacked in one kernel."""
+                in_place: Tensor | None, flags: Tensor, bits: Tensor, codes: Tensor) -> None:
+        """One row of history on the device: ``FIELDS`` as float32, stacked in one kernel. ``flags`` are
+        ``[skip, coef < 1, flag per kind]``, ``bits`` the same as floats, ``codes`` their two codes."""
         device = stats.total_norm.device
         total = stats.total_norm.float()
-        skipped, clipped = bits[0], bits[1]  # coef < 1 only on a real step (decide sets 1.0 when skipping)
+        skipped, clipped, was_clipped = bits[0], bits[1], flags[1]  # coef < 1 only on a real step
         coef = decision.coef.float()
         if in_place is not None:  # a per-layer / per-element strategy clipped the gradients itself
             coef = torch.where(decision.skip, coef, torch.minimum(coef, in_place.float()))
-            clipped = (coef < 1.0).float()
+            was_clipped = coef < 1.0
+            clipped = was_clipped.float()
         counts = bits[:2] if in_place is None else torch.stack([skipped, clipped])
         self._counts = counts if self._counts is None else self._counts + counts
         self._last_skip = decision.skip
@@ -470,7 +473,7 @@ class Guard:
             else loss.reshape(()).to(device=device, dtype=torch.float32),
             "total_norm": total,
             "coef": coef,
-            "clip_threshold": torch.where(clipped > 0, total * coef, decision.ceiling),
+            "clip_threshold": torch.where(was_clipped, total * coef, decision.ceiling),
             "skipped": skipped,
             "clipped": clipped,
             "flags": codes[1],

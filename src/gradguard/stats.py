@@ -255,12 +255,19 @@ class _Layout:
     names: tuple[str, ...]  # group names, first-seen order
     group_index: tuple[int, ...]  # the group of each parameter
     _index: dict[torch.device, Tensor] = field(default_factory=dict, compare=False)
+    _zeros: dict[tuple[torch.device, torch.dtype], Tensor] = field(default_factory=dict, compare=False)
 
     def index(self, device: torch.device) -> Tensor:
         """``group_index`` as an int64 tensor on ``device`` (made once per device)."""
         if device not in self._index:
             self._index[device] = torch.tensor(self.group_index, device=device)
         return self._index[device]
+
+    def zeros(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """A zero per group (made once per device and dtype; only ever read)."""
+        if (device, dtype) not in self._zeros:
+            self._zeros[(device, dtype)] = torch.zeros(len(self.names), dtype=dtype, device=device)
+        return self._zeros[(device, dtype)]
 
 
 @functools.lru_cache(maxsize=32)
@@ -312,7 +319,13 @@ def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.
     if groups not in _GROUPINGS:
         raise ValueError(f"grad_stats: groups must be one of {_GROUPINGS}, got {groups!r}")
     norm_type = check_norm_type(norm_type, "grad_stats")
-    named = [(name, p) for name, p in named_parameters_of(params) if p.grad is not None]
+    return named_grad_stats(named_parameters_of(params), groups, norm_type)
+
+
+def named_grad_stats(named: list[tuple[str, Tensor]], groups: str, norm_type: float) -> GradStats:
+    """:func:`grad_stats` of ``(name, parameter)`` pairs as ``named_parameters()`` gives them, with
+    ``groups`` and ``norm_type`` already checked: what the Guard calls at every step."""
+    named = [(name, p) for name, p in named if p.grad is not None]
     if not named:
         zero = torch.zeros((), dtype=torch.float32)
         empty = torch.zeros(0, dtype=torch.float32)
@@ -324,8 +337,11 @@ def grad_stats(params: ParamsLike, groups: str = "module", norm_type: float = 2.
     layout = _layout(tuple(name for name, _ in named), groups)
     if len(layout.names) == len(named):  # one tensor per group: nothing to combine
         norms = param_norms
-    else:
+    elif norm_type == math.inf:
         norms = segment_norms(param_norms, layout.index(device), len(layout.names), norm_type)
+    else:  # segment_norms, into a cached zero vector (out of place: one kernel fewer)
+        zeros = layout.zeros(device, param_norms.dtype)
+        norms = zeros.index_add(0, layout.index(device), param_norms.pow(norm_type)).pow(1.0 / norm_type)
     total_norm = combine_norms(param_norms, norm_type)
     return GradStats(
         total_norm=total_norm,
