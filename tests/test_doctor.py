@@ -152,7 +152,8 @@ def test_lsuv_fix_is_recommended_when_init_is_not_the_cause_and_it_works(batch) 
     report = diagnose(model, batch)
     assert report.verdict == "exploding"
     top = report.findings[0]
-    assert top.cause == "depth" and top.fix == "gg.init.lsuv_(model, batch[0])"
+    assert top.cause == "depth" and top.fix.startswith("gg.init.lsuv_(model, batch)")
+    assert "discards trained ones" in top.fix  # a re-initialisation says so (issue 9.8)
     apply_fix(top.fix, model, batch)
     assert diagnose(model, batch).verdict == "stable"
 
@@ -250,17 +251,20 @@ def test_bad_arguments_name_what_is_wrong(batch) -> None:
     model = mlp(2, nn.ReLU, he)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         doctor("model", batch, nn.functional.cross_entropy)
-    with pytest.raises(TypeError, match=r"batch must be an \(inputs, targets\) pair"):
+    with pytest.raises(ValueError, match=r"doctor: a batch must be \(inputs, targets\)"):
         doctor(model, batch[0], nn.functional.cross_entropy)
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         doctor(model, batch, "mse")
-    with pytest.raises(TypeError, match="loss_fn must return a scalar"):
+    with pytest.raises(TypeError, match="doctor: the loss must be a scalar tensor"):
         doctor(model, batch, lambda out, y: out)
+    with pytest.raises(ValueError, match=r"an \(inputs, targets\) batch needs a loss_fn"):
+        doctor(model, batch)
 
 
 def test_fixes_are_checked_on_a_copy_and_the_one_that_works_is_reported(batch) -> None:
     """ReLU applied with torch.relu in forward: no activation module, so the init audit prescribes Xavier
-    and auto_ alone would leave the flow vanishing; the doctor finds on a copy that LSUV works."""
+    and auto_ alone would leave the flow vanishing; the doctor finds on a copy that LSUV works, and then
+    names the cause LSUV addresses, not the init it first blamed (issue 9.9: one story)."""
 
     class FunctionalReLU(nn.Module):
         def __init__(self) -> None:
@@ -278,7 +282,9 @@ def test_fixes_are_checked_on_a_copy_and_the_one_that_works_is_reported(batch) -
     report = diagnose(model, batch)
     assert report.verdict == "vanishing"
     top = report.findings[0]
-    assert top.fix == "gg.init.lsuv_(model, batch[0])" and top.evidence["flow_after_fix"] == "stable"
+    assert top.fix.startswith("gg.init.lsuv_(model, batch)") and top.evidence["flow_after_fix"] == "stable"
+    assert top.cause == "depth" and "the cause it addresses is the depth itself" in top.message
+    assert "gg.init.auto_(model) leaves the flow vanishing" in top.message
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # only the copy was touched
     apply_fix(top.fix, model, batch)
     assert diagnose(model, batch).verdict == "stable"
@@ -320,10 +326,11 @@ def test_to_dict_layout_is_the_documented_one(batch) -> None:
                           "time_flow", "activations", "init_audit", "recurrent_bounds", "jacobian", "learning_rate",
                           "nonfinite", "notes"]
     assert set(data["depth_flow"]) == {"layers", "input_error_signal", "growth_per_layer", "total_growth",
-                                       "counted_gains", "verdict", "start_layer"}
+                                       "counted_gains", "verdict", "start_layer", "jump_gain"}
     assert set(data["depth_flow"]["layers"][0]) == {"name", "error_signal", "weight_grad", "weight_norm",
                                                     "grad_to_weight", "gain", "recurrent"}
-    assert set(data["jacobian"]) == {"input_output", "blocks"} and set(data["jacobian"]["blocks"]) == {"0", "2", "4"}
+    assert set(data["jacobian"]) == {"input_output", "blocks", "blocks_covered"}
+    assert set(data["jacobian"]["blocks"]) == {"0", "2", "4"}
     assert set(data["learning_rate"][0]) == {"layer", "lr", "sgd_ratio", "update_ratio"}
     assert set(data["init_audit"][0]) == {"layer", "param", "activation", "scheme", "std", "prescribed", "ratio",
                                           "flagged", "xavier", "he"}
@@ -368,3 +375,33 @@ def test_gg_doctor_is_a_plain_function_and_the_package_a_plain_module() -> None:
     assert isinstance(gg.doctor, types.FunctionType) and gg.doctor is doctor
     assert type(gradguard.explain) is types.ModuleType
     assert gradguard.explain.report.DoctorReport is DoctorReport
+
+
+def test_one_layer_off_scale_among_healthy_ones_is_named_as_a_jump(batch) -> None:
+    """Issue 9.10: 20 He-initialised ReLU layers, one of them (module '20') 30x too large. The start is that
+    layer, not the first one of a fit; the growth is a jump there; its fix rescales that layer alone."""
+    torch.manual_seed(0)
+    model = mlp(20, nn.ReLU, he)
+    with torch.no_grad():
+        model[20].weight.mul_(30.0)
+    report = diagnose(model, batch)
+    assert report.verdict == "exploding" and report.start_layer == "20"
+    assert report.depth.jump_gain is not None and 15 < report.depth.jump_gain < 45
+    assert report.depth.total_growth < 3 * report.depth.jump_gain  # the measured ratio, not a fit of a step
+    top = report.findings[0]
+    assert top.severity == "error" and top.layer == "20" and top.cause == "init_scale"
+    assert "of it in one jump at '20'" in top.message
+    assert top.fix.startswith('model.get_submodule("20").weight.data.mul_(0.0')
+    assert top.evidence["flow_after_fix"] == "stable"
+    direction = model[20].weight.detach() / model[20].weight.norm()
+    apply_fix(top.fix, model, batch)
+    assert torch.allclose(model[20].weight / model[20].weight.norm(), direction)  # trained direction kept
+    assert diagnose(model, batch).verdict == "stable"
+
+
+def test_headline_and_healthy_agree(batch) -> None:
+    """Issue 9.9: a stable flow with an error finding (an update larger than the weights) says so."""
+    model = mlp(3, nn.ReLU, he)
+    report = diagnose(model, batch, optimizer=torch.optim.SGD(model.parameters(), lr=1e3))
+    assert report.verdict == "stable" and not report.healthy
+    assert str(report).splitlines()[0] == "gradguard doctor: STABLE flow; not healthy: 1 error finding(s) (learning_rate)"

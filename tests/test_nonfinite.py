@@ -95,6 +95,7 @@ def test_all_finite_gives_none_and_leaves_grads_alone(batch) -> None:
 
 def test_doctor_reports_the_origin_as_an_error(batch) -> None:
     report = gg.doctor(ten_layers(DivideByZero()), batch, nn.functional.mse_loss, jacobians=False)
+    assert report.verdict == "nonfinite"  # issue 9.9: not "exploding"
     assert report.nonfinite is not None and report.start_layer == "6"
     assert report.findings[0].cause == "nonfinite" and report.findings[0].severity == "error"
     assert "'6'" in str(report)
@@ -123,7 +124,7 @@ def test_overflow_of_a_growing_signal_is_traced_to_init_and_the_fix_is_checked()
     batch = (torch.randn(8, 16), torch.randn(8, 16))
     report = gg.doctor(model, batch, nn.functional.mse_loss, jacobians=False)
     top = report.findings[0]
-    assert report.verdict == "exploding" and top.cause == "nonfinite"
+    assert report.verdict == "nonfinite" and top.cause == "nonfinite"
     assert report.nonfinite.phase == "forward" and report.nonfinite.kind == "inf"
     assert "until float overflows" in top.message
     assert top.evidence["flow_after_fix"] == "stable"

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["ID_KEYS", "Batch", "as_batch", "forward_loss", "leaf_inputs", "leaves", "model_loss", "take",
-           "to_device"]
+__all__ = ["ID_KEYS", "Batch", "as_batch", "check_model_and_loss_fn", "forward_loss", "leaf_inputs", "leaves",
+           "model_loss", "scalar_loss", "take", "to_device"]
 
 #: Keys of a dict batch that name its samples (the first one present is used).
 ID_KEYS = ("ids", "index")
@@ -99,6 +99,23 @@ def as_batch(batch: Any, where: str = "batch") -> Batch:
         f"{where}: a batch must be (inputs, targets), (inputs, targets, ids) or a dict of keyword inputs, "
         f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
+
+
+def check_model_and_loss_fn(model: object, loss_fn: object, where: str) -> None:
+    """``TypeError`` naming ``where`` for a model that is not an ``nn.Module`` or a loss_fn not callable."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"{where}: loss_fn must be callable as loss_fn(output, targets), or None to read the loss "
+                        f"from the output (output.loss), got {type(loss_fn).__name__}")
+
+
+def scalar_loss(loss: object, where: str) -> Tensor:
+    """``loss`` as a 0-d tensor; ``TypeError`` naming ``where`` when it is not a one-element tensor."""
+    if not (isinstance(loss, Tensor) and loss.numel() == 1):
+        raise TypeError(f"{where}: the loss must be a scalar tensor, got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+    return loss.reshape(())
 
 
 def model_loss(output: Any) -> Tensor:

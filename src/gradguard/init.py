@@ -26,7 +26,7 @@ recurrent modules Xavier input weights with orthogonal hidden-to-hidden weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -158,6 +158,17 @@ def _init_layer(layer: nn.Module, scheme: str, gain: float, slope: float = 0.0) 
         nn.init.zeros_(bias)
 
 
+def _run_on(model: nn.Module, inputs: object) -> None:
+    """Call ``model`` on example inputs: ``model(inputs)``; an ``(inputs, targets)`` pair gives
+    ``model(inputs)``, a dict of keyword inputs ``model(**inputs)`` (the doctor's batch convention)."""
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    elif isinstance(inputs, (tuple, list)) and len(inputs) in (2, 3) and isinstance(inputs[0], Tensor):
+        model(inputs[0])
+    else:
+        model(inputs)
+
+
 def _check_module(module: object, fn: str) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"{fn}: module must be an nn.Module, got {type(module).__name__}")
@@ -205,7 +216,7 @@ def following_activations(
     """
     if inputs is not None:
         with torch.no_grad(), ForwardTrace(model, grad_norms=False) as trace:
-            model(inputs)
+            _run_on(model, inputs)
         seen: set[int] = set()
         order: list[tuple[str, nn.Module]] = []
         for call in leaf_calls(trace.calls):
@@ -237,7 +248,7 @@ def following_in_order(order: list[tuple[str, nn.Module]]) -> dict[str, nn.Modul
 def _recurrent_cell_weights(model: nn.Module, inputs: object) -> set[int]:
     """ids of the square weights of hand-written recurrent cells found by running ``model(inputs)``."""
     with torch.no_grad(), ForwardTrace(model, grad_norms=False) as trace:
-        model(inputs)
+        _run_on(model, inputs)
     square: set[int] = set()
     for cell in find_recurrent_cells(trace.calls):
         if isinstance(cell.calls[0].module, RECURRENT_MODULES):
@@ -262,7 +273,8 @@ def auto_(model: nn.Module, inputs: object = None) -> dict[str, InitChoice]:
     Args:
         model: the model, edited in place.
         inputs: optional example inputs, ``model(inputs)`` is run once without gradients to record the
-            execution order and find hand-written cells. Without them, registration order is used.
+            execution order and find hand-written cells (an ``(inputs, targets)`` pair and a dict of keyword
+            inputs also work). Without them, registration order is used.
     """
     _check_module(model, "auto_")
     following = following_activations(model, inputs)
@@ -346,7 +358,8 @@ def lsuv_(model: nn.Module, inputs: object, tol: float = 0.1, max_iters: int = 1
 
     Args:
         model: the model, edited in place.
-        inputs: a batch of inputs as ``model(inputs)`` takes them; an ``(inputs, targets)`` pair also works.
+        inputs: a batch of inputs as ``model(inputs)`` takes them; an ``(inputs, targets)`` pair and a dict of
+            keyword inputs (``model(**inputs)``) also work.
         tol: tolerance on the output variance.
         max_iters: rescalings per layer at most.
 
@@ -358,10 +371,8 @@ def lsuv_(model: nn.Module, inputs: object, tol: float = 0.1, max_iters: int = 1
         raise ValueError(f"lsuv_: tol must be > 0, got {tol}")
     if max_iters < 1:
         raise ValueError(f"lsuv_: max_iters must be >= 1, got {max_iters}")
-    if isinstance(inputs, (tuple, list)) and len(inputs) == 2 and isinstance(inputs[0], Tensor):
-        inputs = inputs[0]
     with ForwardTrace(model, grad_norms=False) as trace:
-        model(inputs)
+        _run_on(model, inputs)
     order: list[tuple[str, nn.Module]] = []
     for call in leaf_calls(trace.calls):
         if isinstance(call.module, WEIGHT_LAYERS) and all(call.module is not m for _, m in order):
@@ -378,7 +389,7 @@ def lsuv_(model: nn.Module, inputs: object, tol: float = 0.1, max_iters: int = 1
         try:
             for _ in range(max_iters):
                 captured.clear()
-                model(inputs)
+                _run_on(model, inputs)
                 variance = float(torch.cat([c.detach().float().flatten() for c in captured]).var())
                 if not math.isfinite(variance) or variance == 0.0:
                     raise ValueError(f"lsuv_: layer {name!r} has output variance {variance} on these inputs")
@@ -388,7 +399,7 @@ def lsuv_(model: nn.Module, inputs: object, tol: float = 0.1, max_iters: int = 1
                 assert isinstance(weight, Tensor)
                 weight.div_(math.sqrt(variance))
             captured.clear()
-            model(inputs)
+            _run_on(model, inputs)
             reached[name] = float(torch.cat([c.detach().float().flatten() for c in captured]).var())
         finally:
             handle.remove()

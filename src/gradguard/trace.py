@@ -116,7 +116,7 @@ class ForwardTrace:
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if self.rewrite_output is not None:
-                rewritten = self.rewrite_output(name, module, args, kwargs, output)
+                rewritten = self.rewrite_output(user_name(name), module, args, kwargs, output)
                 if rewritten is not None:
                     output = rewritten
             outputs = flat_tensors(output)

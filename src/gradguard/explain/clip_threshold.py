@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gradguard.batch import LossFn, as_batch, check_model_and_loss_fn, forward_loss, scalar_loss
 from gradguard.explain.preserve import preserved
 from gradguard.stats import grad_stats
 
@@ -23,27 +24,30 @@ __all__ = ["suggest_clip_threshold"]
 
 
 def _is_single_batch(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
+    """One batch (a dict of keyword inputs, or ``(inputs, targets[, ids])`` with a tensor first), not many."""
+    return isinstance(data, Mapping) or (
+        isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], Tensor))
 
 
 def suggest_clip_threshold(
     model: nn.Module,
-    data: Iterable[Any] | tuple[Any, Any],
-    loss_fn: Callable[[Any, Any], Tensor],
+    data: Iterable[Any] | tuple[Any, Any] | Mapping[str, Any],
+    loss_fn: LossFn | None = None,
     steps: int = 20,
 ) -> float:
     """Average global gradient norm over ``steps`` batches: the clipping threshold of Pascanu et al. 2013.
 
     Args:
-        model: called as ``model(inputs)``.
-        data: an iterable of ``(inputs, targets)`` batches (a DataLoader; cycled when shorter than
-            ``steps``), or a single ``(inputs, targets)`` batch.
-        loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar.
+        model: called as ``model(inputs)``, or ``model(**batch)`` for dict batches.
+        data: an iterable of batches (a DataLoader; cycled when shorter than ``steps``), or a single batch:
+            ``(inputs, targets)`` or a dict of keyword inputs (``gradguard.batch``).
+        loss_fn: ``loss_fn(output, targets)`` returns a scalar; None for dict batches reads ``output.loss``.
         steps: number of batches to average over.
 
     The model's weights, ``.grad`` and buffers are left as they were. Raises ``ValueError`` when no batch gives a
     finite gradient norm.
     """
+    check_model_and_loss_fn(model, loss_fn, "suggest_clip_threshold")
     if steps < 1:
         raise ValueError(f"suggest_clip_threshold: steps must be >= 1, got {steps}")
     batches = [data] * steps if _is_single_batch(data) else list(itertools.islice(itertools.cycle(data), steps))
@@ -52,11 +56,9 @@ def suggest_clip_threshold(
     norms: list[Tensor] = []
     with preserved(model):
         for i, batch in enumerate(batches):
-            if not _is_single_batch(batch):
-                raise ValueError(f"suggest_clip_threshold: batch {i} must be an (inputs, targets) pair")
+            split = as_batch(batch, f"suggest_clip_threshold: batch {i}")
             model.zero_grad(set_to_none=True)
-            inputs, targets = batch
-            loss_fn(model(inputs), targets).backward()
+            scalar_loss(forward_loss(model, split, loss_fn)[1], "suggest_clip_threshold").backward()
             norms.append(grad_stats(model).total_norm)
     finite = [n for n in torch.stack(norms).tolist() if math.isfinite(n)]
     if not finite:

@@ -24,15 +24,34 @@ from gradguard.explain.flow import DepthFlow, verdict_of
 from gradguard.explain.init_audit import InitCheck, RecurrentBound
 from gradguard.explain.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
 from gradguard.explain.nonfinite import NonfiniteOrigin
-from gradguard.explain.remedies import Remedy, auto_init, chrono, lsuv, saturating_classes, swap_saturating
+from gradguard.explain.remedies import (
+    Remedy,
+    auto_init,
+    chrono,
+    lsuv,
+    rescale_layer,
+    saturating_classes,
+    swap_saturating,
+)
 from gradguard.explain.time_flow import TimeFlow
 
-__all__ = ["DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "rank"]
+__all__ = ["CAUSES", "DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "rank"]
 
 SEVERITIES = ("error", "warning", "info")
 DEAD_LIMIT = 0.5  # more than half the units of a ReLU layer dead for the whole batch
 SATURATED_LIMIT = 0.5  # more than half the units of a tanh/sigmoid layer saturated
 HEALTHY_UPDATE = 1e-3  # the update/weight ratio a learning-rate fix aims at (see learning_rate.py)
+PRESCRIBED = ("he", "xavier")  # the init checks whose ratio predicts the flow (init_explained_growth)
+
+# What each cause is, in words: a finding's explanation names the cause its (checked) fix addresses.
+CAUSES = {
+    "init_scale": "the scale of the weights (their init)",
+    "activation": "the saturating activations",
+    "depth": "the depth itself: the weights match their formula, yet each layer's output variance drifts "
+             "(LSUV sets it to 1 on this batch)",
+    "recurrent": "the recurrent weights",
+    "nonfinite": "a NaN or Inf",
+}
 
 
 @dataclass
@@ -93,7 +112,7 @@ def init_explained_growth(depth: DepthFlow, init_checks: list[InitCheck]) -> flo
     verdict line on the measured side names the init as the cause even when no single layer is off by 2x
     (Xavier in a ReLU network: 1/sqrt(2) per layer).
     """
-    ratio = {c.layer: c.ratio for c in init_checks if c.param == "weight" and c.scheme != "unknown"}
+    ratio = {c.layer: c.ratio for c in init_checks if c.param == "weight" and c.scheme in PRESCRIBED}
     product = 1.0
     for layer in depth.layers:
         if layer.gain is not None and not layer.recurrent and layer.name in ratio:
@@ -109,18 +128,29 @@ def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Mod
     explained = init_explained_growth(depth, init_checks)
     verb = "grows" if depth.verdict == "exploding" else "shrinks"
     start = next((layer for layer in depth.layers if layer.name == depth.start_layer), None)
+    start_check = next((c for c in flagged if c.layer == depth.start_layer and c.param == "weight"
+                        and c.scheme in PRESCRIBED), None)
     evidence: dict[str, Any] = {
         "total_growth": depth.total_growth,
         "growth_per_layer": depth.growth_per_layer,
         "counted_gains": depth.counted_gains,
         "start_layer": depth.start_layer,
         "start_gain": start.gain if start else None,
+        "jump_gain": depth.jump_gain,
         "growth_explained_by_init": explained,
     }
     saturating = saturating_classes(model)
-    if flagged or verdict_of(explained) == depth.verdict:
+    remedy: Remedy
+    if depth.jump_gain is not None and start_check is not None:
+        cause = "init_scale"  # one layer off its scale among well-scaled ones: rescale that layer alone
+        why = (f"its weights' std is off by x{start_check.ratio:.2g} ({start_check.std:.3g} vs "
+               f"{start_check.scheme} {start_check.prescribed:.3g} for {start_check.activation})")
+        remedy = rescale_layer(start_check.layer, start_check.prescribed / start_check.std,
+                               f"{start_check.scheme}'s std {start_check.prescribed:.3g}")
+        evidence["mis_initialised_layers"] = [c.layer for c in flagged]
+    elif flagged or verdict_of(explained) == depth.verdict:
         cause = "init_scale"
-        off = [c for c in init_checks if c.scheme not in ("orthogonal", "unknown")]
+        off = [c for c in init_checks if c.scheme in PRESCRIBED] or flagged
         worst = max(off, key=lambda c: _orders(c.ratio))
         why = (f"the weights' std, off by x{worst.ratio:.2g} ({worst.layer!r}: {worst.std:.3g} vs "
                f"{worst.scheme} {worst.prescribed:.3g} for {worst.activation}), compounds to "
@@ -136,9 +166,11 @@ def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Mod
         cause = "depth"
         why = "the weights match their prescribed scale, so the network's depth and structure compound it"
         remedy = lsuv()
-    message = (f"error signal {verb} x{depth.total_growth:.3g} from the last layer to the first "
-               f"(x{depth.growth_per_layer:.3g} per layer over {depth.counted_gains} layer(s)), "
-               f"starting at {depth.start_layer!r}: {why}")
+    where = (f"x{depth.jump_gain:.3g} of it in one jump at {depth.start_layer!r}" if depth.jump_gain is not None
+             else f"starting at {depth.start_layer!r}")
+    rate = "" if depth.jump_gain is not None else \
+        f" (x{depth.growth_per_layer:.3g} per layer over {depth.counted_gains} layer(s))"
+    message = f"error signal {verb} x{depth.total_growth:.3g} from the last layer to the first{rate}, {where}: {why}"
     return [Finding("error", depth.start_layer, f"{depth.verdict} across depth: {message}", remedy.code, evidence,
                     cause, _orders(depth.total_growth), remedy)]
 
@@ -239,7 +271,7 @@ def activation_findings(stats: list[ActivationStats], init_flagged: bool, cells_
     saturated = sorted((s for s in stats if s.saturated is not None and s.saturated > SATURATED_LIMIT),
                        key=lambda s: -(s.saturated or 0.0))
     if saturated:
-        fix = _init_fix(cells_present) if init_flagged else "gg.init.lsuv_(model, batch[0])"
+        fix = _init_fix(cells_present) if init_flagged else lsuv().code
         message = (f"{len(saturated)} tanh/sigmoid layer(s) with more than {SATURATED_LIMIT:.0%} of their units "
                    f"saturated (derivative < 5% of its maximum): {_layer_list([s.name for s in saturated])}; "
                    f"worst {saturated[0].saturated:.0%}")
@@ -281,7 +313,8 @@ def nonfinite_findings(origin: NonfiniteOrigin | None, init_flagged: bool, cells
     if origin is None:
         return []
     where = "output" if origin.phase == "forward" else "gradient"
-    message = f"{origin.kind.upper()} first appears in the {where} of {origin.module!r} ({origin.phase} pass)"
+    message = f"{origin.kind.upper()} first appears in the {where} of {origin.module!r} ({origin.phase} pass"
+    message += f", made by {origin.op})" if origin.op else ")"
     largest = max((max(abs(s.min), abs(s.max)) for s in origin.inputs if s.min == s.min), default=0.0)
     if not origin.inputs_finite:
         message += "; its inputs were already non-finite (an operation outside any module or the data)"
@@ -289,6 +322,7 @@ def nonfinite_findings(origin: NonfiniteOrigin | None, init_flagged: bool, cells
         message += (f": its inputs reach {largest:.3g}, the signal grows layer after layer until float overflows")
         chosen = auto_init(cells_present) if init_flagged else lsuv()
         remedy: Remedy | None = chosen
+        message += f"; the cause: {CAUSES[chosen.cause]}"
         fix = chosen.code
     else:
         remedy = None
@@ -299,29 +333,29 @@ def nonfinite_findings(origin: NonfiniteOrigin | None, init_flagged: bool, cells
 
 def jacobian_findings(jacobian: dict[str, Any]) -> list[Finding]:
     sigma = jacobian.get("input_output")
-    if sigma is None:
+    blocks = {name: value for name, value in jacobian.get("blocks", {}).items() if value is not None}
+    if sigma is None and not blocks:
         return []
-    blocks = jacobian.get("blocks", {})
-    worst = max(blocks.items(), key=lambda kv: kv[1] if kv[1] is not None else -1.0, default=(None, None))
-    message = f"largest singular value of the input-output Jacobian: {sigma:.3g}"
-    if worst[0] is not None and worst[1] is not None:
-        message += f"; largest block: {worst[0]!r} ({worst[1]:.3g})"
-    return [Finding("info", worst[0], message, "# no change needed", dict(jacobian), "jacobian",
-                    _orders(sigma))]
+    parts = [] if sigma is None else [f"largest singular value of the input-output Jacobian: {sigma:.3g}"]
+    worst = max(blocks.items(), key=lambda kv: kv[1], default=None)
+    if worst is not None:
+        parts.append(f"largest block Jacobian: {worst[0]!r} ({worst[1]:.3g}), over {jacobian.get('blocks_covered')}")
+    score = _orders(sigma if sigma is not None else worst[1])  # type: ignore[index]
+    return [Finding("info", worst[0] if worst else None, "; ".join(parts), "# no change needed", dict(jacobian),
+                    "jacobian", score)]
 
 
 def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list[InitCheck],
                    bounds: list[RecurrentBound], activations: list[ActivationStats],
                    updates: list[UpdateSize] | None, origin: NonfiniteOrigin | None,
-                   jacobian: dict[str, Any], model: nn.Module, cells_present: bool) -> list[Finding]:
-    """Every rule's findings, ranked (see :func:`rank`)."""
+                   jacobian: dict[str, Any], model: nn.Module, cells_present: bool,
+                   time_gated: bool = False) -> list[Finding]:
+    """Every rule's findings, ranked (see :func:`rank`). ``time_gated``: the time flow's module is a GRU/LSTM."""
     init_flagged = any(c.flagged for c in init_checks)
     findings: list[Finding] = nonfinite_findings(origin, init_flagged, cells_present)
     if origin is None:  # with NaN in the pass the flow numbers say nothing more
         findings += depth_findings(depth, init_checks, model, cells_present)
-        gated = time is not None and isinstance(model.get_submodule(time.module), (nn.GRU, nn.LSTM, nn.GRUCell,
-                                                                                  nn.LSTMCell))
-        findings += time_findings(time, bounds, cells_present, gated)
+        findings += time_findings(time, bounds, cells_present, time_gated)
     flow_stable = depth.verdict == "stable" and (time is None or time.verdict == "stable")
     findings += init_findings(init_checks, cells_present, flow_stable and origin is None)
     findings += recurrent_bound_findings(bounds)

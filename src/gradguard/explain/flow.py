@@ -22,10 +22,15 @@ take steps at least 10x larger (or smaller) relative to their gradient scale tha
 2015 (section 2.2) and Glorot & Bengio 2010 ask for a gain of 1 per layer, and a well-initialised network
 of any depth stays well inside the line (finite width adds a few percent per layer of noise).
 
-The layer where it starts is the first layer, in forward order, whose own gain goes the verdict's way by
-more than the larger of ``10^(1/n)`` (the per-layer rate that compounds to the verdict line) and 1.25 (a
-margin above the finite-width noise of a well-initialised layer); when no single layer does, the layer with
-the most extreme gain.
+The layer where it starts: when one layer's gain alone makes at least half of the growth (in log, the
+product of the counted gains, which telescopes to the ratio of the end signals) and is at least
+``sqrt(10)`` by itself, the growth is a *jump* at that layer (one layer 30x off-scale among well
+initialised ones) and that layer is named; the total growth is then the measured ratio of the end
+signals, not the fit, which a step misstates. Otherwise the growth is spread over the layers, and it starts
+at the first layer, in forward order, whose own gain goes the verdict's way by more than the larger of
+``10^(1/n)`` (the per-layer rate that compounds to the verdict line) and 1.25 (a margin above the
+finite-width noise of a well-initialised layer); when no single layer does, the layer with the most
+extreme gain.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ from torch import Tensor, nn
 from gradguard.stats import GradStats, per_tensor_norms
 from gradguard.trace import ModuleCall
 
-__all__ = ["GROWTH_LIMIT", "LAYER_GAIN_TOLERANCE", "DepthFlow", "LayerFlow", "depth_flow", "fit_growth",
-           "safe_exp", "verdict_of"]
+__all__ = ["GROWTH_LIMIT", "JUMP_SHARE", "LAYER_GAIN_TOLERANCE", "DepthFlow", "LayerFlow", "depth_flow",
+           "fit_growth", "jump_of", "safe_exp", "start_of", "verdict_of"]
 
 GROWTH_LIMIT = 10.0
 LAYER_GAIN_TOLERANCE = 1.25
+JUMP_SHARE = 0.5  # one layer making at least this share of the growth (in log) is a jump
 _TINY = 1e-30  # floor for log() of an error signal that is exactly 0 (a dead network)
 
 
@@ -83,6 +89,8 @@ class DepthFlow:
         counted_gains: the gains in the fit.
         verdict: ``"exploding"``, ``"vanishing"`` or ``"stable"``.
         start_layer: where the explosion or vanishing starts; None when stable.
+        jump_gain: when the growth is a jump at ``start_layer`` (module docstring), that layer's gain;
+            else None.
     """
 
     layers: list[LayerFlow]
@@ -92,6 +100,7 @@ class DepthFlow:
     counted_gains: int
     verdict: str
     start_layer: str | None
+    jump_gain: float | None = None
 
 
 def verdict_of(total_growth: float) -> str:
@@ -140,6 +149,19 @@ def start_of(names: list[str], gains: list[float], verdict: str) -> str | None:
         if score > math.log(tolerance):
             return name
     return names[max(range(len(scores)), key=scores.__getitem__)]
+
+
+def jump_of(gains: list[float], verdict: str) -> int | None:
+    """Index of the layer whose gain is a jump (see the module docstring), or None."""
+    if verdict == "stable" or not gains:
+        return None
+    direction = 1.0 if verdict == "exploding" else -1.0
+    scores = [direction * math.log(max(g, _TINY)) for g in gains]
+    total = sum(scores)
+    worst = max(range(len(scores)), key=scores.__getitem__)
+    if total > 0 and scores[worst] >= JUMP_SHARE * total and scores[worst] >= 0.5 * math.log(GROWTH_LIMIT):
+        return worst
+    return None
 
 
 def depth_flow(
@@ -220,5 +242,13 @@ def depth_flow(
     growth = safe_exp(slope)
     total = safe_exp(slope * len(counted)) if counted else 1.0
     verdict = verdict_of(total) if counted else "stable"
-    start = start_of([layer.name for layer in counted], [layer.gain for layer in counted], verdict)  # type: ignore[misc]
+    gains: list[float] = [layer.gain for layer in counted]  # type: ignore[misc]
+    jump = jump_of(gains, verdict)
+    if jump is not None:
+        # A step, not a geometric profile: the fit misstates it, the measured end-to-end ratio does not.
+        measured = safe_exp(sum(math.log(max(g, _TINY)) for g in gains))
+        if verdict_of(measured) == verdict:
+            return DepthFlow(layers, input_signal, measured ** (1.0 / len(gains)), measured, len(counted), verdict,
+                             counted[jump].name, gains[jump])
+    start = start_of([layer.name for layer in counted], gains, verdict)
     return DepthFlow(layers, input_signal, growth, total, len(counted), verdict, start)

@@ -13,6 +13,15 @@
   ``nn.RNN`` (tanh or relu, gamma = 1) and hand-written cells (the square ``hidden x hidden`` weights,
   gamma of the last activation module the cell runs, 1 when it runs none). Gated units (GRU, LSTM) get
   the std check only: their gates change the bound.
+* Transformers are initialised another way: every weight ``N(0, 0.02)`` whatever its shape (GPT-2,
+  Radford et al. 2019; BERT, Devlin et al. 2019; Hugging Face's ``config.initializer_range``), residual
+  projections scaled down by ``1/sqrt(N)`` for ``N = 2 x blocks`` residual layers (GPT-2, section 2.3),
+  normalisation layers keeping the signal in scale. In a model with such normalisation layers (or a
+  Hugging Face config with ``initializer_range``), a weight that fails its He/Xavier check but sits within
+  2x of that range, ``[initializer_range / sqrt(N), initializer_range]``, is checked as ``"fixed"``: on
+  scale, not flagged.
+* A Linear whose weight *is* an embedding's (a language model's tied output layer, ``lm_head``) is the
+  embedding, not a layer with its own init: it is not audited (see :func:`tied_weights`).
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from gradguard.activations import activation_kind, derivative_bound
 from gradguard.init import RECURRENT_MODULES, WEIGHT_LAYERS, prescribed_std, recurrent_weight_blocks
 from gradguard.trace import RecurrentCell
 
-__all__ = ["INIT_TOLERANCE", "InitCheck", "RecurrentBound", "audit_init", "audit_recurrent"]
+__all__ = ["INIT_TOLERANCE", "FixedStd", "InitCheck", "RecurrentBound", "audit_init", "audit_recurrent",
+           "fixed_std_convention", "tied_weights"]
 
 INIT_TOLERANCE = 2.0
 # An orthogonal W_hh sits exactly on the bound; float error must not flag it.
@@ -40,9 +50,10 @@ class InitCheck:
     """One weight's std against its prescription.
 
     Attributes:
-        layer: module path; param: parameter name in it.
+        layer: module name; param: parameter name in it.
         activation: what follows the layer (``"relu"``, ``"tanh"``, ``"linear"``, ...).
-        scheme: ``"he"``, ``"xavier"`` or ``"orthogonal"``.
+        scheme: ``"he"``, ``"xavier"``, ``"orthogonal"``, ``"fixed"`` (the transformer convention, see the
+            module docstring) or ``"unknown"``.
         std: measured std; prescribed: the scheme's std; ratio: ``std / prescribed``.
         flagged: ratio beyond ``INIT_TOLERANCE`` either way.
         xavier, he: the std each scheme would give this weight, for reference (He with ReLU's gain).
@@ -78,8 +89,41 @@ class RecurrentBound:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FixedStd:
+    """The transformer convention of a model: ``N(0, std)`` weights, residual projections down to ``lowest``."""
+
+    std: float
+    lowest: float
+    source: str  # where the std comes from, for the report
+
+
+def fixed_std_convention(model: nn.Module, blocks: int) -> FixedStd | None:
+    """The convention of a model with normalisation layers (module docstring), or None for other models.
+
+    ``std`` is the Hugging Face config's ``initializer_range`` when there is one, else GPT-2's 0.02;
+    ``blocks`` is the number of repeated blocks (2 residual layers each).
+    """
+    config_range = getattr(getattr(model, "config", None), "initializer_range", None)
+    normalised = any("LayerNorm" in type(m).__name__ or "RMSNorm" in type(m).__name__ for m in model.modules())
+    if isinstance(config_range, float) and config_range > 0:
+        std, source = config_range, f"config.initializer_range = {config_range:g}"
+    elif normalised:
+        std, source = 0.02, "N(0, 0.02), the GPT-2/BERT convention of a normalised model"
+    else:
+        return None
+    return FixedStd(std, std / math.sqrt(2 * max(blocks, 1)), source)
+
+
+def tied_weights(order: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """``{layer: embedding}`` for each Linear/Conv whose weight is an ``nn.Embedding``'s weight (tied)."""
+    embeddings = {id(m.weight): name for name, m in order if isinstance(m, nn.Embedding)}
+    return {name: embeddings[id(m.weight)] for name, m in order
+            if isinstance(m, WEIGHT_LAYERS) and id(m.weight) in embeddings}
+
+
 def _check(layer: str, param: str, weight: Tensor, activation: nn.Module | None, gates: int = 1,
-           orthogonal: bool = False, label: str | None = None) -> InitCheck:
+           orthogonal: bool = False, label: str | None = None, fixed: FixedStd | None = None) -> InitCheck:
     std = float(weight.detach().float().std())
     if orthogonal:
         scheme, prescribed = "orthogonal", 1.0 / math.sqrt(weight.shape[1])
@@ -95,14 +139,22 @@ def _check(layer: str, param: str, weight: Tensor, activation: nn.Module | None,
     # For reference, both classic prescriptions for this shape (ReLU's gain for He, gain 1 for Xavier).
     _, xavier = prescribed_std(weight, None, gates)
     _, he = prescribed_std(weight, nn.ReLU(), gates)
+    if flagged and fixed is not None and fixed.lowest / INIT_TOLERANCE <= std <= fixed.std * INIT_TOLERANCE:
+        scheme, prescribed, ratio, flagged = "fixed", fixed.std, std / fixed.std, False
     return InitCheck(layer, param, label, scheme, std, prescribed, ratio, flagged, xavier, he)
 
 
 def audit_init(order: list[tuple[str, nn.Module]], following: dict[str, nn.Module | None],
-               cell_square_weights: set[int]) -> list[InitCheck]:
-    """Check every Linear/Conv and recurrent weight of the modules in ``order`` (forward order)."""
+               cell_square_weights: set[int], fixed: FixedStd | None = None) -> list[InitCheck]:
+    """Check every Linear/Conv and recurrent weight of the modules in ``order`` (forward order), each weight
+    once, tied output layers left out; ``fixed``: the model's transformer convention, if any."""
     checks: list[InitCheck] = []
+    tied = tied_weights(order)
+    seen: set[int] = set()
     for name, module in order:
+        if name in tied or any(id(p) in seen for p in module.parameters(recurse=False)):
+            continue
+        seen.update(id(p) for p in module.parameters(recurse=False))
         if isinstance(module, RECURRENT_MODULES):
             # The nonlinearity inside: tanh/relu for nn.RNN, the gates' sigmoid/tanh for GRU/LSTM.
             inside = getattr(module, "nonlinearity", "gates")
@@ -114,7 +166,7 @@ def audit_init(order: list[tuple[str, nn.Module]], following: dict[str, nn.Modul
                     checks.append(_check(name, param_name, weight, None, gates, label=inside))
         elif isinstance(module, WEIGHT_LAYERS):
             square = id(module.weight) in cell_square_weights
-            checks.append(_check(name, "weight", module.weight, following.get(name), orthogonal=square))
+            checks.append(_check(name, "weight", module.weight, following.get(name), orthogonal=square, fixed=fixed))
     return checks
 
 

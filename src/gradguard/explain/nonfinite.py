@@ -36,7 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.batch import Batch, LossFn, as_batch, forward_loss, leaf_inputs
+from gradguard.batch import (
+    Batch,
+    LossFn,
+    as_batch,
+    check_model_and_loss_fn,
+    forward_loss,
+    leaf_inputs,
+    scalar_loss,
+)
 from gradguard.explain.preserve import preserved
 from gradguard.names import user_name
 from gradguard.stats import grad_stats
@@ -312,22 +320,6 @@ class _NodeFlags:
         return None
 
 
-def check_arguments(model: object, loss_fn: object, caller: str) -> None:
-    """``TypeError`` naming ``caller`` for a model that is not a module or a loss_fn that is not callable."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"{caller}: loss_fn must be callable as loss_fn(output, targets), or None to read the loss "
-                        f"from the output (output.loss), got {type(loss_fn).__name__}")
-
-
-def scalar_loss(loss: object, caller: str) -> Tensor:
-    if not (isinstance(loss, Tensor) and loss.numel() == 1):
-        raise TypeError(f"{caller}: the loss must be a scalar tensor, got {type(loss).__name__}"
-                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
-    return loss.reshape(())
-
-
 def locate_nonfinite(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> NonfiniteOrigin | None:
     """The innermost module whose own computation first made a NaN or Inf, in the forward or backward pass.
 
@@ -341,7 +333,7 @@ def locate_nonfinite(model: nn.Module, batch: Any, loss_fn: LossFn | None = None
         None when the forward values, the loss and every gradient are finite, else a
         :class:`NonfiniteOrigin`. The model's parameters and ``.grad`` are left as they were.
     """
-    check_arguments(model, loss_fn, "locate_nonfinite")
+    check_model_and_loss_fn(model, loss_fn, "locate_nonfinite")
     split, _ = leaf_inputs(as_batch(batch, "locate_nonfinite"))
     input_tensors = _inexact(flat_tensors(split.inputs))
     if input_tensors and not bool(_all_finite(input_tensors)):

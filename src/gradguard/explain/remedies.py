@@ -16,6 +16,10 @@ initialisation of the gate biases for a gated unit that forgets (Tallec & Ollivi
 
 The first candidate that makes the measured axis (depth or time) stable is the one reported. When none
 does, the cause's own fix is kept and the finding says what the flow becomes after it.
+
+Every remedy but one re-initialises weights, which throws away what a trained model has learned: its code
+says so in a comment. The exception is :func:`rescale_layer`, for one layer far off its prescribed scale
+among well-scaled ones: it multiplies that layer's weights by one number, keeping their direction.
 """
 
 from __future__ import annotations
@@ -25,38 +29,56 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from gradguard.activations import SATURATING, replace_
 from gradguard.init import auto_, chrono_, lsuv_
 
-__all__ = ["Remedy", "auto_init", "chrono", "first_stabilising", "flow_candidates", "lsuv", "swap_saturating"]
+__all__ = ["REINITIALISES", "Remedy", "auto_init", "chrono", "first_stabilising", "flow_candidates", "lsuv",
+           "rescale_layer", "swap_saturating"]
+
+REINITIALISES = "  # re-initialises the weights: for a model at init, it discards trained ones"
 
 
 @dataclass(frozen=True)
 class Remedy:
-    """A fix: ``code`` as the report prints it (names ``gg``, ``nn``, ``model``, ``batch``), and ``apply``,
-    which does the same to a model given the batch."""
+    """A fix: ``code`` as the report prints it (names ``gg``, ``nn``, ``model``, ``batch``), ``apply``, which
+    does the same to a model given the batch, and ``cause``, the cause it addresses (a ``Finding.cause``)."""
 
     code: str
     apply: Callable[[nn.Module, Any], object]
+    cause: str = ""
 
 
 def auto_init(cells_present: bool) -> Remedy:
     if cells_present:  # auto_ finds hand-written recurrent cells only by running the model once
-        return Remedy("gg.init.auto_(model, batch[0])", lambda model, batch: auto_(model, batch[0]))
-    return Remedy("gg.init.auto_(model)", lambda model, batch: auto_(model))
+        return Remedy("gg.init.auto_(model, batch)" + REINITIALISES, lambda model, batch: auto_(model, batch),
+                      "init_scale")
+    return Remedy("gg.init.auto_(model)" + REINITIALISES, lambda model, batch: auto_(model), "init_scale")
 
 
 def chrono(module_name: str, steps: int) -> Remedy:
     """Chrono init of a gated recurrent module's gate biases over ``steps`` (Tallec & Ollivier 2018)."""
     span = max(steps, 3)
-    return Remedy(f'gg.init.chrono_(model.get_submodule("{module_name}"), max_steps={span})',
-                  lambda model, batch: chrono_(model.get_submodule(module_name), max_steps=span))
+    return Remedy(f'gg.init.chrono_(model.get_submodule("{module_name}"), max_steps={span})'
+                  "  # re-initialises the gate biases only",
+                  lambda model, batch: chrono_(model.get_submodule(module_name), max_steps=span), "recurrent")
 
 
 def lsuv() -> Remedy:
-    return Remedy("gg.init.lsuv_(model, batch[0])", lambda model, batch: lsuv_(model, batch[0]))
+    return Remedy("gg.init.lsuv_(model, batch)" + REINITIALISES, lambda model, batch: lsuv_(model, batch), "depth")
+
+
+def rescale_layer(layer: str, factor: float, target: str) -> Remedy:
+    """Multiply one layer's weights by ``factor`` (its prescribed std over its measured std, ``target``)."""
+    code = f'model.get_submodule("{layer}").weight.data.mul_({factor:.3g})  # to {target}; the direction is kept'
+
+    def apply(model: nn.Module, batch: Any) -> None:
+        weight = model.get_submodule(layer).weight
+        assert isinstance(weight, Tensor)
+        weight.data.mul_(float(f"{factor:.3g}"))
+
+    return Remedy(code, apply, "init_scale")
 
 
 def saturating_classes(model: nn.Module) -> list[type[nn.Module]]:
@@ -73,7 +95,7 @@ def swap_saturating(classes: list[type[nn.Module]], then: Remedy) -> Remedy:
             replace_(model, cls, nn.ReLU)
         then.apply(model, batch)
 
-    return Remedy(f"{code}; {then.code}", apply)
+    return Remedy(f"{code}; {then.code}", apply, "activation")
 
 
 def flow_candidates(first: Remedy, model: nn.Module, cells_present: bool) -> list[Remedy]:
@@ -95,11 +117,12 @@ def first_stabilising(
     model: nn.Module,
     batch: Any,
     verdict_after: Callable[[nn.Module], str],
-) -> tuple[Remedy, str | None]:
+) -> tuple[Remedy, str | None, str]:
     """The first candidate after which ``verdict_after(copy)`` is ``"stable"``, applied to a deep copy.
 
-    Returns ``(remedy, None)`` for a remedy that works, or ``(candidates[0], verdict after it)`` when none
-    does (``"not checked: ..."`` when the copy or the remedy fails).
+    Returns ``(remedy, None, first)`` for a remedy that works, or ``(candidates[0], verdict after it, same)``
+    when none does (``"not checked: ..."`` when the copy or the remedy fails); ``first`` is the verdict
+    after ``candidates[0]``.
     """
     first_outcome: str | None = None
     for remedy in candidates:
@@ -109,8 +132,8 @@ def first_stabilising(
             outcome = verdict_after(trial)
         except Exception as error:  # a model that cannot be copied, an init the layer refuses...
             outcome = f"not checked: {type(error).__name__}: {str(error)[:120]}"
-        if outcome == "stable":
-            return remedy, None
         if first_outcome is None:
             first_outcome = outcome
-    return candidates[0], first_outcome
+        if outcome == "stable":
+            return remedy, None, first_outcome
+    return candidates[0], first_outcome, first_outcome  # type: ignore[return-value]

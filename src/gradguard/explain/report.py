@@ -4,7 +4,7 @@
 
 ```
 {
-  "verdict": "exploding" | "vanishing" | "stable",
+  "verdict": "nonfinite" | "exploding" | "vanishing" | "stable",
   "start_layer": str | None,
   "healthy": bool,                     # no finding of severity "error"
   "loss": float | None, "total_grad_norm": float | None,
@@ -12,21 +12,25 @@
   "depth_flow": {"layers": [{"name", "error_signal", "weight_grad", "weight_norm", "grad_to_weight",
                              "gain", "recurrent"}, ...],          # forward order
                  "input_error_signal", "growth_per_layer", "total_growth", "counted_gains",
-                 "verdict", "start_layer"},
+                 "verdict", "start_layer", "jump_gain"},
   "time_flow": None | {"module", "steps", "grad_norm_per_step" (t = 1..T), "dhT_dh0",
                        "growth_per_step", "total_growth", "verdict"},
   "activations": [{"name", "kind", "mean", "std", "saturated", "dead"}, ...],
   "init_audit": [{"layer", "param", "activation", "scheme", "std", "prescribed", "ratio", "flagged",
                   "xavier", "he"}, ...],
   "recurrent_bounds": [{"layer", "param", "activation", "spectral_norm", "bound", "exceeds"}, ...],
-  "jacobian": {"input_output": float | None, "blocks": {name: float | None}},
+  "jacobian": {"input_output": float | None, "blocks": {name: float | None},
+               "blocks_covered": str | None},      # which blocks, e.g. "the 4 repeated GPT2Block of 'transformer.h'"
   "learning_rate": None | [{"layer", "lr", "sgd_ratio", "update_ratio"}, ...],
-  "nonfinite": None | {"module", "phase", "kind", "inputs", "inputs_finite", "grad_outputs"},
+  "nonfinite": None | {"module", "phase", "kind", "inputs", "inputs_finite", "grad_outputs", "op", "path"},
   "notes": [str, ...],                 # what could not be measured, and why
 }
 ```
 
 Every float is finite or ``None``: NaN and Inf are written as ``None`` so the dict survives strict JSON.
+
+One verdict, one story: the headline gives the verdict, and when ``healthy`` (no error finding) disagrees
+with it (a vanishing flow that is only a warning; a stable flow with an error elsewhere), it says why.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ class DoctorReport:
     """What ``gg.doctor`` found. See the module docstring for ``to_dict()``'s layout.
 
     Attributes:
-        verdict: ``"exploding"``, ``"vanishing"`` or ``"stable"`` (over depth and, if recurrent, time).
+        verdict: ``"nonfinite"`` (NaN or Inf in the forward or backward pass), else ``"exploding"``,
+            ``"vanishing"`` or ``"stable"`` (over depth and, if recurrent, time).
         start_layer: the layer where the explosion/vanishing starts, or None.
         findings: ranked :class:`Finding` s.
         depth: the gradient flow across depth.
@@ -127,18 +132,33 @@ class DoctorReport:
             "notes": list(self.notes),
         })
 
-    def summary_lines(self) -> list[str]:
-        """The head of the diagnosis: verdict, flow over depth and time, loss and norms."""
+    def headline(self) -> str:
+        """``"gradguard doctor: VERDICT (starts at LAYER)"``, and why when ``healthy`` says otherwise."""
         head = f"gradguard doctor: {self.verdict.upper()}"
         if self.start_layer is not None:
             head += f" (starts at {self.start_layer})"
-        lines = [head]
+        errors = [f for f in self.findings if f.severity == "error"]
+        if self.verdict != "stable" and not errors:
+            flow = next((f for f in self.findings if f.severity == "warning" and "dhT_dh0" in f.evidence), None)
+            why = ("only over long spans: the error signal itself holds, so training works, but long-range "
+                   "dependencies get no gradient" if flow is not None else "no finding is an error")
+            head += f"; healthy: {why} (warning below)"
+        elif self.verdict == "stable" and errors:
+            causes = ", ".join(sorted({f.cause for f in errors}))
+            head += f" flow; not healthy: {len(errors)} error finding(s) ({causes})"
+        return head
+
+    def summary_lines(self) -> list[str]:
+        """The head of the diagnosis: verdict, flow over depth and time, loss and norms."""
+        lines = [self.headline()]
         d = self.depth
         if self.nonfinite is not None:
             lines.append("  flow: not measured, the pass holds NaN/Inf (see the first finding)")
         elif d.counted_gains:
+            how = (f"x{_fmt(d.jump_gain)} of it in one jump at {d.start_layer}" if d.jump_gain is not None
+                   else f"x{_fmt(d.growth_per_layer)} per layer over {_layers(d.counted_gains)}")
             lines.append(f"  depth: error signal x{_fmt(d.total_growth)} from the last layer to the first "
-                         f"(x{_fmt(d.growth_per_layer)} per layer over {_layers(d.counted_gains)}): {d.verdict}")
+                         f"({how}): {d.verdict}")
         if self.time is not None and self.nonfinite is None:
             t = self.time
             lines.append(f"  time:  {t.module}, T={t.steps}: ||dL/dh_t|| x{_fmt(t.total_growth)} from t=T to t=1, "

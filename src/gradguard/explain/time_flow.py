@@ -138,7 +138,9 @@ class RecurrentRecorder:
 
     @staticmethod
     def _accumulate(run: UnrolledRun, t: int):
-        def hook(grad: Tensor) -> None:
+        def hook(grad: Tensor | None) -> None:
+            if grad is None:  # a state output nothing used
+                return
             square = norm32(grad.detach()).square()
             previous = run.grad_norms[t]
             run.grad_norms[t] = square if previous is None else previous + square
