@@ -67,3 +67,23 @@ def test_bad_input_exits_2_with_a_message(tmp_path) -> None:
         result = runner.invoke(app, ["doctor", target])
         assert result.exit_code == 2, (target, result.output)
         assert message in result.output, (target, result.output)
+
+
+def test_a_model_failing_on_its_batch_and_unwritable_outputs_exit_2_with_one_line(tmp_path) -> None:
+    """Issue 9.14: exit 1 means an error finding; bad input is exit 2, said in one line, before any work."""
+    broken = tmp_path / "broken.py"
+    broken.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            return nn.Linear(4, 1), (torch.randn(8, 5), torch.randn(8, 1)), nn.functional.mse_loss
+    """))
+    result = runner.invoke(app, ["doctor", f"{broken}:build"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0
+    assert "the model fails on its batch: RuntimeError: mat1 and mat2 shapes cannot be multiplied" in result.output
+    for option in ("--html", "--json"):
+        result = runner.invoke(app, ["doctor", f"{EXAMPLE}:build_fixed", option, str(tmp_path / "missing" / "r")])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().count("\n") == 0 and "no such folder" in result.output

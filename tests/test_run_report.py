@@ -68,7 +68,7 @@ def test_jsonl_round_trip_keeps_nan_and_inf(tmp_path: Path) -> None:
 
 def test_bad_log_lines_are_named(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"step": 0, "loss": 1.0}\nnot json\n', encoding="utf-8")
+    path.write_text('{"step": 0, "loss": 1.0}\nnot json\n{"step": 1, "loss": 1.0}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
         read_jsonl(path)
     path.write_text('{"loss": 1.0}\n', encoding="utf-8")
@@ -115,6 +115,30 @@ def test_cli_writes_the_report_and_rejects_bad_input(tmp_path: Path) -> None:
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2
     assert "nope.jsonl" in missing.output
+
+
+def test_a_killed_jobs_log_renders_with_a_warning(tmp_path: Path) -> None:
+    """Issue 9.14: the last line cut short by a killed job is skipped with a warning; ``"events": null`` is
+    no events."""
+    records = synthetic_run(10)
+    records[3]["events"] = None
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    run = tmp_path / "killed.jsonl"
+    run.write_text(text + json.dumps(synthetic_run(11)[10])[:25], encoding="utf-8")  # no newline: cut short
+    with pytest.warns(UserWarning, match=r"killed.jsonl:11: last line cut short"):
+        assert len(read_jsonl(run)) == 10
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(app, ["report", str(run), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "gradguard report: warning: " in result.output and "10 steps" in result.output
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_report_into_a_missing_folder_exits_2_with_one_line(tmp_path: Path) -> None:
+    run = write_jsonl(tmp_path / "run.jsonl", synthetic_run(5))
+    result = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "no" / "such" / "report.html")])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "no such folder" in result.output
 
 
 # --- headless Chromium ----------------------------------------------------------------------------

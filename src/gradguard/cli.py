@@ -6,6 +6,8 @@ optional dependencies are only needed when it runs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(
@@ -13,6 +15,24 @@ app = typer.Typer(
     no_args_is_help=True,
     help="gradguard: see, stop, explain and prevent exploding gradients in PyTorch training.",
 )
+
+
+def _writable(path: str | None, command: str) -> None:
+    """Exit 2 with one line when ``path`` cannot be written (its folder is missing), before any work."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        typer.echo(f"gradguard {command}: cannot write {path}: no such folder {str(folder)!r}", err=True)
+        raise typer.Exit(code=2)
+
+
+def _write(path: str, text: str, command: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as error:
+        typer.echo(f"gradguard {command}: cannot write {path}: {error.strerror or error}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -69,13 +89,16 @@ def doctor(
     html: str | None = typer.Option(None, "--html", help="Also write the report as one HTML page here."),
     json_path: str | None = typer.Option(None, "--json", help="Also write report.to_dict() as JSON here."),
 ) -> None:
-    """Diagnose a model's gradient flow at initialisation. Exit code: 0 healthy, 1 error finding, 2 bad input."""
+    """Diagnose a model's gradient flow at initialisation. Exit code: 0 healthy, 1 error finding, 2 bad input
+    (the target, its model failing on its batch, an output path that cannot be written)."""
     import json
-    from pathlib import Path
 
     from gradguard.explain import doctor as run_doctor
     from gradguard.explain.factory import FactoryError, load_patient
+    from gradguard.explain.html import render_html
 
+    _writable(html, "doctor")
+    _writable(json_path, "doctor")
     try:
         patient = load_patient(target)
         report = run_doctor(patient.model, patient.batch, patient.loss_fn, optimizer=patient.optimizer)
@@ -84,9 +107,10 @@ def doctor(
         raise typer.Exit(code=2) from error
     typer.echo(str(report))
     if html is not None:
-        typer.echo(f"report written to {report.to_html(html)}")
+        _write(html, render_html(report), "doctor")
+        typer.echo(f"report written to {html}")
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False), encoding="utf-8")
+        _write(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False), "doctor")
         typer.echo(f"report data written to {json_path}")
     raise typer.Exit(code=0 if report.healthy else 1)
 
@@ -121,11 +145,8 @@ def replay(
         typer.echo("replayed: every forward value, the loss and every gradient are finite")
     else:
         typer.echo(f"replayed (micro-batch {result.micro_batch}): {result.origin}")
-    if result.batch.keyword:  # the doctor takes (inputs, targets) batches
-        typer.echo("the doctor was not run: it takes (inputs, targets) batches, this bundle holds a dict")
-        raise typer.Exit(code=0 if result.origin is None else 1)
     with rng.replaying(data["batches"][0]["rng"]):
-        report = run_doctor(patient.model, (result.batch.inputs, result.batch.targets), patient.loss_fn)
+        report = run_doctor(patient.model, result.batch, patient.loss_fn)
     typer.echo(str(report))
     raise typer.Exit(code=0 if result.origin is None and report.healthy else 1)
 
@@ -135,17 +156,26 @@ def report(
     run: str = typer.Argument(..., help="A JSON Lines run log written by gg.sinks.JSONL."),
     output: str = typer.Option("report.html", "--output", "-o", help="Where to write the HTML page."),
 ) -> None:
-    """Render a monitored run (loss, gradient norm, per-layer heatmap, events) as one HTML page."""
+    """Render a monitored run (loss, gradient norm, per-layer heatmap, events) as one HTML page.
+
+    Exit code: 0 written, 2 bad input (no such log, a line that is not a record, an output folder missing).
+    A last line cut short (a job killed while writing) is skipped with a warning."""
+    import warnings
+
     from gradguard.report.run import read_jsonl, render_run_report, summarize
 
+    _writable(output, "report")
     try:
-        records = read_jsonl(run)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = read_jsonl(run)
+        for warning in caught:
+            typer.echo(f"gradguard report: warning: {warning.message}", err=True)
         page = render_run_report(records, title=f"gradguard run report: {run}")
     except (OSError, ValueError) as error:
         typer.echo(f"gradguard report: {error}", err=True)
         raise typer.Exit(2) from None
-    with open(output, "w", encoding="utf-8") as file:
-        file.write(page)
+    _write(output, page, "report")
     s = summarize(records)
     typer.echo(
         f"{s.steps} steps, {s.skipped} skipped, {s.clipped} clipped, {s.rollbacks} rollbacks, "

@@ -1,9 +1,11 @@
 """Load a user's ``(model, batch, loss_fn)`` factory from ``package.module:function`` or ``path/file.py:function``.
 
 The command line (``gradguard doctor TARGET``) diagnoses whatever the factory returns: ``(model, batch,
-loss_fn)``, or ``(model, batch, loss_fn, optimizer)`` to also measure the update sizes. Every problem is
-raised as :class:`FactoryError` with a message that says what was wrong, which the CLI prints before
-exiting with code 2.
+loss_fn)``, or ``(model, batch, loss_fn, optimizer)`` to also measure the update sizes; the batch and
+loss_fn follow ``gradguard.batch`` (a dict batch with ``loss_fn`` None reads ``output.loss``). Every
+problem is raised as :class:`FactoryError` with a message that says what was wrong, which the CLI prints
+before exiting with code 2 — a model that fails on its own batch too: it is called once, without
+gradients, before anything else runs (its buffers restored afterwards).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradguard.batch import as_batch, forward_loss, scalar_loss
+from gradguard.explain.preserve import preserved
+from gradguard.trace import eager
+
 __all__ = ["FactoryError", "Patient", "load_patient"]
 
 
@@ -30,7 +36,7 @@ class Patient:
     """What the factory returned."""
 
     model: nn.Module
-    batch: tuple[Any, Any]
+    batch: Any
     loss_fn: Any
     optimizer: torch.optim.Optimizer | None = None
 
@@ -86,10 +92,18 @@ def load_patient(target: str) -> Patient:
     optimizer = rest[0] if rest else None
     if not isinstance(model, nn.Module):
         raise FactoryError(f"{target}: the model (item 0) must be an nn.Module, got {type(model).__name__}")
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise FactoryError(f"{target}: the batch (item 1) must be an (inputs, targets) pair")
-    if not callable(loss_fn):
-        raise FactoryError(f"{target}: the loss function (item 2) must be callable, got {type(loss_fn).__name__}")
+    try:
+        split = as_batch(batch, f"{target}: the batch (item 1)")
+    except ValueError as error:
+        raise FactoryError(str(error)) from None
+    if loss_fn is not None and not callable(loss_fn):
+        raise FactoryError(f"{target}: the loss function (item 2) must be callable or None, got {type(loss_fn).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise FactoryError(f"{target}: item 3 must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return Patient(model, tuple(batch), loss_fn, optimizer)
+    try:
+        with preserved(model), eager(), torch.no_grad():
+            scalar_loss(forward_loss(model, split, loss_fn)[1], f"{target}: the loss function (item 2)")
+    except Exception as error:  # the user's model or loss on the user's batch: bad input, said as such
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise FactoryError(f"{target}: the model fails on its batch: {type(error).__name__}: {first_line}") from error
+    return Patient(model, tuple(batch) if isinstance(batch, list) else batch, loss_fn, optimizer)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -41,25 +42,37 @@ MARKS = {  # how each kind of step is drawn on the loss and norm curves
 def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
     """The records of a JSON Lines run log; NaN and Infinity are read back as floats.
 
+    A last line that is not JSON is what a job killed while writing leaves: it is skipped with a
+    ``UserWarning`` that names the file and line. A record whose ``"events"`` is null has no events.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a line that is not a JSON object with a ``step``; names the file and line number.
+        ValueError: a line before the last that is not a JSON object with a ``step``; names the file and
+            line number.
     """
-    records = []
     with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{os.fspath(path)}:{number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError(
-                    f"{os.fspath(path)}:{number}: expected a record with a 'step', got {line[:80]!r}"
-                )
-            records.append(cast(Record, record))
+        lines = [(number, line) for number, line in enumerate(file, start=1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == lines[-1][0]:
+                warnings.warn(f"{os.fspath(path)}:{number}: last line cut short ({error.msg}), skipped: the job "
+                              "was probably killed while writing it", stacklevel=2)
+                break
+            raise ValueError(f"{os.fspath(path)}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(
+                f"{os.fspath(path)}:{number}: expected a record with a 'step', got {line[:80]!r}"
+            )
+        records.append(cast(Record, record))
     return records
+
+
+def _events(record: Record) -> list[Any]:
+    """The record's events; none when the key is missing or null."""
+    return list(record.get("events") or [])
 
 
 @dataclass
@@ -75,7 +88,7 @@ class RunSummary:
 
 
 def summarize(records: Sequence[Record]) -> RunSummary:
-    events = [e for r in records for e in r.get("events", [])]
+    events = [e for r in records for e in _events(r)]
     norms = [r["total_norm"] for r in records if r.get("total_norm") is not None]
     finite_norms = [n for n in norms if math.isfinite(n)]
     losses = [r["loss"] for r in records if r.get("loss") is not None]
@@ -92,7 +105,7 @@ def summarize(records: Sequence[Record]) -> RunSummary:
 
 
 def _event_steps(records: Sequence[Record], kind: str) -> list[int]:
-    return [e["step"] for r in records for e in r.get("events", []) if e["kind"] == kind]
+    return [e["step"] for r in records for e in _events(r) if e["kind"] == kind]
 
 
 def _mark_events(ax: Any, records: Sequence[Record]) -> None:
@@ -216,7 +229,7 @@ def heatmap_figure(records: Sequence[Record]) -> Figure | None:
 def event_rows(records: Sequence[Record]) -> list[dict[str, str]]:
     rows = []
     for r in records:
-        for event in r.get("events", []):
+        for event in _events(r):
             details = {k: v for k, v in event.items()
                        if k not in ("step", "kind", "layer", "action", "forensics")}
             rows.append(
