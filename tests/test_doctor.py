@@ -324,7 +324,10 @@ def test_to_dict_layout_is_the_documented_one(batch) -> None:
     data = doctor(model, batch, nn.functional.cross_entropy, optimizer=optimizer, jacobian_iterations=5).to_dict()
     assert list(data) == ["verdict", "start_layer", "healthy", "loss", "total_grad_norm", "findings", "depth_flow",
                           "time_flow", "activations", "init_audit", "recurrent_bounds", "jacobian", "learning_rate",
-                          "nonfinite", "notes"]
+                          "nonfinite", "notes", "attention"]
+    assert data["attention"]["modules"] == [] and data["attention"]["log_z"]["classes"] == OUT
+    assert set(data["attention"]) == {"modules", "log_z", "notes"}
+    assert set(data["attention"]["log_z"]) == {"mean", "min", "max", "classes"}
     assert set(data["depth_flow"]) == {"layers", "input_error_signal", "growth_per_layer", "total_growth",
                                        "counted_gains", "verdict", "start_layer", "jump_gain"}
     assert set(data["depth_flow"]["layers"][0]) == {"name", "error_signal", "weight_grad", "weight_norm",

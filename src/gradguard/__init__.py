@@ -1,6 +1,17 @@
 """gradguard: see, stop, explain and prevent exploding gradients in PyTorch training."""
 
-from gradguard import activations, clip, detect, explain, forensics, init, regularize, sinks
+from gradguard import (
+    activations,
+    clip,
+    detect,
+    explain,
+    forensics,
+    init,
+    precursor,
+    qk_norm,
+    regularize,
+    sinks,
+)
 from gradguard.clip import ClipResult
 from gradguard.explain import DoctorReport, doctor, locate_nonfinite, suggest_clip_threshold
 from gradguard.forensics import Forensics
@@ -27,6 +38,8 @@ __all__ = [
     "grad_stats",
     "init",
     "locate_nonfinite",
+    "precursor",
+    "qk_norm",
     "regularize",
     "sinks",
     "suggest_clip_threshold",

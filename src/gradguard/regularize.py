@@ -12,6 +12,10 @@ Biases and the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNo
 RMSNorm) are left out by default: they set offsets and scales, not how much a layer amplifies, and
 decaying them towards 0 hurts (the practice of nanoGPT's ``configure_optimizers``, among others). A
 bias is a parameter whose own name starts with ``bias`` (``bias``, ``bias_ih_l0``).
+
+:func:`z_loss` penalises the output logits instead of the weights: ``coef * mean(log^2 Z)``, which keeps
+the softmax normaliser ``log Z`` near 0 (Chowdhery et al. 2022; Wortsman et al. 2023 show it prevents
+output-logit divergence).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NORMALIZATION_LAYERS", "decayed_parameters", "param_groups", "penalty"]
+__all__ = ["NORMALIZATION_LAYERS", "decayed_parameters", "param_groups", "penalty", "z_loss"]
 
 NORMALIZATION_LAYERS = (
     nn.modules.batchnorm._BatchNorm,
@@ -114,3 +118,36 @@ def param_groups(
     if kept:
         groups.append({"params": [p for _, p in kept], "weight_decay": 0.0})
     return groups
+
+
+def z_loss(logits: Tensor, coef: float = 1e-4) -> Tensor:
+    """``coef * mean(log(Z)^2)``, ``log Z = logsumexp(logits, dim=-1)``: the auxiliary z-loss of PaLM
+    (Chowdhery et al. 2022, section 5), to add to a cross-entropy loss.
+
+    A softmax does not change when a constant is added to every logit, so cross-entropy leaves ``log Z``
+    free to drift. Wortsman et al. 2023 ("Small-scale proxies for large-scale Transformer training
+    instabilities", arXiv 2309.14322, section 3.2) show that at high learning rates it drifts far from 0
+    (*output-logit divergence*) and the loss diverges; ``coef = 1e-4`` pulls it back to 0 and removes
+    the instability. The gradient with respect to the logits is ``2 coef log(Z) softmax(logits) / n``.
+
+    Args:
+        logits: the output logits, classes (vocabulary) on the last dimension; any leading shape
+            (``(batch, time, vocab)`` for a language model). Computed in float32.
+        coef: the weight of the penalty (>= 0).
+
+    Returns:
+        A 0-d float32 tensor, differentiable, on ``logits``' device.
+
+    Example::
+
+        logits = model(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + gg.regularize.z_loss(logits)
+    """
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        raise ValueError("z_loss: logits must be a floating-point tensor with the classes on its last dimension, "
+                         f"got {type(logits).__name__}"
+                         + (f" {logits.dtype} of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else ""))
+    if not coef >= 0 or coef == float("inf"):
+        raise ValueError(f"z_loss: coef must be a finite number >= 0, got {coef}")
+    log_z = torch.logsumexp(logits.float(), dim=-1)
+    return coef * log_z.square().mean()

@@ -10,6 +10,8 @@ The order of work:
 4. the relative update of one (undone) optimizer step, when an optimizer is given;
 5. when the loss or a gradient is not finite, :func:`locate_nonfinite` names where it starts;
 6. Jacobian spectral norms, input-output and per block (``blocks.py``), by power iteration;
+6b. attention: the largest attention logit and entropy per attention module, log Z of the output
+    (``attention.py``, one more forward pass; its fixes tried on copies when an optimizer is given);
 7. findings, ranked; the fix of each flow finding is tried on a deep copy of the model (``remedies.py``).
 
 The batch follows ``gradguard.batch``: ``(inputs, targets)`` with ``loss_fn(output, targets)``, or a dict of
@@ -44,8 +46,9 @@ from gradguard.batch import (
     scalar_loss,
 )
 from gradguard.explain.activation_stats import activation_stats
+from gradguard.explain.attention import attention_report
 from gradguard.explain.blocks import find_blocks, measure_jacobians, short_error
-from gradguard.explain.findings import CAUSES, Finding, build_findings
+from gradguard.explain.findings import CAUSES, Finding, build_findings, rank
 from gradguard.explain.flow import DepthFlow, depth_flow
 from gradguard.explain.init_audit import audit_init, audit_recurrent, fixed_std_convention, tied_weights
 from gradguard.explain.learning_rate import relative_updates
@@ -292,6 +295,7 @@ def doctor(
         if jacobians:
             run: Callable[[Any], Any] = (lambda x: model(**x)) if split.keyword else model
             jacobian = measure_jacobians(model, run, split.inputs, trace.calls, blocks, jacobian_iterations, notes)
+        attention = attention_report(model, split, loss_fn, optimizer, check_fixes)
 
     verdict, start = _overall_verdict(depth, time, origin)
     findings = build_findings(depth=depth, time=time, init_checks=init_checks, bounds=bounds,
@@ -299,5 +303,6 @@ def doctor(
                               model=model, cells_present=any(square), time_gated=time_gated)
     if check_fixes:
         _check_flow_fixes(findings, model, batch, loss_fn, jacobian_iterations, cells_present=any(square))
-    return DoctorReport(verdict, start, findings, depth, time, activations, init_checks, bounds, jacobian,
-                        updates, origin, loss_value, total_norm, notes)
+    return DoctorReport(verdict, start, rank(findings + attention.findings), depth, time, activations,
+                        init_checks, bounds, jacobian, updates, origin, loss_value, total_norm,
+                        notes + attention.notes, attention=attention)

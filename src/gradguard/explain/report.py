@@ -24,6 +24,9 @@
   "learning_rate": None | [{"layer", "lr", "sgd_ratio", "update_ratio"}, ...],
   "nonfinite": None | {"module", "phase", "kind", "inputs", "inputs_finite", "grad_outputs", "op", "path"},
   "notes": [str, ...],                 # what could not be measured, and why
+  "attention": None | {"modules": [{"module", "kind", "heads", "calls", "max_logit", "entropy",
+                                    "min_entropy", "uniform_entropy"}, ...],
+                       "log_z": None | {"mean", "min", "max", "classes"}, "notes"},
 }
 ```
 
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gradguard.explain.activation_stats import ActivationStats
+from gradguard.explain.attention import AttentionReport
 from gradguard.explain.findings import Finding
 from gradguard.explain.flow import DepthFlow
 from gradguard.explain.init_audit import InitCheck, RecurrentBound
@@ -85,6 +89,7 @@ class DoctorReport:
         jacobian: ``{"input_output": sigma_max or None, "blocks": {name: sigma_max}}``.
         loss, total_grad_norm: of the doctor's pass.
         notes: what could not be measured and why.
+        attention: largest attention logit and entropy per attention module, log Z of the output.
     """
 
     verdict: str
@@ -101,6 +106,7 @@ class DoctorReport:
     loss: float | None
     total_grad_norm: float | None
     notes: list[str] = field(default_factory=list)
+    attention: AttentionReport | None = None
 
     @property
     def time_flow(self) -> dict[str, Any] | None:
@@ -130,6 +136,7 @@ class DoctorReport:
             "learning_rate": [u.to_dict() for u in self.updates] if self.updates is not None else None,
             "nonfinite": self.nonfinite.to_dict() if self.nonfinite is not None else None,
             "notes": list(self.notes),
+            "attention": self.attention.to_dict() if self.attention is not None else None,
         })
 
     def headline(self) -> str:
@@ -163,6 +170,12 @@ class DoctorReport:
             t = self.time
             lines.append(f"  time:  {t.module}, T={t.steps}: ||dL/dh_t|| x{_fmt(t.total_growth)} from t=T to t=1, "
                          f"||dh_T/dh_0|| = {_fmt(t.dhT_dh0)}: {t.verdict}")
+        if self.attention is not None and self.attention.modules:
+            top = max(self.attention.modules, key=lambda m: m.max_logit)
+            lines.append(f"  attention: {len(self.attention.modules)} module(s), largest logit {_fmt(top.max_logit)} "
+                         f"({top.module}), smallest head entropy {_fmt(min(m.min_entropy for m in self.attention.modules))} nats")
+        if self.attention is not None and self.attention.log_z is not None:
+            lines.append(f"  output: mean log Z {_fmt(self.attention.log_z.mean)}")
         sigma = self.jacobian.get("input_output")
         lines.append(f"  loss {_fmt(self.loss)}, gradient norm {_fmt(self.total_grad_norm)}"
                      + (f", input-output Jacobian sigma_max {_fmt(sigma)}" if sigma is not None else ""))

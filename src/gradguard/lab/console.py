@@ -18,6 +18,8 @@ def headline(scenario: str, row: dict[str, Any]) -> str:
         return f"solved {row['solved']}/{row['runs']} (CI {100 * low:.0f}-{100 * high:.0f}%)"
     if scenario == "learning_rate":
         return f"val loss {fmt(row['val_loss'])}"
+    if scenario == "transformers":
+        return f"val loss {fmt(row['val_loss'])}, attn logit {fmt(row.get('max_attn_logit'))}"
     if scenario == "regularization":
         return f"gap {pct(row['generalization_gap'])} |w| {fmt(row['final_weight_norm'])}"
     return f"test acc {pct(row['test_accuracy'])}"

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gradguard.lab.lr_sweep import early_warning, lr_sensitivity
 from gradguard.lab.scenarios import Record
 
 Row = dict[str, Any]
@@ -319,12 +320,83 @@ def faults_findings(rows: list[Row], records: list[Record]) -> list[str]:
     return lines
 
 
+def _held(held: bool) -> str:
+    return "held" if held else "did not hold"
+
+
+def transformers_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    """Each claim of Wortsman et al. 2023 checked on the sweep's numbers, then the early-warning figures."""
+    sweep = {row.remedy: row for row in lr_sensitivity(records, lambda r: r["config"]["variant"].split(" / lr ")[0])}
+    none, qk, z = sweep.get("no remedy"), sweep.get("qk-layernorm"), sweep.get("z-loss")
+    lines = []
+    if none is not None:
+        logits = [v if v is not None else math.nan for v in none.max_attn_logit_by_lr]
+        top = int(np.nanargmax(logits)) if not all(math.isnan(v) for v in logits) else None
+        if top is not None and none.max_attn_logit_by_lr[0]:
+            growth = logits[top] / none.max_attn_logit_by_lr[0]
+            text = (f"Attention-logit growth: without a remedy the largest attention logit is {fmt(logits[0])} at "
+                    f"lr {none.lrs[0]:g} and {fmt(logits[top])} at lr {none.lrs[top]:g} ({fmt(growth)}x); the smallest "
+                    f"head entropy falls from {fmt(none.min_attn_entropy_by_lr[0])} to "
+                    f"{fmt(none.min_attn_entropy_by_lr[top])} nats")
+            held = growth >= 10
+            if qk is not None:
+                qk_top = max((v for v in qk.max_attn_logit_by_lr if v is not None), default=None)
+                text += f". With qk-layernorm the largest logit at any lr is {fmt(qk_top)}"
+                held = held and qk_top is not None and qk_top * 10 <= logits[top]
+            lines.append(text + f". The claim (logits grow with the lr, qk-layernorm prevents it) {_held(held)} "
+                                "at this scale (criterion: growth >= 10x, qk-layernorm at least 10x lower).")
+        drifts = [v if v is not None else math.nan for v in none.log_z_drift_by_lr]
+        if not all(math.isnan(v) for v in drifts):
+            at = int(np.nanargmax(drifts))
+            text = (f"Output-logit divergence: without a remedy the mean log Z drifts by up to {fmt(drifts[at])} "
+                    f"from its value at initialisation (lr {none.lrs[at]:g}; {fmt(drifts[0])} at lr {none.lrs[0]:g})")
+            held = drifts[at] >= 10
+            if z is not None and none.lrs[at] in z.lrs:
+                with_z = z.log_z_drift_by_lr[z.lrs.index(none.lrs[at])]
+                text += f"; with the z-loss it drifts by {fmt(with_z)} at the same lr"
+                held = held and with_z is not None and with_z <= drifts[at] / 2
+            lines.append(text + f". The claim (log Z drifts at high lr, the z-loss prevents it) {_held(held)} at this "
+                                "scale (criterion: a drift of >= 10 nats without a remedy, halved by the z-loss).")
+    ranked = sorted(sweep.values(), key=lambda row: row.sensitivity)
+    if ranked:
+        lines.append(
+            "LR sensitivity over " + f"{len(ranked[0].lrs)} learning rates ({ranked[0].lrs[0]:g} to {ranked[0].lrs[-1]:g}): "
+            + "; ".join(f"{row.remedy} {fmt(row.sensitivity)} (best lr {row.best_lr:g}, loss {fmt(row.best_loss)}, "
+                        f"{row.diverged}/{row.runs} runs diverged)" for row in ranked) + "."
+        )
+    if none is not None and qk is not None:
+        every_seed = qk.sensitivity_high < none.sensitivity_low
+        verdict = "held" if every_seed else ("held on average, not for every seed" if qk.sensitivity <
+                                              none.sensitivity else "did not hold")
+        lines.append(
+            f"qk-layernorm's LR sensitivity is {fmt(qk.sensitivity)} against {fmt(none.sensitivity)} without a remedy "
+            f"({fmt(qk.sensitivity / none.sensitivity if none.sensitivity else None)}x; per seed "
+            f"[{fmt(qk.sensitivity_low)}, {fmt(qk.sensitivity_high)}] against [{fmt(none.sensitivity_low)}, "
+            f"{fmt(none.sensitivity_high)}], {qk.seeds} seed(s)): the claim that it lowers the LR sensitivity "
+            f"{verdict} at this scale."
+        )
+    warning = early_warning(records)
+    if warning.diverged or warning.not_diverged:
+        quantiles = warning.lead_quantiles()
+        lines.append(
+            f"Early warning: {warning.warned_in_time} of {warning.diverged} diverged runs were warned at least "
+            f"{warning.lead} steps ahead (recall {pct(warning.recall)}, target 80%; {warning.too_early} diverged before "
+            f"step {warning.lead}, where no warning can be that early), {warning.warned_late} later; "
+            f"{warning.false_alarms} of {warning.not_diverged} runs that did not diverge were warned (false alarms "
+            f"{pct(warning.false_alarm_rate)}, target at most 5%)"
+            + (f"; lead time median {fmt(quantiles['median'])} steps (min {fmt(quantiles['min'])}, "
+               f"10th percentile {fmt(quantiles['p10'])}, max {fmt(quantiles['max'])})." if quantiles else ".")
+        )
+    return lines
+
+
 FINDINGS: dict[str, Callable[[list[Row], list[Record]], list[str]]] = {
     "depth": depth_findings,
     "recurrence": recurrence_findings,
     "learning_rate": learning_rate_findings,
     "regularization": regularization_findings,
     "faults": faults_findings,
+    "transformers": transformers_findings,
 }
 
 

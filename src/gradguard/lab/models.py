@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradguard.qk_norm import QKLayerNorm
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
 
@@ -88,18 +90,24 @@ class DeepMLP(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int):
+    """Multi-head causal self-attention with ``F.scaled_dot_product_attention``; ``qk_norm`` adds
+    qk-layernorm (``gg.qk_norm.QKLayerNorm``, Dehghani et al. 2023) on the queries and keys."""
+
+    def __init__(self, d_model: int, n_head: int, qk_norm: bool = False):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"CausalSelfAttention: d_model ({d_model}) must be divisible by n_head ({n_head})")
         self.n_head = n_head
         self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.qk_norm = QKLayerNorm(d_model // n_head) if qk_norm else None
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, time, channels = x.shape
         q, k, v = self.qkv(x).split(channels, dim=2)
         q, k, v = (t.view(batch, time, self.n_head, channels // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).contiguous().view(batch, time, channels))
 
@@ -107,10 +115,10 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block (as GPT-2 / nanoGPT)."""
 
-    def __init__(self, d_model: int, n_head: int):
+    def __init__(self, d_model: int, n_head: int, qk_norm: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head)
+        self.attn = CausalSelfAttention(d_model, n_head, qk_norm)
         self.ln2 = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model, 4 * d_model)
         self.act = nn.GELU()
@@ -123,14 +131,16 @@ class Block(nn.Module):
 
 class CausalTransformer(nn.Module):
     """A small GPT (Radford et al. 2019; the layout of Karpathy's nanoGPT): token + position embeddings,
-    ``n_layer`` pre-LN blocks, a final LayerNorm and a linear head. Returns logits (batch, time, vocab)."""
+    ``n_layer`` pre-LN blocks, a final LayerNorm and a linear head. Returns logits (batch, time, vocab).
+    ``qk_norm`` puts qk-layernorm in every attention (the transformers scenario)."""
 
-    def __init__(self, vocab_size: int, context: int, d_model: int = 64, n_layer: int = 2, n_head: int = 4):
+    def __init__(self, vocab_size: int, context: int, d_model: int = 64, n_layer: int = 2, n_head: int = 4,
+                 qk_norm: bool = False):
         super().__init__()
         self.context = context
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(context, d_model)
-        self.blocks = nn.ModuleList([Block(d_model, n_head) for _ in range(n_layer)])
+        self.blocks = nn.ModuleList([Block(d_model, n_head, qk_norm) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
         for module in self.modules():  # GPT-2 init: N(0, 0.02), residual projections scaled by depth

@@ -18,6 +18,7 @@ import torch
 
 from gradguard.lab import metrics
 from gradguard.lab.findings import findings_for, fmt, pct
+from gradguard.lab.lr_sweep import early_warning, lr_sensitivity
 from gradguard.lab.scenarios import Record, all_scenarios
 from gradguard.lab.summary import by_variant, summarize
 from gradguard.report.charts import Panel, Series, bars_with_intervals, curves, grouped_bars, scatter
@@ -108,6 +109,16 @@ COLUMNS: dict[str, list[Column]] = {
         ("largest |g|", _number("max_grad_norm")),
         ("median |g|", _number("median_grad_norm")),
         ("final loss", _number("final_loss")),
+    ],
+    "transformers": [
+        ("diverged", _diverged),
+        ("final loss", _number("final_loss")),
+        ("val loss", _number("val_loss")),
+        ("largest attn logit", _number("max_attn_logit")),
+        ("final min head entropy", _number("final_attn_entropy")),
+        ("log Z drift", _number("log_z_drift")),
+        ("warned", _count("warned")),
+        ("Guard skips / rollbacks / LR cuts", _guard_actions),
     ],
     "faults": [
         ("diverged", _diverged),
@@ -256,12 +267,105 @@ def faults_plots(records: list[Record], rows: list[Row]) -> list[tuple[str, str]
     ]
 
 
+def _remedy_of(record: Record) -> str:
+    return record["config"]["variant"].split(" / lr ")[0]
+
+
+def transformers_plots(records: list[Record], rows: list[Row]) -> list[tuple[str, str]]:
+    finished = _finished(records)
+    sweep = lr_sensitivity(finished, _remedy_of)
+    loss_panel = Panel("final validation loss, capped at the initial loss")
+    logit, entropy, drift = Panel("largest attention logit"), Panel("smallest head entropy (nats)"), Panel("log Z drift")
+    for color, row in enumerate(sweep):
+        loss_panel.series.append(Series(row.remedy, row.lrs, row.capped_loss_by_lr, None, color))
+        logit.series.append(Series(row.remedy, row.lrs, row.max_attn_logit_by_lr, None, color))
+        entropy.series.append(Series(row.remedy, row.lrs, row.min_attn_entropy_by_lr, None, color))
+        drift.series.append(Series(row.remedy, row.lrs, row.log_z_drift_by_lr, None, color))
+    plots = [
+        ("Final validation loss against the learning rate, median over seeds, each run's loss capped at its "
+         "loss at initialisation (as Wortsman et al. 2023 do): the flatter the curve, the less sensitive to the LR.",
+         curves([loss_panel], "validation loss", xlabel="peak learning rate", log_y=False, columns=1, log_x=True)),
+        ("The two instabilities against the learning rate (median over seeds): the largest attention logit seen "
+         "during training (every 10 steps) and the largest drift of the mean log Z of the output from its value at "
+         "initialisation; then the smallest head entropy (uniform attention over the causal window: "
+         f"{fmt(_uniform_entropy(finished))} nats).",
+         curves([logit, drift], "", xlabel="peak learning rate", columns=2, log_x=True)),
+        ("Smallest head entropy seen during training (nats), median over seeds.",
+         curves([entropy], "entropy (nats)", xlabel="peak learning rate", columns=1, log_x=True, log_y=False)),
+    ]
+    lrs = sorted({record["config"]["lr"] for record in finished})
+    if lrs:
+        shown = lrs[-2] if len(lrs) > 1 else lrs[0]
+        at_lr = [r for r in finished if r["config"]["lr"] == shown and r["config"]["seed"] == 0]
+        panels = [Panel(f"training loss, lr {shown:g}"), Panel(f"largest attention logit, lr {shown:g}"),
+                  Panel(f"mean log Z, lr {shown:g}")]
+        for color, record in enumerate(at_lr):
+            label = _remedy_of(record)
+            panels[0].series.append(_series(record, "loss", label, color))
+            panels[1].series.append(_series(record, "max_attn_logit", label, color, mark=False))
+            panels[2].series.append(_series(record, "log_z", label, color, mark=False))
+        plots.append((f"Seed 0 at the second-largest learning rate of the sweep ({shown:g}), one line per remedy "
+                      "(red x: diverged).", curves(panels, "", columns=3)))
+    warning = early_warning(finished)
+    if warning.diverged:
+        bins = [("never / after", lambda lead: lead is None or lead <= 0), ("1-24", lambda lead: 0 < lead < 25),
+                ("25-49", lambda lead: 25 <= lead < 50), ("50-99", lambda lead: 50 <= lead < 100),
+                ("100-199", lambda lead: 100 <= lead < 200), (">= 200", lambda lead: lead >= 200)]
+        leads = [_lead(record) for record in finished if record.get("diverged")]
+        counts = [sum(1 for lead in leads if test(lead)) for _, test in bins]
+        plots.append((f"Early warning: steps between the first precursor warning and the divergence, for the "
+                      f"{warning.diverged} diverged runs (a warning in time is >= {warning.lead} steps ahead).",
+                      bars_with_intervals([label for label, _ in bins], counts, ylabel="runs",
+                                          title="lead time (steps)")))
+    return plots
+
+
+def _uniform_entropy(records: list[Record]) -> float | None:
+    return next((r["uniform_attn_entropy"] for r in records if r.get("uniform_attn_entropy") is not None), None)
+
+
+def _lead(record: Record) -> int | None:
+    warning = record.get("warning_step")
+    return None if warning is None else record["divergence_step"] - warning
+
+
+def transformers_tables(records: list[Record]) -> list[dict[str, Any]]:
+    finished = _finished(records)
+    sweep = lr_sensitivity(finished, _remedy_of)
+    sensitivity = {
+        "title": "LR sensitivity (Wortsman et al. 2023): mean over the sweep of (capped final validation loss - best)",
+        "header": ["remedy", "LR sensitivity (mean over seeds)", "[min, max] over seeds", "best lr", "best loss",
+                   "diverged", "largest attn logit (top lr)", "log Z drift (top lr)"],
+        "rows": [[row.remedy, fmt(row.sensitivity), f"[{fmt(row.sensitivity_low)}, {fmt(row.sensitivity_high)}]",
+                  f"{row.best_lr:g}", fmt(row.best_loss), f"{row.diverged}/{row.runs}",
+                  fmt(row.max_attn_logit_by_lr[-1]), fmt(row.log_z_drift_by_lr[-1])] for row in sweep],
+    }
+    warning = early_warning(finished)
+    quantiles = warning.lead_quantiles() or {}
+    early = {
+        "title": f"Early warning (gg.precursor.Precursor, on the device): warned >= {warning.lead} steps before "
+                 "divergence, and false alarms",
+        "header": ["diverged runs", f"warned >= {warning.lead} steps ahead (recall)", "warned later",
+                   f"diverged before step {warning.lead}", "runs that did not diverge", "false alarms",
+                   "lead time min / p10 / median / max"],
+        "rows": [[str(warning.diverged), f"{warning.warned_in_time} ({pct(warning.recall)})", str(warning.warned_late),
+                  str(warning.too_early), str(warning.not_diverged),
+                  f"{warning.false_alarms} ({pct(warning.false_alarm_rate)})",
+                  " / ".join(fmt(quantiles.get(k)) for k in ("min", "p10", "median", "max"))]],
+    }
+    return [sensitivity, early]
+
+
+TABLES: dict[str, Callable[[list[Record]], list[dict[str, Any]]]] = {"transformers": transformers_tables}
+
+
 PLOTS = {
     "depth": depth_plots,
     "recurrence": recurrence_plots,
     "learning_rate": learning_rate_plots,
     "regularization": regularization_plots,
     "faults": faults_plots,
+    "transformers": transformers_plots,
 }
 
 
@@ -284,6 +388,7 @@ def scenario_sections(records: list[Record]) -> list[dict[str, Any]]:
                 "plots": plots,
                 "header": ["variant", "runs", *[label for label, _ in columns]],
                 "table": [[row["variant"], str(row["runs"]), *[cell(row) for _, cell in columns]] for row in rows],
+                "tables": TABLES[name](part_records) if name in TABLES and _finished(part_records) else [],
                 "findings": findings_for(name, rows, part_records),
                 "config": _shared_config(part_records),
             })

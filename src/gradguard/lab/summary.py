@@ -71,6 +71,12 @@ def summarize_variant(variant: str, records: list[Record]) -> dict[str, Any]:
                 "final_weight_norm", "initial_weight_norm", "clip_threshold", "forensics_precision",
                 "forensics_recall", "forensics_analysed", "forensics_reproducible"):
         row[key] = mean_of(finished, key)
+    for key in ("max_attn_logit", "min_attn_entropy", "final_attn_entropy", "uniform_attn_entropy", "log_z_final",
+                "log_z_drift"):  # the transformers scenario
+        if any(key in record for record in finished):
+            row[key] = median_of(finished, key)
+    if any("warning_step" in record for record in finished):
+        row["warned"] = count_of(finished, lambda r: r.get("warning_step") is not None)
     growths = [g for r in finished if isinstance(g := (r.get("layer_flow") or {}).get("total_growth"), (int, float))
                and math.isfinite(g)]
     row["init_growth"] = float(np.median(growths)) if growths else None

@@ -66,8 +66,10 @@ def curves(
     log_y: bool = True,
     columns: int = 3,
     legend: bool = True,
+    log_x: bool = False,
 ) -> str:
-    """Small multiples of line charts (log y-axis where the values span more than a factor 20).
+    """Small multiples of line charts (log y-axis where the values span more than a factor 20; log x-axis
+    with ``log_x``, e.g. for learning rates).
     A series' ``mark`` is drawn as a red x on its last finite value at
     or before that step (the point where it diverged)."""
     fig, axes = _grid(len(panels), columns, 4.2, 2.9)
@@ -87,6 +89,8 @@ def curves(
         if log_y and _wide_range([v for series in panel.series for v in _clean(series.values)]):
             ax.set_yscale("log")
             ax.yaxis.set_minor_formatter(NullFormatter())
+        if log_x:
+            ax.set_xscale("log")
         ax.set_title(panel.title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)

@@ -38,9 +38,9 @@ def _load(module: ModuleType) -> Scenario:
 
 def all_scenarios() -> dict[str, Scenario]:
     """Scenarios by name, in the order the report presents them."""
-    from gradguard.lab.scenarios import depth, faults, learning_rate, recurrence, regularization
+    from gradguard.lab.scenarios import depth, faults, learning_rate, recurrence, regularization, transformers
 
-    modules = (depth, recurrence, learning_rate, regularization, faults)
+    modules = (depth, recurrence, learning_rate, regularization, faults, transformers)
     return {module.NAME: _load(module) for module in modules}
 
 
