@@ -214,8 +214,11 @@ def test_compiled_model_is_diagnosed_with_the_users_names(batch) -> None:
     assert report.start_layer == "3" and report.findings[0].layer == "3"
     healthy = torch.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), HalfUsed(), nn.Linear(8, 8)))
     assert gg.locate_nonfinite(healthy, batch, nn.functional.mse_loss) is None
-    report = gg.doctor(healthy, batch, nn.functional.mse_loss, jacobians=False, check_fixes=False)
+    optimizer = torch.optim.SGD(healthy.parameters(), lr=0.1)
+    report = gg.doctor(healthy, batch, nn.functional.mse_loss, optimizer=optimizer, jacobians=False,
+                       check_fixes=False)
     assert [layer.name for layer in report.depth.layers] == ["0", "2.fc", "3"]
+    assert [u.layer for u in report.updates] == ["0", "2.fc", "3"]
 
 
 def test_backward_nan_made_by_a_modules_own_op_is_blamed_on_that_module(batch) -> None:

@@ -25,6 +25,7 @@ from gradguard.explain.init_audit import InitCheck, RecurrentBound
 from gradguard.explain.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
 from gradguard.explain.nonfinite import NonfiniteOrigin
 from gradguard.explain.remedies import (
+    REINITIALISES,
     Remedy,
     auto_init,
     chrono,
@@ -189,7 +190,9 @@ def time_findings(time: TimeFlow | None, bounds: list[RecurrentBound], cells_pre
         else:
             why = "the gates or inputs amplify the state"
         auto = auto_init(cells_present)
-        orthogonal = Remedy(auto.code + "  # orthogonal hidden-to-hidden weights (Saxe et al. 2014)", auto.apply)
+        orthogonal = Remedy(auto.code.replace(REINITIALISES, "  # orthogonal hidden-to-hidden weights (Saxe et al. "
+                                                            "2014); re-initialises: discards trained weights"),
+                            auto.apply, "recurrent")
         remedy: Remedy | None = orthogonal
         fix = orthogonal.code
         cause = "recurrent"
@@ -247,7 +250,7 @@ def recurrent_bound_findings(bounds: list[RecurrentBound]) -> list[Finding]:
                    "(Pascanu et al. 2013)")
         # nn.RNN/RNNCell: auto_ keeps Xavier input weights; a hand-written cell: every weight orthogonal.
         fix = (f'gg.init.auto_(model.get_submodule("{b.layer}"))' if b.param.startswith("weight_hh")
-               else f'gg.init.orthogonal_(model.get_submodule("{b.layer}"))')
+               else f'gg.init.orthogonal_(model.get_submodule("{b.layer}"))') + REINITIALISES
         findings.append(Finding("warning", b.layer, message, fix, b.to_dict(), "recurrent",
                                 _orders(b.spectral_norm / b.bound)))
     return findings

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard.names import user_name
 from gradguard.stats import layer_name, per_tensor_norms
 
 __all__ = ["UPDATE_ERROR", "UPDATE_WARNING", "UpdateSize", "relative_updates"]
@@ -57,7 +58,7 @@ def relative_updates(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     for group in optimizer.param_groups:
         for p in group["params"]:
             lr_of[id(p)] = float(group.get("lr", 0.0))
-    named = [(n, p) for n, p in model.named_parameters() if id(p) in lr_of and p.grad is not None]
+    named = [(user_name(n), p) for n, p in model.named_parameters() if id(p) in lr_of and p.grad is not None]
     if not named:
         return []
     before = [p.detach().clone() for _, p in named]
