@@ -82,6 +82,28 @@ def _ddp_run(rank: int, fused: bool) -> dict:
     }
 
 
+def _ddp_forensics(rank: int, bundle_dir: str) -> dict:
+    """DDP with forensics: at NAN_STEP rank 1's batch holds a NaN sample at position 2 (id 102)."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, log_every=3,
+                     forensics=gg.Forensics(loss_fn=nn.functional.mse_loss, bundle_dir=bundle_dir))
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(6):
+        x = torch.randn(8, 4, generator=g)
+        if rank == 1 and step == NAN_STEP:
+            x[2, 1] = math.nan
+        ids = torch.arange(8) + 100 * rank
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        guard.step(loss, batch=(x, x[:, :1], ids))
+        optimizer.zero_grad()
+    guard.close()
+    return {"forensics": [e["forensics"] for r in guard.history for e in r["events"] if "forensics" in e],
+            "bad_samples": guard.bad_samples}
+
+
 def _sharded_norm(rank: int) -> dict:
     """DTensor gradients sharded on dim 0: the Guard's view of the norms is the norm of the full gradient."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -125,7 +147,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        result = {"plain": _ddp_run(rank, fused=False), "fused": _ddp_run(rank, fused=True)}
+        result = {"plain": _ddp_run(rank, fused=False), "fused": _ddp_run(rank, fused=True),
+                  "forensics": _ddp_forensics(rank, out_dir)}
         result["dtensor"] = _sharded_norm(rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -171,3 +194,15 @@ def test_one_collective_per_guarded_step(results, path):
         counts = rank[path]["collectives"]
         assert [n for n, flushed in counts if not flushed] == [1] * 6
         assert [n for n, flushed in counts if flushed] == [2, 2]
+
+
+def test_ddp_forensics_each_rank_names_its_own_samples_and_every_rank_has_them_all(results):
+    for rank, result in enumerate(results):
+        found = result["forensics"]["forensics"]
+        assert found and all(f == found[0] for f in found)  # one analysis of step NAN_STEP, on both events
+        record = found[0]
+        assert record["reproducible"] is True  # recomputed through DDP: the NaN comes back on every rank
+        assert record["samples"] == ([102] if rank == 1 else [])
+        assert record["samples_by_rank"] == {0: [], 1: [102]}
+        assert record["bundle"].endswith(f"step{NAN_STEP:08d}-rank{rank}.pt")
+    assert results[1]["forensics"]["bad_samples"] == [{"id": 102, "step": NAN_STEP, "score": math.inf}]

@@ -19,7 +19,7 @@ from gradguard.detect import STEP_KINDS, Detector
 from gradguard.forensics import ANALYSED_KINDS, load_bundle, replay_step
 from gradguard.forensics.layer import origin_layer
 from gradguard.forensics.reproduce import Recomputed, reproduces
-from gradguard.forensics.samples import per_sample, robust_z
+from gradguard.forensics.samples import per_sample, responsible, robust_z
 from gradguard.stats import grad_stats
 
 
@@ -246,6 +246,12 @@ def test_origin_layer_backward_order_and_history():
 def test_robust_z_ignores_the_outliers_it_looks_for():
     z = robust_z(torch.tensor([1.0, 1.2, 0.9, 1.1, 1e3, math.nan]))
     assert z[4] > 20 and z[5] == math.inf and z[:4].abs().max() < 2
+
+
+def test_responsible_names_only_nonfinite_samples_when_there_are_some():
+    scores = torch.tensor([0.5, 9.0, math.inf, -1.0, 5.0])
+    assert responsible(scores, list("abcde"), 4.0, 8) == (["c"], [math.inf])
+    assert responsible(torch.tensor([0.5, 9.0, 5.0, 4.5]), list("abcd"), 4.0, 2) == (["b", "c"], [9.0, 5.0])
 
 
 def test_per_sample_matches_autograd_one_by_one():

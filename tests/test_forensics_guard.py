@@ -54,7 +54,7 @@ def analysed(guard: gg.Guard) -> dict[int, dict]:
 
 
 CORRUPT = {12: {3: 1e3}, 15: {0: 1e3, 9: 1e3}, 19: {15: math.nan}, 23: {5: 1e3, 6: 1e3, 7: 1e3},
-           27: {12: 1e3}, 31: {2: math.nan, 10: 1e3}}
+           27: {12: 1e3}, 31: {2: math.nan, 10: math.nan}}
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -250,7 +250,7 @@ class Guard:
         self.forensics = forensics
         self._explained: dict[int, ForensicsRecord] = {}  # step -> its analysis, until its row is published
         if forensics is not None:
-            forensics.start(self._device())
+            forensics.start(self._device(), self.process_group)
 
     # ------------------------------------------------------------------ the step
 

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any, TypedDict
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradguard.batch import Batch, LossFn, as_batch
@@ -69,7 +70,9 @@ class ForensicsRecord(TypedDict, total=False):
         layer: the layer where the bad gradient starts (``layer.py``), or None.
         layer_z: its z-score against its own history (inf: non-finite).
         samples: ids of the samples responsible, most responsible first (``samples.py``); [] when no
-            sample stands out (the step went bad for another reason than its data).
+            sample stands out (the step went bad for another reason than its data). Distributed: this
+            rank's samples.
+        samples_by_rank: distributed only: ``{rank: samples}`` of every rank.
         scores: their scores (robust z against the rest of the batch; inf: non-finite loss or gradient).
         reproducible: True when recomputing the step gives the same events (``reproduce.py``), False for
             a transient fault or nondeterminism; None when no batch was given.
@@ -83,6 +86,7 @@ class ForensicsRecord(TypedDict, total=False):
     layer: str | None
     layer_z: float | None
     samples: list[Any]
+    samples_by_rank: dict[int, list[Any]]
     scores: list[float]
     reproducible: bool | None
     origin: dict[str, str] | None
@@ -148,13 +152,19 @@ class Forensics:
         self._batches: deque[tuple[Batch, rng.RngState | None]] = deque(maxlen=keep)
         self._norms: deque[Tensor] = deque(maxlen=keep)
         self._device: torch.device | None = None
+        self._group: Any = None  # the Guard's torch.distributed process group, when distributed
         self._rng_next: rng.RngState | None = None
         self._pending = 0  # micro-batches remembered since the last optimizer step
         self.analysing = False  # True while a bad step is recomputed: forward hooks see these passes too
 
-    def start(self, device: torch.device | None) -> None:
-        """Called by the Guard when it is made: the generators as the first forward pass will find them."""
+    def start(self, device: torch.device | None, process_group: Any = None) -> None:
+        """Called by the Guard when it is made: the generators as the first forward pass will find them.
+
+        With a ``process_group`` (DDP) every rank analyses the same bad steps (the Guard's decisions agree):
+        the step is recomputed through the DDP wrapper (gradients all-reduced, as live) with the loss averaged
+        over the ranks, each rank names its own samples, and ``samples_by_rank`` gathers them all."""
         self._device = device
+        self._group = process_group
         self._rng_next = rng.capture(device)
 
     # ------------------------------------------------------------------ every call: references only
@@ -204,13 +214,14 @@ class Forensics:
                             .detach().float().reshape(()).to(stats.total_norm.device)]).tolist()
         self.analysing = True
         try:
-            self._analyse(_user_model(model), stats, kinds, step, live, window, history, record)
+            self._analyse(model, stats, kinds, step, live, window, history, record)
             if self.bundle_dir is not None and window and len(self.bundles) < self.max_bundles:
+                rank = dist.get_rank(self._group) if self._group is not None else None
                 bundle = write_bundle(
                     self.bundle_dir, step, model, window, guard_config or {},
                     {"kinds": kinds, "total_norm": live[0], "loss": live[1],
                      "layer_norms": dict(zip(stats.names, stats.norms.float().cpu().tolist()))},
-                    dict(record))
+                    dict(record), rank)
                 record["bundle"] = bundle
                 self.bundles.append(bundle)
         except Exception as error:  # noqa: BLE001 - a diagnosis must not stop the training it diagnoses
@@ -224,13 +235,20 @@ class Forensics:
         self.analyses.append({"step": step, "kinds": list(kinds), **record})
         return record
 
-    def _analyse(self, model: nn.Module, stats: GradStats, kinds: list[str], step: int, live: list[float],
+    def _analyse(self, wrapped: nn.Module, stats: GradStats, kinds: list[str], step: int, live: list[float],
                  window: list[tuple[Batch, rng.RngState | None]], history: Tensor | None,
                  record: ForensicsRecord) -> None:
+        model = _user_model(wrapped)
+        ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
         order = None
         with preserved(model), rng.replaying(None, self._device):
             if window:
-                recomputed = recompute(model, stats, window, self.loss_fn)
+                # through DDP's wrapper the recomputed gradients are all-reduced like the live ones
+                recomputed = recompute(wrapped if ddp else model, stats, window, self.loss_fn)
+                if self._group is not None:  # the live loss is the mean over the ranks
+                    loss = torch.tensor([recomputed.loss], dtype=torch.float64, device=self._device)
+                    dist.all_reduce(loss, group=self._group)
+                    recomputed.loss = float(loss[0]) / dist.get_world_size(self._group)
                 order = recomputed.order
                 record["reproducible"] = reproduces(kinds, live[1], live[0], recomputed, len(window))
         fallback = any(k in _GRAD_KINDS for k in kinds)
@@ -249,6 +267,10 @@ class Forensics:
             ids.extend(own if batch.ids is not None else [len(ids) + i for i in own])
             scores.append(scores_of(sample_stats))
         record["samples"], record["scores"] = responsible(torch.cat(scores), ids, self.z_thresh, self.top_k)
+        if self._group is not None:
+            gathered: list[Any] = [None] * dist.get_world_size(self._group)
+            dist.all_gather_object(gathered, record["samples"], group=self._group)
+            record["samples_by_rank"] = dict(enumerate(gathered))
         nonfinite = "nonfinite_grad" in kinds or "nonfinite_loss" in kinds
         if nonfinite and record["reproducible"]:
             for batch, state in window:

@@ -67,11 +67,12 @@ def _plain(value: Any) -> Any:
 
 def write_bundle(directory: str | os.PathLike[str], step: int, model: nn.Module,
                  window: list[tuple[Batch, rng.RngState | None]], guard: dict[str, Any], live: dict[str, Any],
-                 forensics: dict[str, Any]) -> str:
-    """Write ``directory/step{step:08d}.pt``; returns its path."""
+                 forensics: dict[str, Any], rank: int | None = None) -> str:
+    """Write ``directory/step{step:08d}.pt`` (``-rank{rank}`` before ``.pt`` when distributed); returns its
+    path."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step{step:08d}.pt"
+    path = folder / (f"step{step:08d}" + ("" if rank is None else f"-rank{rank}") + ".pt")
     bundle: Bundle = {
         "format": FORMAT,
         "version": VERSION,

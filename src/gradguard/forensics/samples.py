@@ -16,8 +16,8 @@ vary multiplicatively; median and MAD are not moved by the few outliers being lo
     score_i = max(z_i(loss), z_i(||g||))          (+inf when l_i or g_i is NaN/Inf)
 
 (losses that are not all positive are scored as they are, not as logs). The samples named responsible
-are those with ``score > z_thresh``, highest first, at most ``top_k``: none when no sample stands out,
-which says the step went bad for a reason other than its data.
+are those with ``score > z_thresh``, highest first, at most ``top_k`` (only the non-finite ones when there
+are any): none when no sample stands out, which says the step went bad for a reason other than its data.
 """
 
 from __future__ import annotations
@@ -149,7 +149,10 @@ def scores_of(stats: SampleStats) -> Tensor:
 
 
 def responsible(scores: Tensor, ids: list[object], z_thresh: float, top_k: int) -> tuple[list[object], list[float]]:
-    """The ids with ``score > z_thresh``, highest score first, at most ``top_k``, and their scores."""
+    """The ids with ``score > z_thresh``, highest score first, at most ``top_k``, and their scores. When some
+    samples are non-finite (score inf), only they are named: a NaN/Inf in the batch explains the step, and
+    a finite sample that merely stands out does not."""
     order = torch.argsort(scores, descending=True, stable=True).tolist()
-    chosen = [i for i in order if scores[i] > z_thresh][:top_k]
+    threshold = math.inf if bool(torch.isinf(scores).any()) else z_thresh
+    chosen = [i for i in order if scores[i] > z_thresh and scores[i] >= threshold][:top_k]
     return [ids[i] for i in chosen], [float(scores[i]) for i in chosen]

@@ -256,8 +256,13 @@ def forensics_text(forensics: dict[str, Any] | None) -> str:
         parts.append(f"starts in {forensics['layer']}")
     samples = forensics.get("samples") or []
     scores = forensics.get("scores") or []
-    parts.append("samples " + ", ".join(f"{s} ({_fmt(z)})" for s, z in zip(samples, scores)) if samples
-                 else "no sample stands out")
+    by_rank = forensics.get("samples_by_rank")
+    if by_rank:  # distributed: every rank's own samples, merged
+        parts.append("samples " + "; ".join(f"rank {r}: {', '.join(map(str, s)) or '-'}" for r, s in by_rank.items()))
+    elif samples:
+        parts.append("samples " + ", ".join(f"{s} ({_fmt(z)})" for s, z in zip(samples, scores)))
+    else:
+        parts.append("no sample stands out")
     reproducible = forensics.get("reproducible")
     parts.append({True: "reproducible", False: "did not reproduce (transient)", None: "not recomputed"}
                  .get(reproducible, f"reproducible={reproducible}"))
