@@ -250,6 +250,9 @@ class Guard:
         self.forensics = forensics
         self._explained: dict[int, ForensicsRecord] = {}  # step -> its analysis, until its row is published
         if forensics is not None:
+            if self._has_dtensor:
+                raise ValueError("Guard: forensics does not support FSDP2 (DTensor parameters): its per-sample "
+                                 "passes would enter the sharded model's collectives unevenly; leave it off")
             forensics.start(self._device(), self.process_group)
 
     # ------------------------------------------------------------------ the step

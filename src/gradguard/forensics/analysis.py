@@ -30,7 +30,14 @@ as they were):
 5. ``bundle.py``: a replay bundle, when ``bundle_dir`` is set (at most ``max_bundles`` per run: the first
    bad steps, usually the ones that explain the rest).
 
-It costs about three training steps of the batch (measured in ``benchmarks/bench_guard.py --forensics``).
+One analysis costs about three training steps of the batch (2.7 for a 10M-parameter transformer on the CPU,
+``benchmarks/bench_guard.py``); the bookkeeping of a healthy step, a few microseconds.
+
+**Limits.** The random-number state is the one at the end of the previous ``guard.step`` call (or at the
+framework's batch start): exact when nothing draws random numbers between that call and the forward pass.
+Autocast is not replayed. Under DDP the step is recomputed through the wrapper, so every rank must analyse
+(the Guard's decisions agree, so they do); FSDP2 models are not supported (the per-sample passes would enter
+its collectives a different number of times per rank).
 """
 
 from __future__ import annotations
