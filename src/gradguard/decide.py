@@ -45,6 +45,7 @@ ALLOWED_ACTIONS: dict[str, tuple[str, ...]] = {
     "grad_spike": ("log", "clip", "skip", "rollback", "raise"),
     "loss_spike": ("log", "clip", "skip", "rollback", "raise"),
     "growth": ("log", "clip", "skip", "rollback", "raise"),
+    "precursor": ("log", "skip", "rollback", "raise"),
     "nonfinite_param": ("rollback", "raise"),
 }
 #: The response to each kind when none is given.
@@ -54,6 +55,7 @@ DEFAULT_RESPONSES: dict[str, str] = {
     "grad_spike": "clip",
     "loss_spike": "skip",
     "growth": "clip",
+    "precursor": "log",
     "nonfinite_param": "rollback",
 }
 _NORM_EPS = 1e-6  # as clip_grad_norm_

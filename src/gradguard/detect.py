@@ -15,6 +15,9 @@ Kinds of event (``EVENT_KINDS``):
 * ``loss_spike``: the same z-score on the log of the loss (positive losses only).
 * ``growth``: the norm rose at every step of the last ``growth_window`` steps, by at least
   ``growth_factor`` per step on average: a run exploding before it turns into NaN.
+* ``precursor``: the smoothed log of the total norm climbed ``ratio`` times above its slowly rising floor
+  (:class:`gradguard.precursor.Precursor`): an early warning, tens of steps before a run at a too-high
+  learning rate diverges. Raised once per climb.
 * ``nonfinite_param``: a parameter holds NaN or Inf after a step. It needs a pass over the weights, so the
   Guard checks it when it flushes its history (:func:`nonfinite_layer`), not every step.
 
@@ -41,10 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradguard.precursor import Precursor
 from gradguard.stats import GradStats, per_tensor_norms
 
 #: Events one guarded step can raise, in the order of :attr:`Verdict.flags`.
-STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "growth")
+STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "growth", "precursor")
 #: All kinds of event, the parameter check (at flush time) included.
 EVENT_KINDS = (*STEP_KINDS, "nonfinite_param")
 #: Finite values a warm-up score needs (a spike at the fourth step of a run is scored).
@@ -258,6 +262,7 @@ class Detector:
         warmup_sigma_floor: lower bound on the robust standard deviation of the logs during the warm-up
             (0.5: with ``z_thresh=4`` a spike is a value more than e^2 = 7.4 times the median so far; early
             training moves fast).
+        precursor: the early-warning signal (default ``Precursor()``, see ``gradguard.precursor``).
 
     A gradient-norm spike teaches the moving average only its threshold value (the clipped value, as in
     ZClip), so one spike barely moves the baseline while a lasting change of scale is learned within some
@@ -277,6 +282,7 @@ class Detector:
         growth_factor: float = 1.5,
         sigma_floor: float = 0.1,
         warmup_sigma_floor: float = 0.5,
+        precursor: Precursor | None = None,
     ):
         _check_detector_args(alpha, z_thresh, warmup_steps, growth_window, growth_factor, sigma_floor)
         if not (warmup_sigma_floor >= 0.0 and math.isfinite(warmup_sigma_floor)):
@@ -291,6 +297,7 @@ class Detector:
         #: the moving statistics of ``[log ||g||, log loss, log ||g_layer|| for each layer]``
         self.scores = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
         self.growth = GrowthWindow(growth_window, growth_factor)
+        self.precursor = precursor if precursor is not None else Precursor()
         self._layer_names: list[str] | None = None
         self._constants: dict[tuple[torch.device, int], _Constants] = {}
 
@@ -336,7 +343,8 @@ class Detector:
         scores.update(torch.fmin(x, log_threshold), ok ^ (spike & c.loss_slot))
         # the ring gets NaN for a non-finite norm (inf * False is NaN), which ends any run of growth
         growth, growth_rate = self.growth.update(x[:1] * ok[:1])
-        flags = torch.cat([nonfinite, spike[:2], growth.reshape(1)])
+        precursor = self.precursor.update_log(x[0], ok[0])
+        flags = torch.cat([nonfinite, spike[:2], growth.reshape(1), precursor.reshape(1)])
         if loss is None:
             flags = flags & c.without_loss
         if layers:  # the first non-finite layer (inf wins), else the one furthest above its own average
@@ -375,12 +383,15 @@ class Detector:
             "scores": self.scores.state_dict(),
             "layer_names": None if self._layer_names is None else list(self._layer_names),
             "growth": self.growth.state_dict(),
+            "precursor": self.precursor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scores.load_state_dict(state["scores"])
         self._layer_names = None if state["layer_names"] is None else list(state["layer_names"])
         self.growth.load_state_dict(state["growth"])
+        if "precursor" in state:  # a state saved before the precursor existed starts it afresh
+            self.precursor.load_state_dict(state["precursor"])
 
 
 def nonfinite_layer(named_params: list[tuple[str, Tensor]]) -> Tensor:

@@ -26,7 +26,7 @@ only host read of the monitoring path) and :func:`to_record` turns each into a :
 Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own actions ``"lr_backoff"``,
 ``"lr_recover"`` and ``"rollback"``. Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
-factor); ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
+factor); ``precursor``: total_norm (``gradguard.precursor``); ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
 lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. With ``gg.Forensics``, the events
 of kinds ``nonfinite_grad``, ``nonfinite_loss``, ``grad_spike`` and ``loss_spike`` also hold ``forensics``:
 ``{"layer", "samples", "scores", "reproducible", "origin", "bundle", ...}`` (``gradguard.forensics``). ``action`` is what was done about
@@ -254,7 +254,7 @@ def to_record(row: dict[str, Any], responses: Responses) -> StepRecord:
     events: list[Event] = []
     for kind in kinds_of(int(row["flags"])):
         event: Event = {"step": step, "kind": kind, "layer": layer, "action": responses.taken(kind, skipped)}
-        if kind in ("nonfinite_grad", "grad_spike", "growth"):
+        if kind in ("nonfinite_grad", "grad_spike", "growth", "precursor"):
             event["total_norm"] = row["total_norm"]
         if kind in ("nonfinite_loss", "loss_spike"):
             event["loss"] = row["loss"]

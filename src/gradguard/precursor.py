@@ -14,13 +14,17 @@ The floor starts at the first smoothed value after the warm-up. Because it can r
 absorbed, while a climb by ``ratio`` within a few tens of steps is not. A step whose norm is NaN/Inf is not
 learned (the Guard's ``nonfinite_grad`` event covers it).
 
-:meth:`Precursor.update` returns the step's flag as a 0-d bool tensor; :attr:`Precursor.first` holds the
-first step that was flagged (-1: none), also on the device. Read them when the history is flushed.
+:meth:`Precursor.update` returns a 0-d bool tensor that is True at the first step of each climb past the
+threshold (one warning per climb; :attr:`Precursor.above` holds whether the signal is above it now);
+:attr:`Precursor.first` holds the first step above it (-1: none), also on the device. Read them when the
+history is flushed. The Guard runs one in its detector: event kind ``precursor``, response ``"log"`` by
+default.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,7 +51,7 @@ class Precursor:
         precursor = gg.precursor.Precursor()
         for step, batch in enumerate(data):
             loss = loss_fn(model(batch.x), batch.y); loss.backward()
-            warn = precursor.update(gg.grad_stats(model).total_norm)   # 0-d bool, on the device
+            raised = precursor.update(gg.grad_stats(model).total_norm)   # 0-d bool, on the device
             optimizer.step(); optimizer.zero_grad()
         precursor.first_warning()    # the first step flagged, or None (one host read)
     """
@@ -70,28 +74,37 @@ class Precursor:
         self.smoothed: Tensor | None = None
         self.floor: Tensor | None = None
         self.first: Tensor | None = None
+        self.above: Tensor | None = None
 
     def update(self, total_norm: Tensor) -> Tensor:
-        """Learn one step's total gradient norm (a 0-d tensor); return whether the step is flagged (0-d bool)."""
-        x = total_norm.detach().float().reshape(())
-        log_norm = x.clamp_min(torch.finfo(torch.float32).tiny).log()
-        finite = torch.isfinite(log_norm)
+        """Learn one step's total gradient norm (a 0-d tensor); return True (0-d bool) when the signal has just
+        climbed past the threshold: the first step of a climb."""
+        log_norm = total_norm.detach().float().reshape(()).clamp_min(torch.finfo(torch.float32).tiny).log()
+        return self.update_log(log_norm, torch.isfinite(log_norm))
+
+    def update_log(self, log_norm: Tensor, finite: Tensor) -> Tensor:
+        """:meth:`update` from the log of the norm and whether it is finite (0-d tensors), for a caller that has
+        them already (the Guard's detector)."""
+        log_norm = log_norm.float().reshape(())
+        device = log_norm.device
         if self.smoothed is None:
             self.smoothed = torch.where(finite, log_norm, 0.0)
             self.floor = torch.full_like(log_norm, math.inf)
-            self.first = torch.full((), -1, dtype=torch.int64, device=x.device)
+            self.first = torch.full((), -1, dtype=torch.int64, device=device)
+            self.above = torch.zeros((), dtype=torch.bool, device=device)
         else:
-            blended = self.alpha * self.smoothed + (1.0 - self.alpha) * log_norm
-            self.smoothed = torch.where(finite, blended, self.smoothed)
-        assert self.floor is not None and self.first is not None
+            self.smoothed = torch.where(finite, torch.lerp(self.smoothed, log_norm, 1.0 - self.alpha), self.smoothed)
+        assert self.floor is not None and self.first is not None and self.above is not None
         if self.steps < self.warmup_steps:
-            flag = torch.zeros((), dtype=torch.bool, device=x.device)
+            raised = torch.zeros((), dtype=torch.bool, device=device)
         else:
             self.floor = torch.minimum(self.smoothed, self.floor + self.rate)
-            flag = self.smoothed - self.floor > math.log(self.ratio)
-            self.first = torch.where(flag & (self.first < 0), self.steps, self.first)
+            above = self.smoothed - self.floor > math.log(self.ratio)
+            raised = above & ~self.above
+            self.above = above
+            self.first = torch.where(above & (self.first < 0), self.steps, self.first)
         self.steps += 1
-        return flag
+        return raised
 
     def signal(self) -> Tensor | None:
         """``e_t - f_t``, the log of how many times the smoothed norm is above its floor (0-d, device)."""
@@ -107,11 +120,13 @@ class Precursor:
         return None if first < 0 else first
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "smoothed": self.smoothed, "floor": self.floor, "first": self.first}
+        return {"steps": self.steps, "smoothed": self.smoothed, "floor": self.floor, "first": self.first,
+                "above": self.above}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"steps", "smoothed", "floor", "first"} - set(state)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = {"steps", "smoothed", "floor", "first", "above"} - set(state)
         if missing:
             raise ValueError(f"Precursor.load_state_dict: missing {sorted(missing)}")
         self.steps = int(state["steps"])
-        self.smoothed, self.floor, self.first = state["smoothed"], state["floor"], state["first"]
+        self.smoothed, self.floor = state["smoothed"], state["floor"]
+        self.first, self.above = state["first"], state["above"]
