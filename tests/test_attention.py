@@ -162,3 +162,36 @@ def test_qk_layernorm_bounds_the_attention_logits() -> None:
     with torch.no_grad(), AttentionRecorder(model) as recorder:
         model(torch.randint(0, 20, (2, 8)))
     assert recorder.stats()[0].max_logit <= math.sqrt(8) + 1e-4
+
+
+def test_doctor_measures_a_hugging_face_model_on_a_dict_batch() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=30, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight.mul_(400)  # grown query and key weights
+    ids = torch.randint(0, 30, (2, 8))
+    report = gg.doctor(model, {"input_ids": ids, "labels": ids}, jacobians=False, check_fixes=False)
+    assert [m.module for m in report.attention.modules] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert report.attention.log_z.classes == 30
+    [growth] = [f for f in report.findings if f.cause == "attention_logits"]
+    assert growth.layer == "transformer.h.1.attn"
+
+
+def test_doctor_finds_output_logits_far_from_normalised_and_tries_the_z_loss() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[2].bias.add_(60.0)  # every logit shifted: the softmax is unchanged, log Z is not
+    batch = (torch.randn(32, 8), torch.randint(0, 5, (32,)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    report = gg.doctor(model, batch, F.cross_entropy, optimizer=optimizer, jacobians=False)
+    [drift] = [f for f in report.findings if f.cause == "output_logits"]
+    assert drift.evidence["mean"] > 59 and "z_loss" in drift.fix
+    check = drift.evidence["check"]
+    assert check["with_z_loss"] < check["without"]  # the z-loss pulls log Z towards 0 on the copy
+    assert model[2].bias.min() > 59  # the model itself is left as it was
+    assert not [f for f in report.findings if f.cause == "attention_logits"]
