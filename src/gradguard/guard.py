@@ -74,7 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import dist as gg_dist
-from gradguard.clip import Clipper, ClipResult, GlobalNorm, ScaleClipper, scale_grads_
+from gradguard.clip import Clipper, ClipResult, GlobalNorm, ScaleClipper, default_clip, scale_grads_
 from gradguard.decide import ACTIONS, ALLOWED_ACTIONS, Decision, Responses, decide
 from gradguard.detect import STEP_KINDS, Detector, Verdict, kinds_of, nonfinite_layer
 from gradguard.forensics import ANALYSED_KINDS, BadSample, Forensics, ForensicsRecord
@@ -133,8 +133,11 @@ class Guard:
     Args:
         model: the model being trained (its ``named_parameters`` name the layers).
         optimizer: its optimizer; ``guard.step`` calls ``optimizer.step()``.
-        clip: a ``gradguard.clip`` strategy applied at every step, or None. Scale strategies
-            (GlobalNorm, AutoClip, ZClip) are folded into fused optimizers' ``grad_scale``.
+        clip: a ``gradguard.clip`` strategy applied at every step, None for none, or ``"default"``:
+            ``gradguard.clip.default_clip(model)``, ``WarmupNorm()`` for a model with recurrent layers (the
+            clip at their early norm level of Pascanu et al. 2013) and None otherwise (the detector's spike
+            clipping alone). Scale strategies (GlobalNorm, AutoClip, ZClip, WarmupNorm) are folded into
+            fused optimizers' ``grad_scale``.
         on_nonfinite: response to NaN/Inf gradients or loss: ``"skip"``, ``"rollback"`` or ``"raise"``.
         on_spike: response to a gradient-norm spike: ``"clip"`` (to the detector's threshold),
             ``"skip"``, ``"rollback"``, ``"raise"`` or ``"log"``.
@@ -171,7 +174,7 @@ class Guard:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        clip: Clipper | None = None,
+        clip: Clipper | str | None = "default",
         *,
         on_nonfinite: str = "skip",
         on_spike: str = "clip",
@@ -191,8 +194,10 @@ class Guard:
         optimizer_step: Callable[[], Any] | None = None,
     ):
         _check_model_and_optimizer(model, optimizer)
+        if isinstance(clip, str) and clip == "default":
+            clip = default_clip(model)
         if clip is not None and not isinstance(clip, Clipper):
-            raise ValueError(f"Guard: clip must be a gradguard.clip strategy or None, got {type(clip).__name__}")
+            raise ValueError(f"Guard: clip must be a gradguard.clip strategy, \"default\" or None, got {clip!r}")
         if detector is not None and not isinstance(detector, Detector):
             raise ValueError(f"Guard: detector must be a gradguard.detect.Detector, got {type(detector).__name__}")
         if recovery is not None and not isinstance(recovery, RecoveryPolicy):

@@ -68,7 +68,10 @@ def depth_findings(rows: list[Row], records: list[Record]) -> list[str]:
     lines = []
     by_variant = _rows_by_variant(rows)
     for activation in ("sigmoid", "tanh", "relu"):
-        group = [row for row in rows if row["variant"].startswith(activation + " /") and row["runs"]]
+        group = [  # the initializations alone ("relu / He"), not the Guard's rows ("relu / He / Guard ...")
+            row for row in rows
+            if row["variant"].startswith(activation + " /") and row["variant"].count(" / ") == 1 and row["runs"]
+        ]
         if not group:
             continue
         best = max(group, key=lambda row: row["test_accuracy"] or 0.0)
@@ -182,7 +185,8 @@ def learning_rate_findings(rows: list[Row], records: list[Record]) -> list[str]:
         f"At a sane learning rate ({baseline['variant']}) the final training loss is {fmt(baseline['final_loss'])} "
         f"with oscillation index {fmt(baseline['oscillation_index'])}."
     )
-    high = rows[1:]
+    sane_lr = baseline["variant"].split(" / ")[0]
+    high = [row for row in rows if row["variant"].split(" / ")[0] != sane_lr]
     # runs that blew up to NaN stopped early on a monotone rise: their index says nothing about oscillation
     oscillating = [row for row in high if row["oscillation_index"] is not None and row["params_finite"] == row["runs"]]
     if oscillating and baseline["oscillation_index"]:
@@ -400,9 +404,58 @@ FINDINGS: dict[str, Callable[[list[Row], list[Record]], list[str]]] = {
 }
 
 
+GUARD_DEFAULTS = "Guard (defaults)"
+
+
+def _spread(records: list[Record], key: str, as_percent: bool = False) -> str:
+    """Median of ``key`` over the seeds, and its range: "0.052 (0.031-0.074)"."""
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not values:
+        return "n/a"
+    show = pct if as_percent else fmt
+    return f"{show(float(np.median(values)))} ({show(min(values))}-{show(max(values))})"
+
+
+def guard_defaults_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    """What "Guard (defaults)" ran, and, on each healthy configuration (its no-remedy twin did not diverge),
+    its final loss and accuracy next to the no-remedy runs' over the same seeds (median and range)."""
+    guard_rows = [row for row in rows if GUARD_DEFAULTS in row["variant"] and row["runs"]]
+    if not guard_rows:
+        return []
+    by_variant = _rows_by_variant(rows)
+    configs = sorted({str(r["remedy_config"]) for r in records
+                      if GUARD_DEFAULTS in r["config"]["variant"] and r.get("remedy_config")})
+    lines = [
+        f"{GUARD_DEFAULTS} is gg.Guard(model, optimizer) with no option: the detector's responses (spikes clipped "
+        "to its threshold, non-finite steps and loss spikes skipped, LR back-off and rollback when skips repeat) "
+        "and the clip of gg.clip.default_clip(model), WarmupNorm for a model with recurrent layers, none otherwise"
+        + (f"; here {'; '.join(configs)}." if configs else ".")
+    ]
+    pairs = []
+    for row in guard_rows:
+        prefix = row["variant"][: row["variant"].index(GUARD_DEFAULTS)]
+        twin = by_variant.get(prefix + "no remedy") or by_variant.get(prefix.removesuffix(" / "))
+        if twin is None or twin["diverged"] or not twin["runs"] or "solved" in twin:
+            continue  # no twin, or not a healthy run (the task scenarios give the solved counts)
+        group = {v: [r for r in records if r["config"]["variant"] == v] for v in (row["variant"], twin["variant"])}
+        text = f"{prefix.removesuffix(' / ')}: final loss {_spread(group[row['variant']], 'final_loss')} " \
+               f"against {_spread(group[twin['variant']], 'final_loss')} without a remedy"
+        for key in ("test_accuracy", "val_loss"):
+            if row.get(key) is not None:
+                as_percent = key == "test_accuracy"
+                text += (f", {key.replace('_', ' ')} {_spread(group[row['variant']], key, as_percent)} against "
+                         f"{_spread(group[twin['variant']], key, as_percent)}")
+        pairs.append(text)
+    if pairs:
+        lines.append(f"Healthy runs, {GUARD_DEFAULTS} against no remedy (median over seeds, range): "
+                     + "; ".join(pairs) + ".")
+    return lines
+
+
 def findings_for(scenario: str, rows: list[Row], records: list[Record]) -> list[str]:
     finished = [record for record in records if "error" not in record]
     lines = FINDINGS[scenario](rows, finished) if scenario in FINDINGS else []
+    lines += guard_defaults_findings(rows, finished)
     failed = [row for row in rows if row["errors"]]
     for row in failed:
         lines.append(f"{row['variant']}: {row['errors']} run(s) failed: {row['error']}")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from gradguard import clip as gg_clip
 from gradguard.explain import suggest_clip_threshold
 from gradguard.forensics import Forensics
+from gradguard.guard import Guard
 from gradguard.stats import GradStats
 
 #: name -> label used in tables and plots
@@ -28,6 +29,7 @@ REMEDY_LABELS = {
     "zclip": "ZClip",
     "autoclip": "AutoClip",
     "agc": "AGC",
+    "warmup_norm": "WarmupNorm",
     "guard": "Guard",
 }
 
@@ -39,14 +41,19 @@ CLIPPERS: dict[str, type[gg_clip.Clipper]] = {
     "zclip": gg_clip.ZClip,
     "autoclip": gg_clip.AutoClip,
     "agc": gg_clip.AGC,
+    "warmup_norm": gg_clip.WarmupNorm,
 }
 
 
 def remedy_label(spec: dict[str, Any]) -> str:
-    """The label of a remedy spec: ``{"name": "guard", "clip": {"name": "zclip"}}`` -> "Guard + ZClip"."""
+    """The label of a remedy spec: ``{"name": "guard", "clip": {"name": "zclip"}}`` -> "Guard + ZClip";
+    ``{"name": "guard"}`` -> "Guard (defaults)" (``gg.Guard(model, optimizer)``); forensics, which explains
+    bad steps without changing what the Guard does, is added: "Guard (defaults) + forensics"."""
     label = REMEDY_LABELS[spec["name"]]
-    if spec["name"] == "guard" and spec.get("clip"):
-        label += " + " + REMEDY_LABELS[spec["clip"]["name"]]
+    if spec["name"] == "guard":
+        label += " + " + REMEDY_LABELS[spec["clip"]["name"]] if spec.get("clip") else " (defaults)"
+        if "forensics" in spec:
+            label += " + forensics"
     return label
 
 
@@ -69,6 +76,10 @@ class Remedy:
     def summary(self) -> dict[str, int]:
         return {}
 
+    def describe(self) -> str:
+        """What the remedy is, as code ("" for none): the report says what each row ran."""
+        return ""
+
 
 class ClipRemedy(Remedy):
     """One of ``gradguard.clip``'s strategies, then ``optimizer.step()``; counts the clipped steps."""
@@ -88,6 +99,9 @@ class ClipRemedy(Remedy):
     def summary(self) -> dict[str, int]:
         return {"clipped": self.clipped}
 
+    def describe(self) -> str:
+        return repr(self.clipper)
+
 
 class GuardRemedy(Remedy):
     """``gg.Guard``: measures, decides, clips, and calls ``optimizer.step()`` itself or skips the step."""
@@ -96,9 +110,8 @@ class GuardRemedy(Remedy):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, options: dict[str, Any]):
         super().__init__(optimizer)
-        from gradguard import Guard
-
         self.guard = Guard(model, optimizer, **options)
+        self.options = options
 
     def step(self, loss: Tensor, stats: GradStats, batch: Batch | None = None) -> None:
         del stats
@@ -106,6 +119,11 @@ class GuardRemedy(Remedy):
 
     def summary(self) -> dict[str, int]:
         return {key: int(value) for key, value in self.guard.summary().items()}
+
+    def describe(self) -> str:
+        """``gg.Guard(model, optimizer, <options>)``, and the clip strategy it runs (its default's choice)."""
+        options = "".join(f", {key}={value!r}" for key, value in self.options.items() if key != "clip")
+        return f"gg.Guard(model, optimizer{options}), clip={self.guard.clip!r}"
 
 
 def pascanu_threshold(

@@ -109,6 +109,7 @@ def run(config: RunConfig) -> Record:
         test_loss=evaluate_loss(model, F.cross_entropy, data.x_test, data.y_test),
         remedy_summary=remedy.summary(),
         **forensics_scores(remedy, faults),
+        remedy_config=remedy.describe(),
     )
 
 

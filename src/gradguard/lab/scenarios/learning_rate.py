@@ -61,6 +61,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
     configs = []
     for seed in seed_list(quick, seeds, quick_default=2, full_default=5):
         configs.append(_config(seed, GOOD_LR, "none", quick, steps))
+        configs.append(_config(seed, GOOD_LR, "guard", quick, steps))  # a healthy run: the Guard costs nothing
         for lr in HIGH_LRS if quick else (*HIGH_LRS, 1.0):
             for remedy in REMEDIES:
                 if quick and remedy == "guard_zclip":  # the quick grid keeps the Guard at its defaults only
@@ -92,4 +93,5 @@ def run(config: RunConfig) -> Record:
         log,
         val_loss=evaluate_loss(model, _lm_loss, val_inputs, val_targets),
         remedy_summary=remedy.summary(),
+        remedy_config=remedy.describe(),
     )

@@ -4,8 +4,8 @@ Pascanu, Mikolov & Bengio 2013 ("On the difficulty of training recurrent neural 
 gradient through time is a product of Jacobians ``diag(tanh') W_hh``; ``sigma_max(W_hh) > 1`` is
 necessary for it to explode, and then one step can throw the weights off a cliff of the loss surface.
 Their remedy is clipping the gradient norm at a threshold near the average norm; the scenario compares it
-with the adaptive strategies (ZClip, AutoClip, AGC), the Guard, and an LSTM (Hochreiter & Schmidhuber
-1997), the architectural fix.
+with the adaptive strategies (ZClip, AutoClip, AGC), the Guard (at its defaults, and with ZClip), and an LSTM
+(Hochreiter & Schmidhuber 1997), the architectural fix.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gradguard.init import chrono_
 from gradguard.lab.diagnosis import gradient_flow_at_init
 from gradguard.lab.models import LSTMModel, TanhRNN
 from gradguard.lab.record import make_record
@@ -32,6 +33,14 @@ CLAIM = (
     "1997, and clipping the gradient norm (at the average-norm threshold of Pascanu et al.) or an adaptive "
     "clipping strategy makes it solve them."
 )
+
+# The LSTM row is the architectural fix, trained as an LSTM is usually trained: chrono initialisation of its
+# gate biases (Tallec & Ollivier 2018, ``gg.init.chrono_``: the forget gates start remembering over the whole
+# sequence) and the same steps and data, at ten times the RNN's learning rate, because its gradients are
+# about ten times smaller (median norm 0.12 against 1.0 for the RNN in the quick grid). Measured: with torch's
+# default init it solved 0/4 quick runs at lr 0.05, 0.5 and 1.0; with chrono init 0/4 at lr 0.05 (still
+# learning after 400 steps: accuracy 33-85%; it solves the full grid's tasks in 1500 steps), 4/4 at lr 0.5.
+LSTM_LR_FACTOR = 10.0
 
 REMEDIES: dict[str, dict[str, Any]] = {
     "none": {"name": "none"},
@@ -56,7 +65,8 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
     for task, seq_len in tasks:
         variants = [("tanh RNN", remedy) for remedy in REMEDIES] + [("LSTM", "none")]
         for model, remedy in variants:
-            label = remedy_label(REMEDIES[remedy]) if model == "tanh RNN" else "LSTM (no clipping)"
+            lr = 0.05 if model == "tanh RNN" else 0.05 * LSTM_LR_FACTOR
+            label = remedy_label(REMEDIES[remedy]) if model == "tanh RNN" else f"LSTM (chrono init, lr {lr:g})"
             for seed in seed_list(quick, seeds, quick_default=4, full_default=8):
                 configs.append(
                     {
@@ -72,7 +82,7 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
                         "remedy": REMEDIES[remedy],
                         "steps": steps or (400 if quick else 3000),
                         "batch_size": 64,
-                        "lr": 0.05,
+                        "lr": lr,
                     }
                 )
     return configs
@@ -89,7 +99,7 @@ def run(config: RunConfig) -> Record:
     else:
         raise ValueError(f"recurrence: task must be 'adding' or 'temporal_order', got {task!r}")
     if config["model"] == "LSTM":
-        model = LSTMModel(input_size, config["hidden"], output_size)
+        model = chrono_(LSTMModel(input_size, config["hidden"], output_size), config["seq_len"], config["seed"])
     else:
         model = TanhRNN(input_size, config["hidden"], output_size, config["spectral_radius"])
 
@@ -125,4 +135,5 @@ def run(config: RunConfig) -> Record:
         solved=bool(solved),
         clip_threshold=float(threshold) if threshold is not None and config["remedy"]["name"] == "global_norm" else None,
         remedy_summary=remedy.summary(),
+        remedy_config=remedy.describe(),
     )
