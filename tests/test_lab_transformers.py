@@ -40,6 +40,10 @@ def test_early_warning_counts() -> None:
     assert (warning.not_diverged, warning.false_alarms) == (2, 1)
     assert warning.recall == pytest.approx(1 / 3) and warning.false_alarm_rate == 0.5
     assert warning.lead_times == [60, 20] and warning.lead_quantiles()["median"] == 40
+    for run in runs:  # another detector of the same runs: warned at step 10 everywhere
+        run["warning_steps"] = {"eager": 10}
+    eager = early_warning(runs, setting="eager")
+    assert (eager.warned_in_time, eager.false_alarms) == (2, 2)
 
 
 def test_grid_spans_the_paper_range_with_every_remedy() -> None:

@@ -391,6 +391,17 @@ def transformers_findings(rows: list[Row], records: list[Record]) -> list[str]:
             + (f"; lead time median {fmt(quantiles['median'])} steps (min {fmt(quantiles['min'])}, "
                f"10th percentile {fmt(quantiles['p10'])}, max {fmt(quantiles['max'])})." if quantiles else ".")
         )
+        settings = list(next((r["warning_steps"] for r in records if r.get("warning_steps")), {}))[1:]
+        others = [(name, early_warning(records, setting=name)) for name in settings]
+        if others:
+            lines.append(
+                "Other operating points of the same detector on the same runs (recall >= "
+                f"{warning.lead} steps ahead / false alarms): "
+                + "; ".join(f"{name}: {pct(w.recall)} / {pct(w.false_alarm_rate)}" for name, w in others)
+                + ". " + ("None of them, the defaults included, reaches both targets (80% / 5%) here."
+                          if not any((w.recall or 0) >= 0.8 and (w.false_alarm_rate or 0) <= 0.05
+                                     for _, w in [("default", warning), *others]) else "")
+            )
     return lines
 
 

@@ -129,9 +129,12 @@ class EarlyWarning:
                 "median": float(np.median(values)), "max": float(values.max())}
 
 
-def early_warning(records: list[Record], lead: int = LEAD_STEPS) -> EarlyWarning:
-    """Compare each finished run's ``warning_step`` (None: never warned) with its ``divergence_step``."""
+def early_warning(records: list[Record], lead: int = LEAD_STEPS, setting: str | None = None) -> EarlyWarning:
+    """Compare each finished run's ``warning_step`` (None: never warned) with its ``divergence_step``;
+    ``setting`` names another detector of the run's ``warning_steps`` instead."""
     finished = [r for r in records if "error" not in r]
+    if setting is not None:
+        finished = [{**r, "warning_step": (r.get("warning_steps") or {}).get(setting)} for r in finished]
     diverged = [r for r in finished if r.get("diverged")]
     calm = [r for r in finished if not r.get("diverged")]
     in_time = late = too_early = 0

@@ -340,18 +340,25 @@ def transformers_tables(records: list[Record]) -> list[dict[str, Any]]:
                   f"{row.best_lr:g}", fmt(row.best_loss), f"{row.diverged}/{row.runs}",
                   fmt(row.max_attn_logit_by_lr[-1]), fmt(row.log_z_drift_by_lr[-1])] for row in sweep],
     }
-    warning = early_warning(finished)
-    quantiles = warning.lead_quantiles() or {}
+    settings = list(next((r["warning_steps"] for r in finished if r.get("warning_steps")), {}) or [None])
+    rows = []
+    for setting in settings:
+        warning = early_warning(finished, setting=setting)
+        quantiles = warning.lead_quantiles() or {}
+        rows.append([setting or "default", str(warning.diverged),
+                     f"{warning.warned_in_time} ({pct(warning.recall)})", str(warning.warned_late),
+                     str(warning.too_early), str(warning.not_diverged),
+                     f"{warning.false_alarms} ({pct(warning.false_alarm_rate)})",
+                     " / ".join(fmt(quantiles.get(k)) for k in ("min", "p10", "median", "max"))])
+    lead = early_warning(finished).lead
     early = {
-        "title": f"Early warning (gg.precursor.Precursor, on the device): warned >= {warning.lead} steps before "
-                 "divergence, and false alarms",
-        "header": ["diverged runs", f"warned >= {warning.lead} steps ahead (recall)", "warned later",
-                   f"diverged before step {warning.lead}", "runs that did not diverge", "false alarms",
+        "title": f"Early warning (gg.precursor.Precursor, on the device): warned >= {lead} steps before divergence, "
+                 "and false alarms; the first row is the detector's defaults (the Guard's), the others are other "
+                 "operating points measured on the same runs",
+        "header": ["detector", "diverged runs", f"warned >= {lead} steps ahead (recall)", "warned later",
+                   f"diverged before step {lead}", "runs that did not diverge", "false alarms",
                    "lead time min / p10 / median / max"],
-        "rows": [[str(warning.diverged), f"{warning.warned_in_time} ({pct(warning.recall)})", str(warning.warned_late),
-                  str(warning.too_early), str(warning.not_diverged),
-                  f"{warning.false_alarms} ({pct(warning.false_alarm_rate)})",
-                  " / ".join(fmt(quantiles.get(k)) for k in ("min", "p10", "median", "max"))]],
+        "rows": rows,
     }
     return [sensitivity, early]
 

@@ -14,8 +14,9 @@ Here: the lab's small GPT on the character corpus, AdamW (beta2 0.95, the paper'
 decay 1e-4 per step), linear warm-up over the first quarter of the steps then cosine decay to a tenth;
 each remedy at each learning rate. Every ``PROBE_EVERY`` steps the forward pass runs under the
 doctor's :class:`~gradguard.explain.attention.AttentionRecorder` (largest attention logit, smallest head
-entropy) and records ``log Z`` of the output. The early-warning detector (``gg.precursor``) runs on the
-device alongside, on the gradient statistics every step already has; its first warning is read once,
+entropy) and records ``log Z`` of the output. The early-warning detector (``gg.precursor``, at its defaults
+and at the other operating points of ``PRECURSORS``) runs on the device alongside, on the gradient statistics
+every step already has; its first warning is read once,
 at the end of the run.
 """
 
@@ -54,6 +55,14 @@ LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # the range of Wortsman et al. 20
 QUICK_LRS = (3e-3, 3e-2, 0.3, 1.0)
 PROBE_EVERY = 10
 Z_LOSS = 1e-4
+#: the early-warning detector's defaults, and other operating points measured alongside (same runs)
+PRECURSORS: dict[str, dict[str, float]] = {
+    "default (ratio 4, alpha 0.9)": {},
+    "ratio 6, alpha 0.9": {"ratio": 6.0},
+    "ratio 3, alpha 0.8": {"ratio": 3.0, "alpha": 0.8},
+    "ratio 2, alpha 0.8, floor x2 in 50 steps": {"ratio": 2.0, "alpha": 0.8, "rate": math.log(2.0) / 50},
+    "ratio 1.5, alpha 0.7, floor x2 in 50 steps": {"ratio": 1.5, "alpha": 0.7, "rate": math.log(2.0) / 50},
+}
 
 #: remedy key -> (label, the lab remedy between backward and step, qk-layernorm, z-loss coefficient)
 REMEDIES: dict[str, dict[str, Any]] = {
@@ -91,6 +100,7 @@ def _config(seed: int, lr: float, remedy: str, quick: bool, steps: int | None) -
         "steps": total,
         "warmup": max(1, total // 4),
         "weight_decay": 1e-4,
+        "precursors": PRECURSORS,
     }
 
 
@@ -143,16 +153,17 @@ class ProbedTransformer(CausalTransformer):
 
 class ScheduledStep(Remedy):
     """The run's remedy, then the LR schedule (the Guard steps the schedule itself, only on real steps),
-    and the early-warning detector fed with the step's gradient statistics (on the device)."""
+    and the early-warning detectors fed with the step's gradient statistics (on the device)."""
 
-    def __init__(self, remedy: Remedy, scheduler: Any, precursor: Precursor):
+    def __init__(self, remedy: Remedy, scheduler: Any, precursors: dict[str, Precursor]):
         super().__init__(remedy.optimizer)
         self.remedy = remedy
         self.scheduler = scheduler
-        self.precursor = precursor
+        self.precursors = precursors
 
     def step(self, loss: Tensor, stats: GradStats, batch: Batch | None = None) -> None:
-        self.precursor.update(stats.total_norm)
+        for precursor in self.precursors.values():
+            precursor.update(stats.total_norm)
         self.remedy.step(loss, stats, batch=batch)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -180,13 +191,13 @@ def run(config: RunConfig) -> Record:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8,
                                   weight_decay=config["weight_decay"] / lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, steps))
-    precursor = Precursor()
+    precursors = {name: Precursor(**options) for name, options in config["precursors"].items()}
     if config["remedy"]["name"] == "guard":  # the Guard advances the schedule after each step it takes
         remedy: Remedy = GuardRemedy(model, optimizer, {"scheduler": scheduler})
-        step = ScheduledStep(remedy, None, precursor)
+        step = ScheduledStep(remedy, None, precursors)
     else:
         remedy = make_remedy(config["remedy"], model, optimizer)
-        step = ScheduledStep(remedy, scheduler, precursor)
+        step = ScheduledStep(remedy, scheduler, precursors)
     coef = config["z_loss"]
 
     def penalty(module: torch.nn.Module) -> Tensor:
@@ -201,7 +212,7 @@ def run(config: RunConfig) -> Record:
     entropies = [json_float(p[1]) for p in probes]
     log_z = [json_float(p[2]) for p in probes]
     finite_log_z = [v for v in log_z if v is not None]
-    warning = precursor.first_warning()
+    warnings = {name: precursor.first_warning() for name, precursor in precursors.items()}
     record = make_record(
         config,
         log,
@@ -214,7 +225,8 @@ def run(config: RunConfig) -> Record:
         log_z_initial=log_z[0] if log_z else None,
         log_z_final=log_z[-1] if log_z else None,
         log_z_drift=max((abs(v - finite_log_z[0]) for v in finite_log_z), default=None),
-        warning_step=warning,
+        warning_step=next(iter(warnings.values())),  # the defaults' (first in PRECURSORS)
+        warning_steps=warnings,
         cpu_seconds=round(time.process_time() - cpu_start, 3),
     )
     record["curves"]["max_attn_logit"] = {"step": probe_steps, "value": max_logits}
