@@ -85,7 +85,7 @@ def test_recorder_reads_hugging_face_eager_and_sdpa_alike() -> None:
         assert a.entropy == pytest.approx(b.entropy, rel=1e-3, abs=1e-5)
 
 
-def _train(lr: float, steps: int = 100) -> tuple[nn.Module, torch.optim.Optimizer, tuple, object]:
+def _train(lr: float, steps: int = 200) -> tuple[nn.Module, torch.optim.Optimizer, tuple, object]:
     corpus = char_corpus(5000)
     torch.manual_seed(0)
     model = CausalTransformer(corpus.vocab_size, 16, 32, n_layer=1, n_head=4)

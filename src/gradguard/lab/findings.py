@@ -391,6 +391,15 @@ def transformers_findings(rows: list[Row], records: list[Record]) -> list[str]:
             + (f"; lead time median {fmt(quantiles['median'])} steps (min {fmt(quantiles['min'])}, "
                f"10th percentile {fmt(quantiles['p10'])}, max {fmt(quantiles['max'])})." if quantiles else ".")
         )
+        rolled_back = [r for r in records if not r.get("diverged") and r.get("warning_step") is not None
+                       and (r.get("remedy_summary") or {}).get("rollbacks")]
+        if rolled_back:
+            lines.append(
+                f"{len(rolled_back)} of these {warning.false_alarms} false alarm(s) are runs the Guard rolled back: "
+                "its rollbacks and learning-rate cuts kept them below the lab's divergence "
+                "threshold (" + ", ".join(f"{r['config']['variant']}, seed {r['config']['seed']}"
+                                          for r in rolled_back) + ")."
+            )
         settings = list(next((r["warning_steps"] for r in records if r.get("warning_steps")), {}))[1:]
         others = [(name, early_warning(records, setting=name)) for name in settings]
         if others:
