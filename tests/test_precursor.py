@@ -1,5 +1,5 @@
-"""gg.precursor.Precursor: flags a climb of the gradient norm off its floor, not noise nor slow drift; no host
-sync per step."""
+"""gg.precursor.Precursor: flags a climb of the gradient norm off its floor, not noise nor slow drift, and weights
+that grow several-fold between two samples; no host sync per step."""
 
 from __future__ import annotations
 
@@ -73,9 +73,82 @@ def test_state_dict_round_trip_and_errors() -> None:
     assert resumed.first_warning() == whole.first_warning()
     with pytest.raises(ValueError, match="missing"):
         resumed.load_state_dict({"steps": 3})
-    for bad in ({"ratio": 1.0}, {"alpha": 1.0}, {"warmup_steps": 0}, {"rate": -1.0}):
+    for bad in ({"ratio": 1.0}, {"alpha": 1.0}, {"warmup_steps": 0}, {"rate": -1.0}, {"weight_ratio": 1.0},
+                {"weight_every": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             gg.precursor.Precursor(**bad)
+
+
+def run_with_weights(norms: list[float], weights: list[float], **options) -> tuple[gg.precursor.Precursor, list[bool]]:
+    """Feed the gradient norms, and the weight norm ``weights[step]`` on the steps the precursor samples it."""
+    precursor = gg.precursor.Precursor(**options)
+    raised = []
+    for step, value in enumerate(norms):
+        weight = torch.tensor(weights[step]) if precursor.wants_weights() else None
+        raised.append(bool(precursor.update(torch.tensor(value), weight)))
+    return precursor, raised
+
+
+def test_weights_growing_past_weight_ratio_between_samples_warn_at_the_sample() -> None:
+    norms = noisy(100)  # a quiet gradient norm: only the weights can warn
+    steady = [10.0 * 1.03 ** (step / 10) for step in range(100)]  # 3% per sample: a healthy drift
+    assert run_with_weights(norms, steady)[0].first_warning() is None
+    fast = [10.0 * (3.0 ** (step / 10) if step < 40 else 3.0 ** 4) for step in range(100)]  # x3 per 10 steps
+    precursor, raised = run_with_weights(norms, fast)
+    assert precursor.first_warning() == 10  # the first sample that can compare, inside the gradient warm-up
+    assert raised.index(True) == 10 and sum(raised) == 1  # once per climb, while it lasts
+    assert not bool(precursor.above)  # the growth stopped at step 40: the signal fell back
+    assert run_with_weights(norms, fast, weight_ratio=None)[0].first_warning() is None
+    assert run_with_weights(norms, fast, weight_ratio=4.0)[0].first_warning() is None
+    assert run_with_weights(norms, fast, weight_every=20)[0].first_warning() == 20  # x9 in 20 steps
+
+
+def test_weight_norm_is_the_global_norm_and_the_weight_signal_reads_nothing_on_the_host() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    expected = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(gg.precursor.weight_norm(model.parameters()), expected)
+    with pytest.raises(ValueError, match="params is empty"):
+        gg.precursor.weight_norm([])
+    precursor, _ = run_with_weights(noisy(30), [1.0] * 30)
+    norms = torch.tensor(noisy(20))
+    with gg.count_host_syncs() as counter:
+        for value in norms:
+            weights = gg.precursor.weight_norm(model.parameters()) if precursor.wants_weights() else None
+            precursor.update(value, weights)
+    assert counter.count == 0, counter.reads
+
+
+def test_state_dict_keeps_the_last_weight_sample() -> None:
+    norms, weights = noisy(60), [10.0] * 30 + [40.0] * 30
+    whole, _ = run_with_weights(norms, weights)
+    half, _ = run_with_weights(norms[:25], weights)
+    resumed = gg.precursor.Precursor()
+    resumed.load_state_dict(half.state_dict())
+    for step in range(25, 60):
+        resumed.update(torch.tensor(norms[step]), torch.tensor(weights[step]) if resumed.wants_weights() else None)
+    assert resumed.first_warning() == whole.first_warning() == 30
+
+
+def test_the_guard_warns_when_the_weights_grow_fast() -> None:
+    """Adam at a learning rate far above the weights' scale multiplies them within ten steps: warned at step 10."""
+    def first_precursor(lr: float) -> int | None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 1)
+        torch.nn.init.normal_(model.weight, std=0.01)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        guard = gg.Guard(model, optimizer, responses={"growth": "log"}, on_spike="log", on_loss_spike="log")
+        x, y = torch.randn(64, 16), torch.randn(64, 1)
+        for _ in range(30):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            optimizer.zero_grad(set_to_none=True)
+        guard.flush()
+        steps = [e["step"] for r in guard.history for e in r["events"] if e["kind"] == "precursor"]
+        return steps[0] if steps else None
+
+    assert first_precursor(1.0) == 10
+    assert first_precursor(1e-3) is None
 
 
 def _climbing_run(responses: dict[str, str] | None = None) -> gg.Guard:

@@ -15,9 +15,10 @@ Kinds of event (``EVENT_KINDS``):
 * ``loss_spike``: the same z-score on the log of the loss (positive losses only).
 * ``growth``: the norm rose at every step of the last ``growth_window`` steps, by at least
   ``growth_factor`` per step on average: a run exploding before it turns into NaN.
-* ``precursor``: the smoothed log of the total norm climbed ``ratio`` times above its slowly rising floor
-  (:class:`gradguard.precursor.Precursor`): an early warning, tens of steps before a run at a too-high
-  learning rate diverges. Raised once per climb.
+* ``precursor``: the weight norm grew ``weight_ratio`` times between two samples ``weight_every`` steps apart
+  (when the caller passes it, as the Guard does), or the smoothed log of the total norm climbed ``ratio``
+  times above its slowly rising floor (:class:`gradguard.precursor.Precursor`): an early warning, tens of
+  steps before a run at a too-high learning rate diverges. Raised once per climb.
 * ``nonfinite_param``: a parameter holds NaN or Inf after a step. It needs a pass over the weights, so the
   Guard checks it when it flushes its history (:func:`nonfinite_layer`), not every step.
 
@@ -319,8 +320,9 @@ class Detector:
             )
         return self._constants[key]
 
-    def update(self, stats: GradStats, loss: Tensor | None = None) -> Verdict:
-        """Score this step; advances the moving statistics (from finite values only)."""
+    def update(self, stats: GradStats, loss: Tensor | None = None, weight_norm: Tensor | None = None) -> Verdict:
+        """Score this step; advances the moving statistics (from finite values only). ``weight_norm``: the
+        weights' norm on the steps ``self.precursor.wants_weights()`` names (``gradguard.precursor``)."""
         device = stats.total_norm.device
         layers = stats.norms.numel()
         c = self._constants_for(device, layers)
@@ -343,7 +345,7 @@ class Detector:
         scores.update(torch.fmin(x, log_threshold), ok ^ (spike & c.loss_slot))
         # the ring gets NaN for a non-finite norm (inf * False is NaN), which ends any run of growth
         growth, growth_rate = self.growth.update(x[:1] * ok[:1])
-        precursor = self.precursor.update_log(x[0], ok[0])
+        precursor = self.precursor.update_log(x[0], ok[0], weight_norm)
         flags = torch.cat([nonfinite, spike[:2], growth.reshape(1), precursor.reshape(1)])
         if loss is None:
             flags = flags & c.without_loss

@@ -80,6 +80,7 @@ from gradguard.detect import STEP_KINDS, Detector, Verdict, kinds_of, nonfinite_
 from gradguard.forensics import ANALYSED_KINDS, BadSample, Forensics, ForensicsRecord
 from gradguard.history import FIELDS, History, StepRecord, to_record
 from gradguard.names import user_name
+from gradguard.precursor import weight_norm
 from gradguard.recover import GiveUp, Recovery, RecoveryPolicy, TrainingDiverged, TrainingState, clone_tree
 from gradguard.sinks import Sink
 from gradguard.stats import GradStats, named_grad_stats
@@ -298,7 +299,8 @@ class Guard:
 
         # 1. measure
         stats, loss = self._measure(loss)
-        verdict = self.detector.update(stats, loss)
+        weights = weight_norm(p for _, p in self._named) if self.detector.precursor.wants_weights() else None
+        verdict = self.detector.update(stats, loss, weights)
         # GlobalNorm's coefficient is decide's static ceiling (the same kernels); other scale strategies' own
         clip_coef = self.clip.coefficient(stats) if isinstance(self.clip, ScaleClipper) and not isinstance(
             self.clip, GlobalNorm) else None

@@ -1,65 +1,100 @@
-"""Early warning: the gradient norm climbing off its floor, measured on the device, before a run diverges.
+"""Early warning, measured on the device before a run diverges: the weights growing too fast, or the gradient
+norm climbing off its floor.
 
-At a learning rate beyond the stable range a transformer does not blow up at once: its gradient norm first
-leaves the level it had settled to and climbs, steps before the loss explodes (the lab's ``transformers``
-scenario measures how many). :class:`Precursor` watches for that climb, with device tensors only (a few
-scalar kernels per step, no host read):
+At a learning rate beyond the stable range a transformer does not blow up at once. Two signals come first,
+both computed with device tensors only (no host read):
 
-    e_t = alpha * e_{t-1} + (1 - alpha) * log ||g_t||         smoothed log-norm (finite norms only)
-    f_t = min(e_t, f_{t-1} + rate)                           its floor, which may rise by ``rate`` per step
-    warn_t = e_t - f_t > log(ratio)                          (after ``warmup_steps`` steps)
+* **weight growth** (every ``weight_every`` steps, one fused norm over the weights): the global weight norm
+  ``||W||`` grew more than ``weight_ratio`` times since the previous sample. Wortsman et al. 2023
+  ("Small-scale proxies for large-scale Transformer training instabilities", arXiv 2309.14322) trace the
+  divergence of small transformers at high learning rates to the growth of the attention logits, whose
+  scale is ``~ ||W_q|| ||W_k||``: weights that grow several-fold within a few steps are its visible cause.
+  On the lab's transformer sweep the weights of every diverging run (all at its highest learning rate,
+  1.0) grew ~3x over the first 10 steps (``log`` growth >= 1.03), those of every run at a lower learning
+  rate at most 1.9x (``log`` growth <= 0.63, and never more later): the warning comes at step 10, 80-120
+  steps before the divergence. It says that the learning rate is too large for the weights' scale, early
+  in training; it is not a late symptom of the divergence.
 
-The floor starts at the first smoothed value after the warm-up. Because it can rise by ``rate`` per step
-(``log 2 / 200`` by default: a doubling per 200 steps), a slow drift of the norm over a long run is
-absorbed, while a climb by ``ratio`` within a few tens of steps is not. A step whose norm is NaN/Inf is not
-learned (the Guard's ``nonfinite_grad`` event covers it).
+      r_k = log ||W_{kK}|| - log ||W_{(k-1)K}||               K = ``weight_every``
+      warn while r_k > log(weight_ratio)                       (until the next sample)
 
-:meth:`Precursor.update` returns a 0-d bool tensor that is True at the first step of each climb past the
-threshold (one warning per climb; :attr:`Precursor.above` holds whether the signal is above it now);
-:attr:`Precursor.first` holds the first step above it (-1: none), also on the device. Read them when the
-history is flushed. The Guard runs one in its detector: event kind ``precursor``, response ``"log"`` by
-default.
+* **gradient-norm climb** (every step, a few scalar kernels on the norm the step has already):
+
+      e_t = alpha * e_{t-1} + (1 - alpha) * log ||g_t||         smoothed log-norm (finite norms only)
+      f_t = min(e_t, f_{t-1} + rate)                           its floor, which may rise by ``rate`` per step
+      warn_t = e_t - f_t > log(ratio)                          (after ``warmup_steps`` steps)
+
+  The floor starts at the first smoothed value after the warm-up. Because it can rise by ``rate`` per step
+  (``log 2 / 200`` by default: a doubling per 200 steps), a slow drift of the norm over a long run is
+  absorbed, while a climb by ``ratio`` within a few tens of steps is not. It comes later (a median of ~30
+  steps before a divergence on the lab's sweep) and catches a run that turns unstable later in training.
+  A step whose norm is NaN/Inf is not learned (the Guard's ``nonfinite_grad`` event covers it).
+
+:meth:`Precursor.update` returns a 0-d bool tensor that is True at the first step of each climb past a
+threshold, of either signal (one warning per climb; :attr:`Precursor.above` holds whether a signal is above
+it now); :attr:`Precursor.first` holds the first step above it (-1: none), also on the device. Read them
+when the history is flushed. The Guard runs one in its detector: event kind ``precursor``, response
+``"log"`` by default; it passes the weight norm on the steps :meth:`Precursor.wants_weights` names.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Precursor"]
+from gradguard.stats import per_tensor_norms
+
+__all__ = ["Precursor", "weight_norm"]
+
+
+def weight_norm(params: Iterable[Tensor]) -> Tensor:
+    """The global L2 norm of ``params`` (0-d float32 tensor, on the first one's device): one fused pass
+    (``torch._foreach_norm`` per device and dtype, as ``grad_stats`` over the gradients), no host read."""
+    tensors = [p.detach() for p in params]
+    if not tensors:
+        raise ValueError("weight_norm: params is empty")
+    device = tensors[0].device
+    norms = torch.stack([n.float().to(device) for n in per_tensor_norms(tensors, 2.0)])
+    return torch.linalg.vector_norm(norms)
 
 
 class Precursor:
-    """On-device early-warning signal: the smoothed log gradient norm more than ``ratio`` above its floor.
+    """On-device early-warning signal: the weights grew more than ``weight_ratio`` times between two samples
+    ``weight_every`` steps apart, or the smoothed log gradient norm is more than ``ratio`` above its floor.
 
-    The defaults were chosen on the lab's transformer sweep (126 runs) as the most sensitive setting with at
-    most 5% false alarms there; at that rate the warning comes a median of about 35 steps before a
-    divergence, and 50 steps ahead for only about a fifth of them (the lab's report gives the figures, for
-    these and other settings).
+    The defaults were chosen on the lab's transformer sweep (126 runs; the thresholds on seeds 0-1, the
+    figures checked on seed 2): every diverging run warned, by the weight growth, at step 10, a median of
+    86 steps before it diverged, with one false alarm (a run at the sweep's highest learning rate that the
+    Guard kept from diverging); the gradient-norm climb alone warned 50 steps ahead for a fifth of them
+    (the lab's report gives the figures, for these and other settings).
 
     Args:
-        ratio: how far above its floor (a factor on the norm) the smoothed norm must climb (> 1).
+        ratio: how far above its floor (a factor on the norm) the smoothed gradient norm must climb (> 1).
         alpha: smoothing of the log-norm, in [0, 1) (0.9: about 10 steps).
-        warmup_steps: steps before the floor is set and warnings can be raised (the first steps of training
-            move the norm by orders of magnitude on their own).
+        warmup_steps: steps before the gradient-norm floor is set and it can warn (the first steps of
+            training move the norm by orders of magnitude on their own).
         rate: how fast the floor may rise, in log-norm per step (>= 0).
+        weight_ratio: growth factor of the weight norm between two samples that warns (> 1); ``None``
+            turns the weight signal off.
+        weight_every: steps between two samples of the weight norm (>= 1; the first at step 0).
 
     Example::
 
         precursor = gg.precursor.Precursor()
         for step, batch in enumerate(data):
             loss = loss_fn(model(batch.x), batch.y); loss.backward()
-            raised = precursor.update(gg.grad_stats(model).total_norm)   # 0-d bool, on the device
+            weights = gg.precursor.weight_norm(model.parameters()) if precursor.wants_weights() else None
+            raised = precursor.update(gg.grad_stats(model).total_norm, weights)   # 0-d bool, on the device
             optimizer.step(); optimizer.zero_grad()
         precursor.first_warning()    # the first step flagged, or None (one host read)
     """
 
     def __init__(self, ratio: float = 4.0, alpha: float = 0.9, warmup_steps: int = 20,
-                 rate: float = math.log(2.0) / 200):
+                 rate: float = math.log(2.0) / 200, weight_ratio: float | None = 2.5, weight_every: int = 10):
         if not ratio > 1.0:
             raise ValueError(f"Precursor: ratio must be > 1, got {ratio}")
         if not 0.0 <= alpha < 1.0:
@@ -68,23 +103,36 @@ class Precursor:
             raise ValueError(f"Precursor: warmup_steps must be an int >= 1, got {warmup_steps!r}")
         if not rate >= 0.0:
             raise ValueError(f"Precursor: rate must be >= 0, got {rate}")
+        if weight_ratio is not None and not weight_ratio > 1.0:
+            raise ValueError(f"Precursor: weight_ratio must be > 1 or None, got {weight_ratio}")
+        if not isinstance(weight_every, int) or isinstance(weight_every, bool) or weight_every < 1:
+            raise ValueError(f"Precursor: weight_every must be an int >= 1, got {weight_every!r}")
         self.ratio = float(ratio)
         self.alpha = float(alpha)
         self.warmup_steps = warmup_steps
         self.rate = float(rate)
+        self.weight_ratio = None if weight_ratio is None else float(weight_ratio)
+        self.weight_every = weight_every
         self.steps = 0  # host counter of updates: deciding on it costs no sync
         self.smoothed: Tensor | None = None
         self.floor: Tensor | None = None
         self.first: Tensor | None = None
         self.above: Tensor | None = None
+        self.log_weight: Tensor | None = None  # log ||W|| at the last sample
+        self.weight_above: Tensor | None = None  # whether the last sample grew past weight_ratio
 
-    def update(self, total_norm: Tensor) -> Tensor:
-        """Learn one step's total gradient norm (a 0-d tensor); return True (0-d bool) when the signal has just
-        climbed past the threshold: the first step of a climb."""
+    def wants_weights(self) -> bool:
+        """Whether the next :meth:`update` samples the weight norm (a host counter: no sync)."""
+        return self.weight_ratio is not None and self.steps % self.weight_every == 0
+
+    def update(self, total_norm: Tensor, weight_norm: Tensor | None = None) -> Tensor:
+        """Learn one step's total gradient norm (a 0-d tensor) and, on the steps :meth:`wants_weights` names,
+        the weight norm (:func:`weight_norm`); return True (0-d bool) when a signal has just climbed past its
+        threshold: the first step of a climb."""
         log_norm = total_norm.detach().float().reshape(()).clamp_min(torch.finfo(torch.float32).tiny).log()
-        return self.update_log(log_norm, torch.isfinite(log_norm))
+        return self.update_log(log_norm, torch.isfinite(log_norm), weight_norm)
 
-    def update_log(self, log_norm: Tensor, finite: Tensor) -> Tensor:
+    def update_log(self, log_norm: Tensor, finite: Tensor, weight_norm: Tensor | None = None) -> Tensor:
         """:meth:`update` from the log of the norm and whether it is finite (0-d tensors), for a caller that has
         them already (the Guard's detector)."""
         log_norm = log_norm.float().reshape(())
@@ -97,11 +145,20 @@ class Precursor:
         else:
             self.smoothed = torch.where(finite, torch.lerp(self.smoothed, log_norm, 1.0 - self.alpha), self.smoothed)
         assert self.floor is not None and self.first is not None and self.above is not None
-        if self.steps < self.warmup_steps:
-            raised = torch.zeros((), dtype=torch.bool, device=device)
-        else:
+        above: Tensor | None = None
+        if self.steps >= self.warmup_steps:
             self.floor = torch.minimum(self.smoothed, self.floor + self.rate)
             above = self.smoothed - self.floor > math.log(self.ratio)
+        if weight_norm is not None and self.weight_ratio is not None:
+            log_weight = weight_norm.detach().float().reshape(()).to(device).log()
+            if self.log_weight is not None:  # a NaN/Inf norm compares False: the nonfinite events cover it
+                self.weight_above = log_weight - self.log_weight > math.log(self.weight_ratio)
+            self.log_weight = log_weight
+        if self.weight_above is not None:
+            above = self.weight_above if above is None else above | self.weight_above
+        if above is None:
+            raised = torch.zeros((), dtype=torch.bool, device=device)
+        else:
             raised = above & ~self.above
             self.above = above
             self.first = torch.where(above & (self.first < 0), self.steps, self.first)
@@ -123,7 +180,7 @@ class Precursor:
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "smoothed": self.smoothed, "floor": self.floor, "first": self.first,
-                "above": self.above}
+                "above": self.above, "log_weight": self.log_weight, "weight_above": self.weight_above}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = {"steps", "smoothed", "floor", "first", "above"} - set(state)
@@ -132,3 +189,5 @@ class Precursor:
         self.steps = int(state["steps"])
         self.smoothed, self.floor = state["smoothed"], state["floor"]
         self.first, self.above = state["first"], state["above"]
+        # a state saved before the weight signal existed starts it afresh
+        self.log_weight, self.weight_above = state.get("log_weight"), state.get("weight_above")

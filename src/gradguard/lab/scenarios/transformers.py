@@ -16,8 +16,8 @@ each remedy at each learning rate. Every ``PROBE_EVERY`` steps the forward pass 
 doctor's :class:`~gradguard.explain.attention.AttentionRecorder` (largest attention logit, smallest head
 entropy) and records ``log Z`` of the output. The early-warning detector (``gg.precursor``, at its defaults
 and at the other operating points of ``PRECURSORS``) runs on the device alongside, on the gradient statistics
-every step already has; its first warning is read once,
-at the end of the run.
+every step already has and the weight norm every 10th step; its first warning is read once, at the end of
+the run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from gradguard.lab.remedies import Batch, GuardRemedy, Remedy, make_remedy
 from gradguard.lab.scenarios import Record, RunConfig, seed_list
 from gradguard.lab.tasks import char_batch, char_corpus
 from gradguard.lab.training import evaluate_loss, train
-from gradguard.precursor import Precursor
+from gradguard.precursor import Precursor, weight_norm
 from gradguard.regularize import z_loss
 from gradguard.stats import GradStats
 
@@ -56,12 +56,13 @@ QUICK_LRS = (3e-3, 3e-2, 0.3, 1.0)
 PROBE_EVERY = 10
 Z_LOSS = 1e-4
 #: the early-warning detector's defaults, and other operating points measured alongside (same runs)
-PRECURSORS: dict[str, dict[str, float]] = {
-    "default (ratio 4, alpha 0.9)": {},
-    "ratio 6, alpha 0.9": {"ratio": 6.0},
-    "ratio 3, alpha 0.8": {"ratio": 3.0, "alpha": 0.8},
-    "ratio 2, alpha 0.8, floor x2 in 50 steps": {"ratio": 2.0, "alpha": 0.8, "rate": math.log(2.0) / 50},
-    "ratio 1.5, alpha 0.7, floor x2 in 50 steps": {"ratio": 1.5, "alpha": 0.7, "rate": math.log(2.0) / 50},
+PRECURSORS: dict[str, dict[str, float | None]] = {
+    "default (weights x2.5 in 10 steps, or grad norm ratio 4, alpha 0.9)": {},
+    "weights x2 in 10 steps, or grad norm ratio 4": {"weight_ratio": 2.0},
+    "weights x2.5 in 20 steps, or grad norm ratio 4": {"weight_every": 20},
+    "grad norm alone: ratio 4, alpha 0.9": {"weight_ratio": None},
+    "grad norm alone: ratio 2, alpha 0.8, floor x2 in 50 steps": {"weight_ratio": None, "ratio": 2.0, "alpha": 0.8,
+                                                                 "rate": math.log(2.0) / 50},
 }
 
 #: remedy key -> (label, the lab remedy between backward and step, qk-layernorm, z-loss coefficient)
@@ -162,8 +163,11 @@ class ScheduledStep(Remedy):
         self.precursors = precursors
 
     def step(self, loss: Tensor, stats: GradStats, batch: Batch | None = None) -> None:
+        weights: Tensor | None = None
         for precursor in self.precursors.values():
-            precursor.update(stats.total_norm)
+            if precursor.wants_weights() and weights is None:
+                weights = weight_norm(p for group in self.optimizer.param_groups for p in group["params"])
+            precursor.update(stats.total_norm, weights if precursor.wants_weights() else None)
         self.remedy.step(loss, stats, batch=batch)
         if self.scheduler is not None:
             self.scheduler.step()
