@@ -61,6 +61,8 @@ def test_a_tiny_run_records_the_instability_signals() -> None:
     assert result["curves"]["max_attn_logit"]["step"] == [0, 10]
     assert result["max_attn_logit"] > 0 and 0 <= result["min_attn_entropy"] <= result["uniform_attn_entropy"]
     assert result["log_z_drift"] >= 0 and "warning_step" in result
+    # at lr 1 the weights grow several-fold in the first 10 steps: the defaults warn at the first comparison
+    assert result["warning_step"] == 10 and result["warning_steps"]["grad norm alone: ratio 4, alpha 0.9"] is None
 
 
 def test_findings_say_whether_each_claim_held() -> None:
