@@ -12,7 +12,7 @@ from conftest import count_host_syncs
 from torch import nn
 
 import gradguard as gg
-from gradguard.clip import AGC, AutoClip, GlobalNorm, LayerNorm, Value, WarmupNorm, ZClip
+from gradguard.clip import AGC, AutoClip, GlobalNorm, LayerNorm, Value, ZClip
 
 
 def mlp() -> nn.Sequential:
@@ -200,43 +200,11 @@ def test_layer_norm_caps_each_layer_separately() -> None:
                 assert torch.equal(params[i].grad, before[i])
 
 
-def test_warmup_norm_clips_at_the_running_median_then_freezes_the_threshold() -> None:
-    """Warm-up: each step clipped at the median of the norms so far; then frozen, as GlobalNorm at that level."""
-    clipper = WarmupNorm(factor=2.0, warmup_steps=3)
-    norms = []
-    for step, scale in enumerate([1.0, 3.0, 0.5]):
-        model = with_grads(mlp(), scale=scale, seed=step)
-        total = gg.grad_stats(model).total_norm
-        norms.append(float(total))
-        limit = 2.0 * sorted(norms)[(len(norms) - 1) // 2]  # the lower middle value, as torch.median
-        expected = min(1.0, limit / (float(total) + 1e-6))
-        assert math.isclose(float(clipper(model).coef), expected, rel_tol=1e-6)
-    threshold = 2.0 * sorted(norms)[1]
-    for step, scale in enumerate([100.0, 0.01, 1e4], start=3):  # a spike after the warm-up does not move it
-        ours = with_grads(mlp(), scale=scale, seed=step)
-        theirs = twin(ours)
-        clipper(ours)
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), threshold)
-        for p, q in zip(ours.parameters(), theirs.parameters()):
-            torch.testing.assert_close(p.grad, q.grad)
-
-
-def test_warmup_norm_ignores_a_nonfinite_step_in_the_warm_up() -> None:
-    clipper = WarmupNorm(factor=1.0, warmup_steps=3)
-    clipper(with_grads(mlp(), scale=1.0, seed=0))
-    bad = with_grads(mlp(), scale=1.0, seed=1)
-    bad[0].weight.grad[0, 0] = math.nan
-    assert float(clipper(bad).coef) == 1.0  # not finite: not clipped, not learned
-    clipper(with_grads(mlp(), scale=1.0, seed=2))
-    first = float(gg.grad_stats(with_grads(mlp(), scale=1.0, seed=0)).total_norm)
-    third = float(gg.grad_stats(with_grads(mlp(), scale=1.0, seed=2)).total_norm)
-    assert math.isclose(float(clipper.state_dict()["threshold"]), min(first, third), rel_tol=1e-6)
-
-
-def test_default_clip_is_warmup_norm_for_recurrent_models_only() -> None:
+def test_default_clip_is_autoclip_for_recurrent_models_only() -> None:
     rnn = nn.Sequential(nn.GRU(3, 4, batch_first=True))
-    assert isinstance(gg.clip.default_clip(rnn), WarmupNorm)
-    assert isinstance(gg.clip.default_clip(nn.ModuleDict({"cell": nn.LSTMCell(3, 4)})), WarmupNorm)
+    clipper = gg.clip.default_clip(rnn)
+    assert isinstance(clipper, AutoClip) and clipper.percentile == 5.0
+    assert isinstance(gg.clip.default_clip(nn.ModuleDict({"cell": nn.LSTMCell(3, 4)})), AutoClip)
     assert gg.clip.default_clip(mlp()) is None
 
 
@@ -251,7 +219,6 @@ def make_all() -> list[gg.clip.Clipper]:
         AGC(0.001),
         AutoClip(10.0, 10),
         ZClip(warmup_steps=2),
-        WarmupNorm(warmup_steps=2),
     ]
 
 
@@ -285,9 +252,7 @@ def test_no_host_sync(clipper: gg.clip.Clipper) -> None:
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda: AutoClip(50.0, 5), lambda: ZClip(warmup_steps=3), lambda: WarmupNorm(warmup_steps=8)],
-    ids=["AutoClip", "ZClip", "WarmupNorm"],
+    "make", [lambda: AutoClip(50.0, 5), lambda: ZClip(warmup_steps=3)], ids=["AutoClip", "ZClip"]
 )
 def test_state_dict_round_trip_continues_identically(make) -> None:
     a, model_a = make(), mlp()
@@ -323,8 +288,6 @@ def test_stats_with_another_norm_type_are_refused() -> None:
         (lambda: ZClip(warmup_steps=0), "ZClip: warmup_steps must be an int >= 1, got 0"),
         (lambda: ZClip(mode="median"), "ZClip: mode must be 'zscore' or 'percentile', got 'median'"),
         (lambda: ZClip(clip_option="max"), "ZClip: clip_option must be"),
-        (lambda: WarmupNorm(factor=0), "WarmupNorm: factor must be a finite number > 0, got 0.0"),
-        (lambda: WarmupNorm(warmup_steps=0), "WarmupNorm: warmup_steps must be an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(make, message: str) -> None:

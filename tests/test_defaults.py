@@ -24,9 +24,10 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-def test_guard_defaults_clip_recurrent_models_at_their_warmup_norm() -> None:
+def test_guard_defaults_autoclip_recurrent_models_only() -> None:
     rnn = Recurrent()
-    assert isinstance(gg.Guard(rnn, sgd(rnn)).clip, gg.clip.WarmupNorm)
+    clip = gg.Guard(rnn, sgd(rnn)).clip
+    assert isinstance(clip, gg.clip.AutoClip) and clip.percentile == 5.0
     mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     assert gg.Guard(mlp, sgd(mlp)).clip is None
     assert gg.Guard(rnn, sgd(rnn), clip=None).clip is None  # None still means no clip
@@ -41,8 +42,8 @@ def test_guard_refuses_an_unknown_clip_name() -> None:
 
 
 def test_default_clip_bounds_the_steps_of_an_exploding_rnn() -> None:
-    """After the warm-up, a step whose gradient is 100x the warm-up level is clipped to that level (the
-    detector's own spike clipping set to "log", to see the default clip alone)."""
+    """A step whose gradient is 100x the norms seen so far is clipped to their 5th percentile (the detector's
+    own spike clipping set to "log", to see the default clip alone)."""
     torch.manual_seed(0)
     rnn = Recurrent()
     guard = gg.Guard(rnn, torch.optim.SGD(rnn.parameters(), lr=0.0), on_spike="log", log_every=1)
@@ -56,7 +57,7 @@ def test_default_clip_bounds_the_steps_of_an_exploding_rnn() -> None:
         guard.step(loss)
         rnn.zero_grad(set_to_none=True)
     first, last = guard.history[0], guard.history[-1]
-    assert not first["clipped"]
+    assert first["coef"] == pytest.approx(1.0)  # the same gradient every step: the 5th percentile is that norm
     assert last["clipped"] and last["coef"] == pytest.approx(0.01, rel=1e-3)
 
 
@@ -65,4 +66,4 @@ def test_the_demo_guarded_run_learns_and_the_unguarded_one_does_not(capsys) -> N
     guarded, unguarded = results["gg.Guard(model, opt)"], results["unguarded"]
     assert guarded.final_loss < 0.1 * demo.CHANCE_LOSS and guarded.test_accuracy > 0.95
     assert unguarded.final_loss > 0.9 * demo.CHANCE_LOSS  # stuck at chance: the spikes throw it off
-    assert "WarmupNorm" in capsys.readouterr().out
+    assert "AutoClip(percentile=5.0" in capsys.readouterr().out

@@ -13,9 +13,9 @@ The same data, initialisation and learning rate are trained three times:
 1. unguarded: each time the run starts to learn, a gradient spike throws it back to chance;
 2. clipped with ``gg.clip.ZClip()`` alone;
 3. guarded with ``gg.Guard(model, optimizer)`` at its defaults: for a model with recurrent layers the
-   default clip is ``gg.clip.WarmupNorm()`` (every step clipped at the median norm of the first 20, the
-   heuristic of Pascanu et al.), and the Guard also skips non-finite steps and loss spikes, backs off the
-   learning rate and rolls back if it must, and counts what it did.
+   default clip is ``gg.clip.AutoClip(percentile=5.0)`` (every step clipped at the 5th percentile of the
+   norms seen so far, Seetharaman et al. 2020), and the Guard also skips non-finite steps and loss spikes,
+   backs off the learning rate and rolls back if it must, and counts what it did.
 """
 
 from __future__ import annotations

@@ -448,7 +448,8 @@ def guard_defaults_findings(rows: list[Row], records: list[Record]) -> list[str]
     lines = [
         f"{GUARD_DEFAULTS} is gg.Guard(model, optimizer) with no option: the detector's responses (spikes clipped "
         "to its threshold, non-finite steps and loss spikes skipped, LR back-off and rollback when skips repeat) "
-        "and the clip of gg.clip.default_clip(model), WarmupNorm for a model with recurrent layers, none otherwise"
+        "and the clip of gg.clip.default_clip(model), AutoClip(percentile=5.0) for a model with recurrent layers, "
+        "none otherwise"
         + (f"; here {'; '.join(configs)}." if configs else ".")
     ]
     pairs = []

@@ -29,7 +29,6 @@ REMEDY_LABELS = {
     "zclip": "ZClip",
     "autoclip": "AutoClip",
     "agc": "AGC",
-    "warmup_norm": "WarmupNorm",
     "guard": "Guard",
 }
 
@@ -41,7 +40,6 @@ CLIPPERS: dict[str, type[gg_clip.Clipper]] = {
     "zclip": gg_clip.ZClip,
     "autoclip": gg_clip.AutoClip,
     "agc": gg_clip.AGC,
-    "warmup_norm": gg_clip.WarmupNorm,
 }
 
 
