@@ -229,6 +229,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def dense(schedule: Schedule) -> bool:
+    """Whether the schedule holds a dense window (a fault at each of ``DENSE_WINDOW`` steps in a row)."""
+    steps = sorted({fault.step for fault in schedule.faults})
+    run = best = 0
+    for previous, step in zip([-2, *steps], steps):
+        run = run + 1 if step == previous + 1 else 1
+        best = max(best, run)
+    return best >= DENSE_WINDOW
+
+
 def ratio(clean: Outcome, run: Outcome) -> float:
     """Final held-out loss over the clean run's; inf when the loss or the weights are not finite."""
     finite = math.isfinite(run.final_loss) and run.weights_finite
@@ -238,6 +248,7 @@ def ratio(clean: Outcome, run: Outcome) -> float:
 def table(results: list[tuple[Schedule, Outcome, list[Outcome]]], configs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Per configuration: the counts and the loss ratios described in the module docstring."""
     rows: dict[str, dict[str, Any]] = {}
+    schedules = [schedule for schedule, _, _ in results]
     for index, config in enumerate(configs):
         outcomes = [(clean, runs[index]) for _, clean, runs in results]
         ratios = [ratio(clean, run) for clean, run in outcomes if not run.diverged]
@@ -248,6 +259,7 @@ def table(results: list[tuple[Schedule, Outcome, list[Outcome]]], configs: tuple
                               for _, run in outcomes),
             "errors": sum(run.error is not None for _, run in outcomes),
             "diverged": sum(run.diverged for _, run in outcomes),
+            "diverged_dense": sum(run.diverged for schedule, (_, run) in zip(schedules, outcomes) if dense(schedule)),
             "median": statistics.median(ratios) if ratios else math.nan,
             "p90": percentile(ratios, 90),
             "max": max(ratios) if ratios else math.nan,
@@ -292,6 +304,9 @@ def main() -> None:
     for config, row in rows.items():
         print(f"{config:<18} {row['nonfinite_end']:>14} {row['silent_nan']:>10} {row['errors']:>6} "
               f"{row['diverged']:>8} {row['median']:>17.3f} {row['p90']:>7.3f} {row['max']:>9.3g}")
+    n_dense = sum(dense(schedule) for schedule, _, _ in results)
+    print(f"diverged: TrainingDiverged; of the {n_dense} schedules with a dense window, diverged: "
+          + ", ".join(f"{config} {row['diverged_dense']}" for config, row in rows.items()))
     print(f"targets for the Guard: non-finite end {TARGETS['nonfinite_end']}, silent NaN {TARGETS['silent_nan']}, "
           f"errors {TARGETS['errors']}, p90 <= {TARGETS['p90']}")
     for index, config in enumerate(CONFIGS):
