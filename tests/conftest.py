@@ -1,13 +1,16 @@
-"""Shared test fixtures: deterministic seeds; the host-sync counter comes from the library."""
+"""Shared test fixtures and helpers: deterministic seeds, the host-sync counter (from the library), ``twin``."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from gradguard.syncs import HostSyncCounter, count_host_syncs
 
-__all__ = ["HostSyncCounter", "count_host_syncs"]
+__all__ = ["HostSyncCounter", "count_host_syncs", "twin"]
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +26,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """A copy of the model with copies of its gradients (deepcopy leaves .grad behind)."""
+    other = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), other.parameters()):
+        q.grad = p.grad.clone()
+    return other

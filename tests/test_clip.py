@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import count_host_syncs
+from conftest import count_host_syncs, twin
 from torch import nn
 
 import gradguard as gg
@@ -24,14 +24,6 @@ def with_grads(model: nn.Module, scale: float = 1.0, seed: int = 0) -> nn.Module
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * scale
     return model
-
-
-def twin(model: nn.Module) -> nn.Module:
-    """A copy of the model with copies of its gradients (deepcopy leaves .grad behind)."""
-    other = copy.deepcopy(model)
-    for p, q in zip(model.parameters(), other.parameters()):
-        q.grad = p.grad.clone()
-    return other
 
 
 def grads(model: nn.Module) -> list[torch.Tensor]:

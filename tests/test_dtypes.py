@@ -3,11 +3,11 @@ and clipped as torch does, half precision is accumulated in float32."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from conftest import twin
 from torch import nn
 
 import gradguard as gg
@@ -23,13 +23,6 @@ def model_of(dtype: torch.dtype, scale: float = 1.0, seed: int = 0) -> nn.Sequen
             real = torch.complex(real, torch.randn(p.shape, generator=gen, dtype=torch.float64))
         p.grad = (real * scale).to(dtype)
     return model
-
-
-def twin(model: nn.Module) -> nn.Module:
-    other = copy.deepcopy(model)
-    for p, q in zip(model.parameters(), other.parameters()):
-        q.grad = p.grad.clone()
-    return other
 
 
 DTYPES = [torch.float64, torch.complex64, torch.complex128]
