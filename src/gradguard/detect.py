@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradguard.precursor import Precursor
+from gradguard.precursor import Precursor, PrecursorStep, PrecursorTensors, precursor_step
 from gradguard.stats import GradStats, per_tensor_norms
 
 #: Events one guarded step can raise, in the order of :attr:`Verdict.flags`.
@@ -68,8 +68,7 @@ def finite(x: Tensor) -> Tensor:
     return x * 0 == 0
 
 
-@dataclass
-class Verdict:
+class Verdict(NamedTuple):
     """What the detector saw at one step; all device tensors.
 
     Attributes:
@@ -93,6 +92,34 @@ class Verdict:
 
     def flag(self, kind: str) -> Tensor:
         return self.flags[STEP_KINDS.index(kind)]
+
+
+def ema_update(mean: Tensor, var: Tensor, x: Tensor, learn: Tensor, alpha: float,
+               sigma_floor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of the exponentially weighted mean and variance (Finch 2009, the module docstring), where
+    ``learn``; returns ``(mean, var, std)``, ``std = max(sqrt(var), sigma_floor)``. A mean still NaN (nothing
+    finite learned yet) starts from ``x``. Pure: new tensors, no read."""
+    # nothing finite in warm-up (mean NaN, the only value not equal to itself): start from this value
+    start = torch.where(mean == mean, mean, x)
+    d = x - start
+    new_mean = torch.add(start, d, alpha=1.0 - alpha)
+    new_var = torch.addcmul(var, d, d, value=1.0 - alpha).mul_(alpha)
+    mean = torch.where(learn, new_mean, mean)
+    var = torch.where(learn, new_var, var)
+    return mean, var, var.sqrt().clamp_(min=sigma_floor)
+
+
+def growth_step(ring: Tensor, log_norm: Tensor, window: int, log_factor: float,
+                full: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Push this step's log norm (NaN when not finite) into the ring of the last ``window + 1``; returns
+    ``(ring, growth flag, average factor per step over the window)``; the flag is False until the ring is
+    ``full``. Pure."""
+    ring = torch.cat([ring[1:], log_norm.reshape(1).to(ring.dtype)])
+    rise = ring[-1] - ring[0]
+    growth = (ring.diff() > 0).all() & (rise > window * log_factor)
+    if not full:
+        growth = torch.zeros_like(growth)  # not a full window yet
+    return ring, growth, torch.exp(rise / window)
 
 
 class MovingZScore:
@@ -164,14 +191,7 @@ class MovingZScore:
             return
         assert self.mean is not None and self.var is not None
         self.calls += 1
-        # nothing finite in warm-up (mean NaN, the only value not equal to itself): start from this value
-        mean = torch.where(self.mean == self.mean, self.mean, x)
-        d = x - mean
-        new_mean = torch.add(mean, d, alpha=1.0 - self.alpha)
-        new_var = torch.addcmul(self.var, d, d, value=1.0 - self.alpha).mul_(self.alpha)
-        self.mean = torch.where(learn, new_mean, self.mean)
-        self.var = torch.where(learn, new_var, self.var)
-        self._std = self.var.sqrt().clamp_(min=self.sigma_floor)
+        self.mean, self.var, self._std = ema_update(self.mean, self.var, x, learn, self.alpha, self.sigma_floor)
 
     def state_dict(self) -> dict[str, Any]:
         def copy(t: Tensor | None) -> Tensor | None:
@@ -202,15 +222,20 @@ class GrowthWindow:
     def update(self, log_norm: Tensor) -> tuple[Tensor, Tensor]:
         """Push this step's log norm (NaN when not finite); returns (growth flag, average factor per step
         over the window)."""
-        if self._ring is None or self._ring.device != log_norm.device:
-            self._ring = torch.full((self.window + 1,), math.nan, dtype=torch.float32, device=log_norm.device)
-        self._ring = torch.cat([self._ring[1:], log_norm.reshape(1).float()])
+        ring = self.ring(log_norm.device)
+        self._ring, growth, rate = growth_step(ring, log_norm, self.window, self.log_factor, self.full_next())
         self.calls += 1
-        rise = self._ring[-1] - self._ring[0]
-        growth = (self._ring.diff() > 0).all() & (rise > self.window * self.log_factor)
-        if self.calls <= self.window:
-            growth = torch.zeros_like(growth)  # not a full window yet
-        return growth, torch.exp(rise / self.window)
+        return growth, rate
+
+    def ring(self, device: torch.device) -> Tensor:
+        """The ring on ``device`` (NaN-filled at first)."""
+        if self._ring is None or self._ring.device != device:
+            self._ring = torch.full((self.window + 1,), math.nan, dtype=torch.float32, device=device)
+        return self._ring
+
+    def full_next(self) -> bool:
+        """Whether the ring is full after the next push (a host count)."""
+        return self.calls + 1 > self.window
 
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "ring": None if self._ring is None else self._ring.clone()}
@@ -236,8 +261,7 @@ def _check_detector_args(alpha: float, z_thresh: float, warmup_steps: int, growt
         raise ValueError(f"Detector: sigma_floor must be >= 0, got {sigma_floor}")
 
 
-@dataclass(frozen=True)
-class _Constants:
+class DetectorConstants(NamedTuple):
     """Per-slot constants of the packed vector ``[log ||g||, log loss, log ||g_layer|| ...]``, on its device."""
 
     floor: Tensor  # lower clamp before the log: 1e-30 for norms (a zero norm is scored), -inf for the loss
@@ -247,6 +271,95 @@ class _Constants:
     without_loss: Tensor  # the flags that stay when no loss is given
     zeros: Tensor
     inf: Tensor
+
+
+class DetectorTensors(NamedTuple):
+    """What one step of the detector reads from its state, on the device.
+
+    ``center`` and ``std`` are what the step's values are scored against: the moving mean and floored std,
+    or during the warm-up the median and floored MAD of the values so far (NaN: too few); ``var`` is the
+    moving variance (a placeholder during the warm-up)."""
+
+    center: Tensor
+    std: Tensor
+    var: Tensor
+    ring: Tensor
+    precursor: PrecursorTensors
+
+
+@dataclass(frozen=True)
+class DetectorStep:
+    """What one step of the detector does, fixed on the host (one object per kind of step)."""
+
+    z_thresh: float
+    alpha: float
+    sigma_floor: float
+    growth_window: int
+    log_growth_factor: float
+    ema: bool  # past the warm-up: learn by the EMA in the step (else the host collects the warm-up values)
+    rank_layers_by_z: bool  # name the layer by z-score (from the warm-up's last step on), else by log norm
+    growth_full: bool
+    has_loss: bool
+    has_layers: bool
+    precursor: PrecursorStep
+
+
+class DetectorOutput(NamedTuple):
+    """One step of the detector: its verdict, the new state, what to learn (the warm-up collects it)."""
+
+    verdict: Verdict
+    state: DetectorTensors
+    learn_x: Tensor  # the values to learn: the logs, a gradient spike capped at its threshold
+    learn: Tensor  # bool per slot: learn it (finite, and not a loss spike)
+
+
+def pack(total_norm: Tensor, loss: Tensor | None, norms: Tensor, c: DetectorConstants) -> Tensor:
+    """``[||g||, loss, ||g_layer|| ...]`` in one vector: float32, or float64 for float64 norms (a float64
+    gradient of 1e100 has a finite norm, see stats.py); the loss slot is NaN when no loss is given."""
+    loss_slot = c.no_loss if loss is None else loss.detach().reshape(1).to(norms.device)
+    return torch.cat([total_norm.reshape(1), loss_slot.float(), norms])
+
+
+def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: DetectorConstants,
+                  config: DetectorStep) -> DetectorOutput:
+    """Score one step's packed values ``u`` (:func:`pack`) and learn them: a pure function of device tensors
+    (the math of :class:`Detector`, see the module docstring), run eagerly or inside the Guard's compiled
+    step (``gradguard.device_step``)."""
+    x = torch.clamp(u, min=c.floor).log()  # a loss <= 0 has no log: NaN or -inf, never scored
+    nonfinite = u[:2] * 0 != 0  # [gradient, loss] hold NaN or inf (x * 0 is NaN for NaN and inf)
+    ok = x * 0 == 0  # finite logs: the values that are scored and learned
+    z = (x - s.center) / s.std
+    log_threshold = torch.addcmul(s.center, s.std, c.z_thresh)
+    spike = (z > c.z_thresh) & ok
+    # learn where finite, a loss spike excepted (spike implies ok, so the xor drops just that one);
+    # a gradient spike teaches its threshold (fmin: a NaN threshold, nothing learned yet, sets none)
+    learn_x, learn = torch.fmin(x, log_threshold), ok ^ (spike & c.loss_slot)
+    center, var, std = s.center, s.var, s.std
+    if config.ema:
+        center, var, std = ema_update(center, var, learn_x, learn, config.alpha, config.sigma_floor)
+    # the ring gets NaN for a non-finite norm (inf * False is NaN), which ends any run of growth
+    ring, growth, growth_rate = growth_step(s.ring, x[:1] * ok[:1], config.growth_window,
+                                            config.log_growth_factor, config.growth_full)
+    precursor_state, precursor = precursor_step(s.precursor, x[0], ok[0], weight_norm, config.precursor)
+    flags = torch.cat([nonfinite, spike[:2], growth.reshape(1), precursor.reshape(1)])
+    if not config.has_loss:
+        flags = flags & c.without_loss
+    if config.has_layers:  # the first non-finite layer (inf wins), else the one furthest above its own average
+        moved = z[2:] if config.rank_layers_by_z else x[2:]
+        layer = torch.where(ok[2:], moved, c.inf[2:]).argmax()
+    else:
+        layer = torch.zeros((), dtype=torch.int64, device=u.device)
+    verdict = Verdict(
+        flags=flags,
+        grad_z=z[0],
+        loss_z=z[1] if config.has_loss else c.zeros[1],
+        spike_threshold=torch.exp(log_threshold[0]),
+        norm_level=torch.exp(center[0]) if config.ema else c.inf[0],  # no level before the warm-up ends
+        growth_rate=growth_rate,
+        layer=layer,
+    )
+    state = DetectorTensors(center=center, std=std, var=var, ring=ring, precursor=precursor_state)
+    return DetectorOutput(verdict=verdict, state=state, learn_x=learn_x, learn=learn)
 
 
 class Detector:
@@ -300,15 +413,16 @@ class Detector:
         self.growth = GrowthWindow(growth_window, growth_factor)
         self.precursor = precursor if precursor is not None else Precursor()
         self._layer_names: list[str] | None = None
-        self._constants: dict[tuple[torch.device, int], _Constants] = {}
+        self._constants: dict[tuple[torch.device, int], DetectorConstants] = {}
+        self._configs: dict[tuple[Any, ...], DetectorStep] = {}
 
-    def _constants_for(self, device: torch.device, layers: int) -> _Constants:
+    def _constants_for(self, device: torch.device, layers: int) -> DetectorConstants:
         key = (device, layers)
         if key not in self._constants:
             def vector(total: float, loss: float, layer: float, dtype: torch.dtype = torch.float32) -> Tensor:
                 return torch.tensor([total, loss] + [layer] * layers, dtype=dtype, device=device)
 
-            self._constants[key] = _Constants(
+            self._constants[key] = DetectorConstants(
                 floor=vector(1e-30, -math.inf, 1e-30),
                 z_thresh=vector(self.z_thresh, self.z_thresh, math.inf),
                 loss_slot=vector(False, True, False, dtype=torch.bool),
@@ -323,47 +437,51 @@ class Detector:
     def update(self, stats: GradStats, loss: Tensor | None = None, weight_norm: Tensor | None = None) -> Verdict:
         """Score this step; advances the moving statistics (from finite values only). ``weight_norm``: the
         weights' norm on the steps ``self.precursor.wants_weights()`` names (``gradguard.precursor``)."""
+        state, c, config = self.begin(stats, loss is not None, weight_norm is not None)
+        out = detector_step(pack(stats.total_norm, loss, stats.norms, c), state, weight_norm, c, config)
+        self.commit(out, config)
+        return out.verdict
+
+    def begin(self, stats: GradStats, has_loss: bool,
+              sampled: bool) -> tuple[DetectorTensors, DetectorConstants, DetectorStep]:
+        """The host half of a step, before :func:`detector_step`: the state it reads, the constants and the
+        configuration of this kind of step. Then :meth:`commit` its output."""
         device = stats.total_norm.device
         layers = stats.norms.numel()
         c = self._constants_for(device, layers)
         if self._layer_names != stats.names:
             self._new_layers(stats.names)
-        loss_slot = c.no_loss if loss is None else loss.detach().reshape(1).to(device)
-        # float32, or float64 for float64 norms (a float64 gradient of 1e100 has a finite norm, see stats.py)
-        u = torch.cat([stats.total_norm.reshape(1), loss_slot.float(), stats.norms])
-        x = torch.clamp(u, min=c.floor).log()  # a loss <= 0 has no log: NaN or -inf, never scored
-        nonfinite = u[:2] * 0 != 0  # [gradient, loss] hold NaN or inf (x * 0 is NaN for NaN and inf)
-        ok = x * 0 == 0  # finite logs: the values that are scored and learned
-
         scores = self.scores
-        center, std = scores.reference(x)  # the EMA; in warm-up, the median and MAD so far (NaN: too few)
-        z = (x - center) / std
-        log_threshold = torch.addcmul(center, std, c.z_thresh)
-        spike = (z > c.z_thresh) & ok
-        # learn where finite, a loss spike excepted (spike implies ok, so the xor drops just that one);
-        # a gradient spike teaches its threshold (fmin: a NaN threshold, nothing learned yet, sets none)
-        scores.update(torch.fmin(x, log_threshold), ok ^ (spike & c.loss_slot))
-        # the ring gets NaN for a non-finite norm (inf * False is NaN), which ends any run of growth
-        growth, growth_rate = self.growth.update(x[:1] * ok[:1])
-        precursor = self.precursor.update_log(x[0], ok[0], weight_norm)
-        flags = torch.cat([nonfinite, spike[:2], growth.reshape(1), precursor.reshape(1)])
-        if loss is None:
-            flags = flags & c.without_loss
-        if layers:  # the first non-finite layer (inf wins), else the one furthest above its own average
-            moved = z[2:] if scores.ready else x[2:]
-            layer = torch.where(ok[2:], moved, c.inf[2:]).argmax()
+        if scores.ready:
+            assert scores.mean is not None and scores.var is not None
+            center, std, var = scores.mean, scores.std(), scores.var
+        else:  # the median and MAD so far (NaN: too few); the variance is not used
+            center, std = scores.reference(c.zeros)
+            var = std
+        precursor, precursor_config = self.precursor.begin(device, sampled)
+        state = DetectorTensors(center=center, std=std, var=var, ring=self.growth.ring(device), precursor=precursor)
+        key = (scores.ready, scores.calls + 1 >= scores.warmup_steps, self.growth.full_next(), has_loss,
+               layers > 0, precursor_config)
+        if key not in self._configs:  # one object per kind of step: a compiled caller sees the same one
+            self._configs[key] = DetectorStep(
+                z_thresh=self.z_thresh, alpha=self.alpha, sigma_floor=self.sigma_floor,
+                growth_window=self.growth_window, log_growth_factor=self.growth.log_factor, ema=key[0],
+                rank_layers_by_z=key[1], growth_full=key[2], has_loss=has_loss, has_layers=layers > 0,
+                precursor=precursor_config)
+        return state, c, self._configs[key]
+
+    def commit(self, out: DetectorOutput, config: DetectorStep) -> None:
+        """Keep a step's new state (and, during the warm-up, collect its values)."""
+        scores = self.scores
+        if config.ema:
+            scores.mean, scores.var, scores._std = out.state.center, out.state.var, out.state.std
+            scores.calls += 1
         else:
-            layer = torch.zeros((), dtype=torch.int64, device=device)
-        norm_level = torch.exp(scores.mean[0]) if scores.mean is not None else c.inf[0]
-        return Verdict(
-            flags=flags,
-            grad_z=z[0],
-            loss_z=c.zeros[1] if loss is None else z[1],
-            spike_threshold=torch.exp(log_threshold[0]),
-            norm_level=norm_level,
-            growth_rate=growth_rate,
-            layer=layer,
-        )
+            scores.update(out.learn_x, out.learn)
+        self.growth._ring = out.state.ring
+        self.growth.calls += 1
+        self.precursor.state = out.state.precursor
+        self.precursor.steps += 1
 
     def _new_layers(self, names: list[str]) -> None:
         """A different set of layers: their statistics start over, those of the norm and the loss stay."""

@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from gradguard.stats import per_tensor_norms
 
-__all__ = ["Precursor", "weight_norm"]
+__all__ = ["Precursor", "PrecursorStep", "PrecursorTensors", "precursor_step", "weight_norm"]
 
 
 def weight_norm(params: Iterable[Tensor]) -> Tensor:
@@ -60,6 +61,69 @@ def weight_norm(params: Iterable[Tensor]) -> Tensor:
     device = tensors[0].device
     norms = torch.stack([n.float().to(device) for n in per_tensor_norms(tensors, 2.0)])
     return torch.linalg.vector_norm(norms)
+
+
+class PrecursorTensors(NamedTuple):
+    """A :class:`Precursor`'s state on the device (0-d tensors)."""
+
+    smoothed: Tensor  # e_t, float32
+    floor: Tensor  # f_t, float32 (inf until the warm-up ends)
+    above: Tensor  # bool: a signal is above its threshold now
+    first: Tensor  # int64: the first step above a threshold (-1: none)
+    step: Tensor  # int64: updates so far
+    log_weight: Tensor  # float32: log ||W|| at the last sample (NaN: none yet)
+    weight_above: Tensor  # bool: the last sample grew past weight_ratio
+
+    @classmethod
+    def start(cls, device: torch.device) -> PrecursorTensors:
+        def full(value: float | bool | int, dtype: torch.dtype) -> Tensor:
+            return torch.full((), value, dtype=dtype, device=device)
+
+        return cls(smoothed=full(0.0, torch.float32), floor=full(math.inf, torch.float32),
+                   above=full(False, torch.bool), first=full(-1, torch.int64), step=full(0, torch.int64),
+                   log_weight=full(math.nan, torch.float32), weight_above=full(False, torch.bool))
+
+
+@dataclass(frozen=True)
+class PrecursorStep:
+    """What one update does, fixed on the host: the constants and the kind of step."""
+
+    alpha: float
+    rate: float
+    log_ratio: float
+    log_weight_ratio: float | None  # None: no weight signal
+    first_update: bool  # the first update: e_0 is the first norm
+    warm: bool  # past the warm-up: the gradient-norm floor is set and can warn
+    sampled: bool  # the weight norm is given at this step
+
+
+def precursor_step(s: PrecursorTensors, log_norm: Tensor, finite: Tensor, weight_norm: Tensor | None,
+                   config: PrecursorStep) -> tuple[PrecursorTensors, Tensor]:
+    """One update of the signals (the module docstring's formulas), a pure function of device tensors: the
+    new state, and True (0-d bool) when a signal has just climbed past its threshold."""
+    log_norm = log_norm.float().reshape(())
+    if config.first_update:
+        smoothed = torch.where(finite, log_norm, 0.0)
+    else:
+        smoothed = torch.where(finite, torch.lerp(s.smoothed, log_norm, 1.0 - config.alpha), s.smoothed)
+    floor, above, log_weight, weight_above = s.floor, None, s.log_weight, s.weight_above
+    if config.warm:
+        floor = torch.minimum(smoothed, s.floor + config.rate)
+        above = smoothed - floor > config.log_ratio
+    if config.log_weight_ratio is not None:
+        if config.sampled and weight_norm is not None:
+            log_weight = weight_norm.detach().float().reshape(()).to(log_norm.device).log()
+            # NaN before the first sample, and a NaN/Inf norm, compare False: the nonfinite events cover it
+            weight_above = log_weight - s.log_weight > config.log_weight_ratio
+        above = weight_above if above is None else above | weight_above
+    if above is None:  # nothing can warn yet
+        raised, above, first = torch.zeros_like(s.above), s.above, s.first
+    else:
+        raised = above & ~s.above
+        first = torch.where(above & (s.first < 0), s.step, s.first)
+    state = PrecursorTensors(smoothed=smoothed, floor=floor, above=above, first=first, step=s.step + 1,
+                             log_weight=log_weight, weight_above=weight_above)
+    return state, raised
 
 
 class Precursor:
@@ -114,12 +178,25 @@ class Precursor:
         self.weight_ratio = None if weight_ratio is None else float(weight_ratio)
         self.weight_every = weight_every
         self.steps = 0  # host counter of updates: deciding on it costs no sync
-        self.smoothed: Tensor | None = None
-        self.floor: Tensor | None = None
-        self.first: Tensor | None = None
-        self.above: Tensor | None = None
-        self.log_weight: Tensor | None = None  # log ||W|| at the last sample
-        self.weight_above: Tensor | None = None  # whether the last sample grew past weight_ratio
+        self.state: PrecursorTensors | None = None  # on the device, from the first update
+        self._configs: dict[tuple[bool, bool, bool], PrecursorStep] = {}
+
+    # the state's fields, as attributes (read them when the history is flushed)
+    @property
+    def smoothed(self) -> Tensor | None:
+        return None if self.state is None else self.state.smoothed
+
+    @property
+    def floor(self) -> Tensor | None:
+        return None if self.state is None else self.state.floor
+
+    @property
+    def above(self) -> Tensor | None:
+        return None if self.state is None else self.state.above
+
+    @property
+    def first(self) -> Tensor | None:
+        return None if self.state is None else self.state.first
 
     def wants_weights(self) -> bool:
         """Whether the next :meth:`update` samples the weight norm (a host counter: no sync)."""
@@ -135,59 +212,48 @@ class Precursor:
     def update_log(self, log_norm: Tensor, finite: Tensor, weight_norm: Tensor | None = None) -> Tensor:
         """:meth:`update` from the log of the norm and whether it is finite (0-d tensors), for a caller that has
         them already (the Guard's detector)."""
-        log_norm = log_norm.float().reshape(())
-        device = log_norm.device
-        if self.smoothed is None:
-            self.smoothed = torch.where(finite, log_norm, 0.0)
-            self.floor = torch.full_like(log_norm, math.inf)
-            self.first = torch.full((), -1, dtype=torch.int64, device=device)
-            self.above = torch.zeros((), dtype=torch.bool, device=device)
-        else:
-            self.smoothed = torch.where(finite, torch.lerp(self.smoothed, log_norm, 1.0 - self.alpha), self.smoothed)
-        assert self.floor is not None and self.first is not None and self.above is not None
-        above: Tensor | None = None
-        if self.steps >= self.warmup_steps:
-            self.floor = torch.minimum(self.smoothed, self.floor + self.rate)
-            above = self.smoothed - self.floor > math.log(self.ratio)
-        if weight_norm is not None and self.weight_ratio is not None:
-            log_weight = weight_norm.detach().float().reshape(()).to(device).log()
-            if self.log_weight is not None:  # a NaN/Inf norm compares False: the nonfinite events cover it
-                self.weight_above = log_weight - self.log_weight > math.log(self.weight_ratio)
-            self.log_weight = log_weight
-        if self.weight_above is not None:
-            above = self.weight_above if above is None else above | self.weight_above
-        if above is None:
-            raised = torch.zeros((), dtype=torch.bool, device=device)
-        else:
-            raised = above & ~self.above
-            self.above = above
-            self.first = torch.where(above & (self.first < 0), self.steps, self.first)
+        state, config = self.begin(log_norm.device, weight_norm is not None)
+        self.state, raised = precursor_step(state, log_norm, finite, weight_norm, config)
         self.steps += 1
         return raised
 
+    def begin(self, device: torch.device, sampled: bool) -> tuple[PrecursorTensors, PrecursorStep]:
+        """The state and the configuration of the next update (``sampled``: it is given the weight norm); the
+        caller runs :func:`precursor_step` and stores its state in :attr:`state`, then adds 1 to
+        :attr:`steps`."""
+        if self.state is None:
+            self.state = PrecursorTensors.start(device)
+        key = (self.steps == 0, self.steps >= self.warmup_steps, sampled and self.weight_ratio is not None)
+        if key not in self._configs:  # one object per kind of step: a compiled caller sees the same one
+            self._configs[key] = PrecursorStep(
+                alpha=self.alpha, rate=self.rate, log_ratio=math.log(self.ratio),
+                log_weight_ratio=None if self.weight_ratio is None else math.log(self.weight_ratio),
+                first_update=key[0], warm=key[1], sampled=key[2])
+        return self.state, self._configs[key]
+
     def signal(self) -> Tensor | None:
         """``e_t - f_t``, the log of how many times the smoothed norm is above its floor (0-d, device)."""
-        if self.smoothed is None or self.floor is None or self.steps <= self.warmup_steps:
+        if self.state is None or self.steps <= self.warmup_steps:
             return None
-        return self.smoothed - self.floor
+        return self.state.smoothed - self.state.floor
 
     def first_warning(self) -> int | None:
         """The first step flagged, counted from 0 (one host read); None when none was."""
-        if self.first is None:
+        if self.state is None:
             return None
-        first = int(self.first)
+        first = int(self.state.first)
         return None if first < 0 else first
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "smoothed": self.smoothed, "floor": self.floor, "first": self.first,
-                "above": self.above, "log_weight": self.log_weight, "weight_above": self.weight_above}
+        return {"steps": self.steps, "state": None if self.state is None else self.state._asdict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = {"steps", "smoothed", "floor", "first", "above"} - set(state)
+        missing = {"steps", "state"} - set(state)
         if missing:
             raise ValueError(f"Precursor.load_state_dict: missing {sorted(missing)}")
+        fields = state["state"]
+        if fields is not None and set(fields) != set(PrecursorTensors._fields):
+            raise ValueError(f"Precursor.load_state_dict: state has {sorted(fields)}, "
+                             f"expected {sorted(PrecursorTensors._fields)}")
         self.steps = int(state["steps"])
-        self.smoothed, self.floor = state["smoothed"], state["floor"]
-        self.first, self.above = state["first"], state["above"]
-        # a state saved before the weight signal existed starts it afresh
-        self.log_weight, self.weight_above = state.get("log_weight"), state.get("weight_above")
+        self.state = None if fields is None else PrecursorTensors(**fields)
