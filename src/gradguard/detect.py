@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from gradguard.precursor import Precursor, PrecursorStep, PrecursorTensors, precursor_step
-from gradguard.stats import GradStats, per_tensor_norms
+from gradguard.stats import GradStats, is_finite, per_tensor_norms
 
 #: Events one guarded step can raise, in the order of :attr:`Verdict.flags`.
 STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "growth", "precursor")
@@ -60,12 +60,6 @@ _MAD_TO_STD = 1.4826  # the MAD of a normal sample times this is its standard de
 def kinds_of(bits: int) -> list[str]:
     """The kinds whose bit is set in ``bits`` (bit ``i``: ``STEP_KINDS[i]``), in ``STEP_KINDS`` order."""
     return [kind for i, kind in enumerate(STEP_KINDS) if bits >> i & 1]
-
-
-def finite(x: Tensor) -> Tensor:
-    """``torch.isfinite(x)`` for floating tensors in two kernels instead of four: ``x * 0`` is 0 for finite
-    values and NaN for NaN and +-inf (this runs every step, on the device)."""
-    return x * 0 == 0
 
 
 class Verdict(NamedTuple):
@@ -326,8 +320,8 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     (the math of :class:`Detector`, see the module docstring), run eagerly or inside the Guard's compiled
     step (``gradguard.device_step``)."""
     x = torch.clamp(u, min=c.floor).log()  # a loss <= 0 has no log: NaN or -inf, never scored
-    nonfinite = u[:2] * 0 != 0  # [gradient, loss] hold NaN or inf (x * 0 is NaN for NaN and inf)
-    ok = x * 0 == 0  # finite logs: the values that are scored and learned
+    nonfinite = ~is_finite(u[:2])  # [gradient, loss] hold NaN or inf
+    ok = is_finite(x)  # finite logs: the values that are scored and learned
     z = (x - s.center) / s.std
     log_threshold = torch.addcmul(s.center, s.std, c.z_thresh)
     spike = (z > c.z_thresh) & ok
@@ -337,8 +331,8 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     center, var, std = s.center, s.var, s.std
     if config.ema:
         center, var, std = ema_update(center, var, learn_x, learn, config.alpha, config.sigma_floor)
-    # the ring gets NaN for a non-finite norm (inf * False is NaN), which ends any run of growth
-    ring, growth, growth_rate = growth_step(s.ring, x[:1] * ok[:1], config.growth_window,
+    # the ring gets NaN for a non-finite norm, which ends any run of growth
+    ring, growth, growth_rate = growth_step(s.ring, torch.where(ok[:1], x[:1], math.nan), config.growth_window,
                                             config.log_growth_factor, config.growth_full)
     precursor_state, precursor = precursor_step(s.precursor, x[0], ok[0], weight_norm, config.precursor)
     flags = torch.cat([nonfinite, spike[:2], growth.reshape(1), precursor.reshape(1)])

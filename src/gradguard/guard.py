@@ -75,10 +75,11 @@ from torch import Tensor, nn
 
 from gradguard import dist as gg_dist
 from gradguard.clip import Clipper, ClipResult, GlobalNorm, ScaleClipper, default_clip, scale_grads_
-from gradguard.decide import ACTIONS, ALLOWED_ACTIONS, Decision, Responses, decide
-from gradguard.detect import STEP_KINDS, Detector, Verdict, kinds_of, nonfinite_layer
+from gradguard.decide import ACTIONS, ALLOWED_ACTIONS, Decision, Responses
+from gradguard.detect import STEP_KINDS, Detector, DetectorStep, kinds_of, nonfinite_layer
+from gradguard.device_step import DeviceStep, StepConfig, StepOutput, code_weights
 from gradguard.forensics import ANALYSED_KINDS, BadSample, Forensics, ForensicsRecord
-from gradguard.history import FIELDS, History, StepRecord, to_record
+from gradguard.history import History, StepRecord, history_row, to_record
 from gradguard.names import user_name
 from gradguard.precursor import weight_norm
 from gradguard.recover import GiveUp, Recovery, RecoveryPolicy, TrainingDiverged, TrainingState, clone_tree
@@ -165,6 +166,10 @@ class Guard:
         optimizer_step: for integrations only: the framework's original ``optimizer.step`` when the
             framework routes ``optimizer.step()`` to the Guard. By default the Guard calls
             ``optimizer.step()`` at each step (so a scheduler made after the Guard sees the step).
+        compile: run the step's device arithmetic (detect, decide, the history row: ``gradguard.device_step``)
+            through ``torch.compile`` once the detector's warm-up is over: a few fused kernels instead of ~60
+            small ones (on a GPU, ~60 kernel launches a step), at the cost of a compilation (seconds) at the
+            first steady step. Falls back to eager, with a warning, where it cannot compile.
     """
 
     #: Flushed records kept in ``guard.history`` (the oldest are dropped).
@@ -192,6 +197,7 @@ class Guard:
         process_group: Any = None,
         forensics: Forensics | None = None,
         optimizer_step: Callable[[], Any] | None = None,
+        compile: bool = False,
     ):
         _check_model_and_optimizer(model, optimizer)
         if isinstance(clip, str) and clip == "default":
@@ -207,6 +213,8 @@ class Guard:
         norm_type = clip.norm_type if clip is not None else 2.0
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
             raise ValueError(f"Guard: clip.norm_type must be a number > 0 or inf, got {norm_type!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"Guard: compile must be True or False, got {compile!r}")
         if optimizer_step is not None and not callable(optimizer_step):
             raise ValueError(f"Guard: optimizer_step must be callable or None, got {optimizer_step!r}")
         self.responses = Responses.resolve(on_nonfinite, on_spike, on_loss_spike, responses)
@@ -240,6 +248,8 @@ class Guard:
         self._has_dtensor = any(gg_dist._is_dtensor(p) for _, p in self._named)
         self._ceiling = clip.max_norm if isinstance(clip, GlobalNorm) else math.inf
         self._bit_weights: dict[torch.device, Tensor] = {}
+        self._step_fn = DeviceStep(compile)
+        self._step_configs: dict[DetectorStep, StepConfig] = {}
 
         self.history_buffer = History(capacity=self.log_every, layer_every=self.layer_every)
         self._history: deque[StepRecord] = deque(maxlen=self.MAX_HISTORY)
@@ -299,31 +309,29 @@ class Guard:
         # 1. measure
         stats, loss = self._measure(loss)
         weights = weight_norm(p for _, p in self._named) if self.detector.precursor.wants_weights() else None
-        verdict = self.detector.update(stats, loss, weights)
         # GlobalNorm's coefficient is decide's static ceiling (the same kernels); other scale strategies' own
         clip_coef = self.clip.coefficient(stats) if isinstance(self.clip, ScaleClipper) and not isinstance(
             self.clip, GlobalNorm) else None
-        # 2. decide
+        # 2. detect and decide: one pure function of device tensors (device_step.py; compiled with compile=True)
         # (distributed: every input is global already, so every rank takes the same decision; dist.py)
-        decision = decide(stats.total_norm, stats.finite, verdict, clip_coef, self.responses, self._ceiling)
-        # bits = [skip, coef < 1, flags...], as bools and as 0/1 floats; codes = [all bits, the flags' bits]
-        flags = torch.cat([decision.skip.reshape(1), (decision.coef < 1.0).reshape(1), decision.flags])
-        bits = flags.float()
-        codes = self._code_weights(bits.device) @ bits
+        out = self._device_step(stats, loss, weights, clip_coef)
+        verdict = out.detector.verdict
+        decision = Decision(skip=out.skip, coef=out.coef, ceiling=out.ceiling, flags=verdict.flags,
+                            responses=self.responses)
         # forensics: a bad step is explained before the weights move (the step's one read, on both paths)
         code = None
         if self.forensics is not None:
-            code = int(codes[0])
+            code = int(out.codes[0])
             self._explain(stats, loss, kinds_of(code >> 2))
         # 3. apply
         if self.fused:
-            kinds, in_place = None, self._apply_fused(decision, stats, bits)
+            kinds, in_place = None, self._apply_fused(decision, stats, out)
         else:
-            kinds, in_place = self._apply_eager(decision, stats, codes, code)
+            kinds, in_place = self._apply_eager(decision, stats, out.codes, code)
         if self.scaler is not None:
             self.scaler.update()
         # 4. record; the host side of the step (plain optimizers: now; fused: at the flush)
-        self._record(stats, loss, verdict, decision, in_place, flags, bits, codes)
+        self._record(stats, loss, out, in_place)
         if kinds is not None:
             assert self._last_skipped_host is not None
             try:
@@ -336,7 +344,7 @@ class Guard:
             self.forensics.end_call()
         if self.step_count % self.log_every == 0:
             self.flush()
-        return decision.skip.logical_not()
+        return out.stepped
 
     def _checked_loss(self, loss: Any) -> Tensor | None:
         if loss is None:
@@ -369,6 +377,24 @@ class Guard:
         if self.process_group is not None:
             stats, loss = gg_dist.all_reduce_stats(stats, loss, self.process_group, sharded)
         return stats, loss
+
+    def _device_step(self, stats: GradStats, loss: Tensor | None, weights: Tensor | None,
+                     clip_coef: Tensor | None) -> StepOutput:
+        """Detect, decide and build the history row (``gradguard.device_step``), then keep the detector's state."""
+        state, constants, detector_config = self.detector.begin(stats, loss is not None, weights is not None)
+        config = self._step_configs.get(detector_config)
+        if config is None:  # one object per kind of step: a compiled step sees the same one
+            config = StepConfig(detector=detector_config, ceiling=self._ceiling,
+                                record=self.clip is None or isinstance(self.clip, ScaleClipper), fused=self.fused)
+            self._step_configs[detector_config] = config
+        steady = detector_config.ema and detector_config.growth_full and detector_config.precursor.warm and not (
+            detector_config.precursor.first_update)
+        device = stats.total_norm.device
+        out = self._step_fn(stats.total_norm, stats.finite, stats.norms, loss, state, weights, clip_coef,
+                            self._counts, constants, self._code_weights(device), self.responses, config,
+                            steady=steady)
+        self.detector.commit(out.detector, detector_config)
+        return out
 
     def _call_optimizer_step(self) -> None:
         if self._optimizer_step is not None:
@@ -417,15 +443,15 @@ class Guard:
         self._last_skipped_host = skipped
         return kinds_of(code >> 2), in_place
 
-    def _apply_fused(self, decision: Decision, stats: GradStats, bits: Tensor) -> Tensor | None:
+    def _apply_fused(self, decision: Decision, stats: GradStats, out: StepOutput) -> Tensor | None:
         """A fused optimizer takes the decision itself: it divides by ``grad_scale`` and skips on ``found_inf``
         (``coef`` is 1 on a skipped step, so ``grad_scale = 1 / coef`` either way)."""
         result = self._in_place_clip(stats)
         opt: Any = self.optimizer
         if not (self._momentum_buffers_missing() and bool(decision.skip)):  # a read until SGD's first step
             # with a GradScaler the gradients were unscaled already (stage UNSCALED): only our coefficient
-            opt.grad_scale = decision.coef.float().reciprocal()
-            opt.found_inf = bits[0]  # the skip flag as 0.0 / 1.0
+            opt.grad_scale = out.grad_scale
+            opt.found_inf = out.bits[0]  # the skip flag as 0.0 / 1.0
             try:
                 self._call_optimizer_step()
             finally:
@@ -453,46 +479,23 @@ class Guard:
         )
 
     def _code_weights(self, device: torch.device) -> Tensor:
-        """``W @ bits`` for bits ``[skip, scale, flag per kind of STEP_KINDS]``: row 0 gives the code the plain
-        path reads (``2**i`` for bit ``i``), row 1 the flags' own code (``2**k`` for kind ``k``); exact in
-        float32."""
         if device not in self._bit_weights:
-            n = 2 + len(STEP_KINDS)
-            weights = [[float(1 << i) for i in range(n)], [float(1 << (i - 2)) if i >= 2 else 0.0 for i in range(n)]]
-            self._bit_weights[device] = torch.tensor(weights, device=device)
+            self._bit_weights[device] = code_weights(len(STEP_KINDS), device)
         return self._bit_weights[device]
 
-    def _record(self, stats: GradStats, loss: Tensor | None, verdict: Verdict, decision: Decision,
-                in_place: Tensor | None, flags: Tensor, bits: Tensor, codes: Tensor) -> None:
-        """One row of history on the device: ``FIELDS`` as float32, stacked in one kernel. ``flags`` are
-        ``[skip, coef < 1, flag per kind]``, ``bits`` the same as floats, ``codes`` their two codes."""
-        device = stats.total_norm.device
-        total = stats.total_norm.float()
-        skipped, clipped, was_clipped = bits[0], bits[1], flags[1]  # coef < 1 only on a real step
-        coef = decision.coef.float()
-        if in_place is not None:  # a per-layer / per-element strategy clipped the gradients itself
-            coef = torch.where(decision.skip, coef, torch.minimum(coef, in_place.float()))
-            was_clipped = coef < 1.0
-            clipped = was_clipped.float()
-        counts = bits[:2] if in_place is None else torch.stack([skipped, clipped])
-        self._counts = counts if self._counts is None else self._counts + counts
-        self._last_skip = decision.skip
-        values = {
-            "loss": self.responses.constant(math.nan, torch.float32, device) if loss is None
-            else loss.reshape(()).to(device=device, dtype=torch.float32),
-            "total_norm": total,
-            "coef": coef,
-            "clip_threshold": torch.where(was_clipped, total * coef, decision.ceiling),
-            "skipped": skipped,
-            "clipped": clipped,
-            "flags": codes[1],
-            "grad_z": verdict.grad_z.float(),
-            "loss_z": verdict.loss_z.float(),
-            "spike_threshold": verdict.spike_threshold.float(),
-            "growth_rate": verdict.growth_rate.float(),
-            "layer": verdict.layer.float(),
-        }
-        row = torch.stack([values[name] for name in FIELDS])
+    def _record(self, stats: GradStats, loss: Tensor | None, out: StepOutput, in_place: Tensor | None) -> None:
+        """One row of history on the device (``FIELDS`` as float32): the step's, or, when a per-layer / per-element
+        strategy clipped the gradients itself (``in_place``, its coefficient), one that says so."""
+        row, counts = out.row, out.counts
+        if row is None or in_place is not None:
+            device = stats.total_norm.device
+            recorded_loss = self.responses.constant(math.nan, torch.float32, device) if loss is None else loss
+            row, step_counts = history_row(recorded_loss, out.detector.verdict, stats.total_norm, out.coef,
+                                           out.ceiling, out.skip, out.flags, out.bits, out.codes, in_place)
+            counts = step_counts if self._counts is None else self._counts + step_counts
+        assert counts is not None
+        self._counts = counts
+        self._last_skip = out.skip
         lr = self.optimizer.param_groups[0]["lr"]
         lr = float(lr) if not isinstance(lr, Tensor) else float("nan")  # a tensor LR is not read per step
         layer_norms = stats.norms if self.layer_every and self.step_count % self.layer_every == 0 else None

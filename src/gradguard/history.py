@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from gradguard.decide import Responses
-from gradguard.detect import kinds_of
+from gradguard.detect import Verdict, kinds_of
 
 
 class _EventKeys(TypedDict):
@@ -110,6 +110,40 @@ COLUMN = {name: i for i, name in enumerate(FIELDS)}
 
 def _float_or_none(x: float) -> float | None:
     return None if math.isinf(x) and x > 0 else x
+
+
+def history_row(loss: Tensor, verdict: Verdict, total_norm: Tensor, coef: Tensor, ceiling: Tensor, skip: Tensor,
+                flags: Tensor, bits: Tensor, codes: Tensor, in_place: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One step's row of ``FIELDS`` (float32, one ``stack``) and its ``[skipped, clipped]`` as floats, from the
+    step's device tensors; a pure function.
+
+    ``loss`` is the step's loss (NaN when none was given); ``flags`` are ``[skip, coef < 1, flag per kind]``,
+    ``bits`` the same as floats and ``codes`` their two codes (the flags' own code second); ``in_place`` is the
+    coefficient of a per-layer / per-element clip strategy that clipped the gradients itself, or None."""
+    total = total_norm.float()
+    skipped, clipped, was_clipped = bits[0], bits[1], flags[1]  # coef < 1 only on a real step
+    coef = coef.float()
+    counts = bits[:2]
+    if in_place is not None:  # the recorded coefficient is the least of the two
+        coef = torch.where(skip, coef, torch.minimum(coef, in_place.float()))
+        was_clipped = coef < 1.0
+        clipped = was_clipped.float()
+        counts = torch.stack([skipped, clipped])
+    values = {
+        "loss": loss.reshape(()).to(device=total.device, dtype=torch.float32),
+        "total_norm": total,
+        "coef": coef,
+        "clip_threshold": torch.where(was_clipped, total * coef, ceiling),
+        "skipped": skipped,
+        "clipped": clipped,
+        "flags": codes[1],
+        "grad_z": verdict.grad_z.float(),
+        "loss_z": verdict.loss_z.float(),
+        "spike_threshold": verdict.spike_threshold.float(),
+        "growth_rate": verdict.growth_rate.float(),
+        "layer": verdict.layer.float(),
+    }
+    return torch.stack([values[name] for name in FIELDS]), counts
 
 
 class History:

@@ -1,0 +1,150 @@
+"""The device half of a guarded step, as one pure function: detect, decide, the history row.
+
+Between the gradients' norms and the optimizer step, the Guard does nothing but small element-wise
+arithmetic on a few short vectors (``[||g||, loss, ||g_layer|| ...]``, the event flags, one history row)::
+
+    out = device_step(stats.total_norm, stats.finite, stats.norms, loss, state, weight_norm, clip_coef,
+                      counts, constants, code_weights, responses, config)
+    out.skip, out.coef        # the decision (gradguard.decide)
+    out.codes[0]              # [skip, coef < 1, flag per kind] as one integer: the plain path's one host read
+    out.row                   # the step's history row (gradguard.history.FIELDS)
+    out.detector.state        # the detector's new state (Detector.commit keeps it)
+
+Run eagerly, that is about 60 small kernels per step (``benchmarks/bench_guard.py --ops`` lists them):
+each costs a few microseconds on a CPU and a kernel launch on a GPU, whatever the model's size. With
+``gg.Guard(..., compile=True)`` the function goes through ``torch.compile`` (inductor), which fuses them
+into a few kernels, once the detector's warm-up is over (the warm-up's median and MAD stay eager). It is
+compiled at the first steady step (seconds; once per kind of step: with or without the weight-norm
+sample, with or without a loss); a function that fails to compile (no C++ compiler, an unsupported
+backend) warns once and runs eagerly, with the same results.
+
+The function reads no tensor on the host and changes no input: it returns new tensors, which the Guard
+keeps (so a failed compiled call can simply be run again eagerly).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradguard.decide import Responses, decide
+from gradguard.detect import (
+    DetectorConstants,
+    DetectorOutput,
+    DetectorStep,
+    DetectorTensors,
+    detector_step,
+    pack,
+)
+from gradguard.history import history_row
+
+__all__ = ["DeviceStep", "StepConfig", "StepOutput", "device_step"]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What one guarded step computes, fixed on the host (one object per kind of step)."""
+
+    detector: DetectorStep
+    ceiling: float  # GlobalNorm's max_norm (inf: none)
+    record: bool  # build the history row here (False: a per-layer clip strategy changes it after the step)
+    fused: bool  # the optimizer takes grad_scale: compute 1 / coef
+
+
+class StepOutput(NamedTuple):
+    """What :func:`device_step` returns; all device tensors (None where the config asks for none)."""
+
+    detector: DetectorOutput
+    skip: Tensor  # 0-d bool: leave the parameters and the optimizer state as they are
+    coef: Tensor  # 0-d: the factor for the gradients on a real step (1.0 on a skipped step)
+    ceiling: Tensor  # 0-d float32: the total norm the step was allowed
+    flags: Tensor  # bool [skip, coef < 1, flag per kind of STEP_KINDS]
+    bits: Tensor  # the same as 0.0 / 1.0
+    codes: Tensor  # [all bits as one integer, the flags' bits as one integer], exact in float32
+    stepped: Tensor  # 0-d bool: not skip (what Guard.step returns)
+    row: Tensor | None  # the history row
+    counts: Tensor | None  # [skipped, clipped] so far, this step included
+    grad_scale: Tensor | None  # 1 / coef, float32, for a fused optimizer
+
+
+def device_step(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor | None, state: DetectorTensors,
+                weight_norm: Tensor | None, clip_coef: Tensor | None, counts: Tensor | None, c: DetectorConstants,
+                code_weights: Tensor, responses: Responses, config: StepConfig) -> StepOutput:
+    """One guarded step's device arithmetic (the module docstring): :func:`gradguard.detect.detector_step`,
+    :func:`gradguard.decide.decide`, :func:`gradguard.history.history_row`. Pure: no host read, inputs
+    unchanged.
+
+    Args:
+        total_norm, finite, norms: the step's :class:`~gradguard.stats.GradStats` (all-reduced when
+            distributed).
+        loss: the step's loss (summed over its micro-batches), or None.
+        state: the detector's state (``Detector.begin``).
+        weight_norm: the weights' norm on the steps the precursor samples it, else None.
+        clip_coef: a scale clip strategy's coefficient (AutoClip, ZClip), or None.
+        counts: ``[skipped, clipped]`` before this step (None: none yet).
+        c: the detector's constants; code_weights: the ``(2, 2 + len(STEP_KINDS))`` weights of the codes.
+        responses: the action per kind of event.
+        config: the kind of step.
+    """
+    u = pack(total_norm, loss, norms, c)
+    detected = detector_step(u, state, weight_norm, c, config.detector)
+    decision = decide(total_norm, finite, detected.verdict, clip_coef, responses, config.ceiling)
+    flags = torch.cat([decision.skip.reshape(1), (decision.coef < 1.0).reshape(1), decision.flags])
+    bits = flags.float()
+    codes = code_weights @ bits
+    row = new_counts = None
+    if config.record:
+        row, step_counts = history_row(u[1], detected.verdict, total_norm, decision.coef, decision.ceiling,
+                                       decision.skip, flags, bits, codes, None)
+        new_counts = step_counts if counts is None else counts + step_counts
+    grad_scale = decision.coef.float().reciprocal() if config.fused else None
+    return StepOutput(detector=detected, skip=decision.skip, coef=decision.coef, ceiling=decision.ceiling,
+                      flags=flags, bits=bits, codes=codes, stepped=decision.skip.logical_not(), row=row,
+                      counts=new_counts, grad_scale=grad_scale)
+
+
+class DeviceStep:
+    """:func:`device_step`, eager or compiled.
+
+    Args:
+        compile: run the steps past the detector's warm-up through ``torch.compile`` (inductor,
+            ``fullgraph=True``): a few fused kernels instead of ~60 small ones. False: always eager.
+    """
+
+    def __init__(self, compile: bool = False):
+        self.compile = compile
+        self.compiled: Callable[..., StepOutput] | None = None
+        self.compiled_calls = 0  # steps run by the compiled function
+
+    def __call__(self, *args: Any, steady: bool) -> StepOutput:
+        """``device_step(*args)``; compiled when ``compile`` and ``steady`` (past every warm-up: one kind of step
+        from then on)."""
+        # a compiled region cannot run under a TorchDispatchMode (count_host_syncs, a profiler's): eager then
+        if self.compile and steady and torch._C._len_torch_dispatch_stack() == 0:
+            if self.compiled is None:
+                self.compiled = torch.compile(device_step, fullgraph=True, dynamic=False)
+            try:
+                out = self.compiled(*args)
+            except Exception as error:  # no compiler, an unsupported backend, the recompile limit: run eagerly
+                warnings.warn(f"gradguard: Guard(compile=True) could not compile its step ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly",
+                              RuntimeWarning, stacklevel=3)
+                self.compile = False
+            else:
+                self.compiled_calls += 1
+                return out
+        return device_step(*args)
+
+
+def code_weights(n_kinds: int, device: torch.device) -> Tensor:
+    """``W`` with ``W @ bits`` the two codes of ``bits = [skip, scale, flag per kind]``: row 0 the code the plain
+    path reads (``2**i`` for bit ``i``), row 1 the flags' own code (``2**k`` for kind ``k``); exact in float32."""
+    n = 2 + n_kinds
+    weights = [[float(1 << i) for i in range(n)], [float(1 << (i - 2)) if i >= 2 else 0.0 for i in range(n)]]
+    return torch.tensor(weights, device=device)
+
