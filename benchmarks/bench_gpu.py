@@ -18,7 +18,11 @@ run; each figure is a median, and the variants are interleaved round by round in
    * ``bare fused``: ``AdamW(fused=True)``, the baseline of the fused variants;
    * ``guard fused``: the Guard with ``AdamW(fused=True)`` and forensics on
      (``gg.Forensics``, ``guard.step(loss, batch=...)``), where this gradguard has them;
-   * ``guard fused, forensics off``: the same without forensics.
+   * ``guard fused, forensics off``: the same without forensics;
+   * ``guard fused, compile=True``: the same, its step's device arithmetic compiled (``torch.compile``).
+
+   The Guards' detector warm-ups are shortened to 3 steps, so that the timed rounds are steady steps (as
+   every step of a real run after its 25th), compiled where asked.
 
    Times come from CUDA events (the device's own clock; a host sync that leaves the device idle shows as
    time), around the whole step and around the optimizer phase (everything after ``backward``).
@@ -32,7 +36,12 @@ run; each figure is a median, and the variants are interleaved round by round in
    the fused optimizer steps, to explain a bad step before the weights move). On ``--device cpu`` the same steps are counted as ``gg.count_host_syncs``
    counts them (``aten._local_scalar_dense``), the optimizer's own reads of its CPU step counters left out.
 
-3. **Bandwidth.** ``gg.grad_stats(model)`` over the model's gradients (one read) against a device copy of
+3. **Kernel launches** of one steady guarded step (``torch.profiler``: the CUDA launches made inside
+   ``guard.step``, those of ``optimizer.step`` and of the per-tensor ``_foreach_norm`` left out; on
+   ``--device cpu``, the outermost ATen ops instead, a compiled graph counted as one): plain AdamW, fused
+   AdamW, fused AdamW with ``compile=True``.
+
+4. **Bandwidth.** ``gg.grad_stats(model)`` over the model's gradients (one read) against a device copy of
    the same bytes (a read and a write), and ``torch._foreach_norm`` over the same tensors.
 """
 
@@ -199,12 +208,15 @@ def make_variants(model: nn.Module) -> dict[str, Variant]:
 
         add("zclip pkg", False, zclip_package)
 
-    def guard(forensics: bool) -> Callable:
+    def guard(forensics: bool, compile: bool = False) -> Callable:
         def factory(m: nn.Module, opt: Any) -> Callable:
+            kwargs: dict[str, Any] = {"clip": gg.clip.GlobalNorm(1.0), "detector": short_warmup()}
+            if compile:
+                kwargs["compile"] = True
             if forensics:
-                g = gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0), forensics=gg.Forensics(loss_fn=loss_fn))
+                g = gg.Guard(m, opt, forensics=gg.Forensics(loss_fn=loss_fn), **kwargs)
                 return lambda loss, batch: g.step(loss, batch=batch)
-            g = gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0))
+            g = gg.Guard(m, opt, **kwargs)
             return lambda loss, batch: g.step(loss)
 
         return factory
@@ -216,7 +228,19 @@ def make_variants(model: nn.Module) -> dict[str, Variant]:
     else:
         print("(this gradguard's Guard takes no forensics: the 'guard fused' row with forensics on is left out)")
     add("guard fused, forensics off", True, guard(forensics=False))
+    if has_compile():
+        add("guard fused, compile=True", True, guard(forensics=False, compile=True))
     return variants
+
+
+def short_warmup() -> Any:
+    """A detector whose warm-ups take 3 steps (the default's take 25): the steps measured are steady ones."""
+    return gg.detect.Detector(warmup_steps=3, precursor=gg.precursor.Precursor(warmup_steps=3))
+
+
+def has_compile() -> bool:
+    """Whether this gradguard's Guard takes ``compile=`` (issue 12)."""
+    return "compile" in inspect.signature(gg.Guard).parameters
 
 
 def random_batch(cfg: GPTConfig, batch: int, device: torch.device, gen: torch.Generator) -> tuple:
@@ -297,7 +321,7 @@ def report_times(variants: dict[str, Variant], steps: dict, phases: dict) -> Non
               f"{step_med[name] / step_med[base]:>10.3f} {phase_med[name]:>13.2f} {overhead:>18.2f}%")
     torch_over = phase_med["torch clip"] - phase_med["bare"]
     ratios = {"plain AdamW": phase_med["guard"] - phase_med["bare"]}
-    for name in ("guard fused", "guard fused, forensics off"):
+    for name in ("guard fused", "guard fused, forensics off", "guard fused, compile=True"):
         if name in phase_med:
             ratios[name.replace("guard fused", "fused AdamW")] = phase_med[name] - phase_med["bare fused"]
     print("\nGuard overhead / torch clip_grad_norm_ overhead: "
@@ -361,14 +385,18 @@ def guarded_steps(variant: Variant, guard: gg.Guard, forensics: bool, cfg: GPTCo
 def host_syncs(model: nn.Module, cfg: GPTConfig, batch: int, device: torch.device, amp: torch.autocast,
                steps: int = 50, warmup: int = 30) -> None:
     print(f"\n== host syncs in {steps} guarded steps (after {warmup} warm-up steps; flush steps left out)")
-    cases = [("fused AdamW", True, False), ("plain AdamW", False, False)]
+    cases = [("fused AdamW", True, False, False), ("plain AdamW", False, False, False)]
     if has_forensics():
-        cases.insert(1, ("fused AdamW, forensics on", True, True))
-    for label, fused, forensics in cases:
+        cases.insert(1, ("fused AdamW, forensics on", True, True, False))
+    if has_compile() and device.type == "cuda":  # a dispatch-mode counter (the CPU's) runs the step eagerly
+        cases.insert(1, ("fused AdamW, compile=True", True, False, True))
+    for label, fused, forensics, compile in cases:
         m = copy.deepcopy(model)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused)
         cpu_counter = CPUSyncCounter(opt)  # before the Guard takes opt.step
-        extra = {"forensics": gg.Forensics(loss_fn=loss_fn)} if forensics else {}
+        extra: dict[str, Any] = {"forensics": gg.Forensics(loss_fn=loss_fn)} if forensics else {}
+        if compile:
+            extra.update(compile=True, detector=short_warmup())
         guard = gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0), **extra)
         variant = Variant(m, opt, lambda loss, batch: None, "")
         guarded_steps(variant, guard, forensics, cfg, batch, device, amp, warmup, lambda fn: fn())
@@ -407,6 +435,75 @@ def host_syncs(model: nn.Module, cfg: GPTConfig, batch: int, device: torch.devic
         found = f"error: {error}" if error is not None else f"{count} syncs"
         print(f"  {label}: {found} in {steps - flushes} checked steps ({how}); documented: {expected} "
               f"({'one read per step' if expected else 'none'}) -> {verdict}")
+
+
+def launches(model: nn.Module, cfg: GPTConfig, batch: int, device: torch.device, amp: torch.autocast,
+             warmup: int = 12) -> None:
+    """Kernel launches of one steady guarded step (the module docstring, point 3)."""
+    cuda = device.type == "cuda"
+    what = "CUDA kernel launches" if cuda else "ATen ops (no CUDA here)"
+    print(f"\n== {what} in one guarded step, after {warmup} steps (optimizer.step and _foreach_norm left out)")
+    cases = [("plain AdamW", False, False), ("fused AdamW", True, False)]
+    if has_compile():
+        cases.append(("fused AdamW, compile=True", True, True))
+    for label, fused, compile in cases:
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused)
+        optimizer_step = opt.step
+
+        @functools.wraps(optimizer_step)  # the signature the Guard inspects for fused support
+        def marked(*args: Any, optimizer_step: Any = optimizer_step, **kwargs: Any) -> Any:
+            with torch.profiler.record_function("optimizer.step"):
+                return optimizer_step(*args, **kwargs)
+
+        opt.step = marked  # type: ignore[method-assign]
+        guard = gg.Guard(m, opt, clip=gg.clip.GlobalNorm(1.0), detector=short_warmup(),
+                         **({"compile": True} if compile else {}))
+        variant = Variant(m, opt, lambda loss, batch: None, "")
+        guarded_steps(variant, guard, False, cfg, batch, device, amp, warmup, lambda fn: fn())
+        while guard.step_count % 10 == 0 or (guard.step_count + 1) % guard.log_every == 0:  # an ordinary step
+            guarded_steps(variant, guard, False, cfg, batch, device, amp, 1, lambda fn: fn())
+        gen = torch.Generator(device=device).manual_seed(4)
+        data = random_batch(cfg, batch, device, gen)
+        with amp:
+            loss = loss_fn(m(data[0]), data[1])
+        loss.backward()
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            guard.step(loss)
+            if cuda:
+                torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)
+        print(f"  {label}: {count_launches(prof, cuda)}")
+
+
+def count_launches(prof: Any, cuda: bool) -> int:
+    """CUDA launches (``cudaLaunchKernel``-like runtime calls, memcpy/memset included) or, without CUDA, the
+    outermost ATen ops that are not views or allocations (a compiled graph as one), outside ``optimizer.step``
+    and ``_foreach_norm``."""
+    skipped = ("optimizer.step", "aten::_foreach_norm")
+    free = ("aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::select",
+            "aten::slice", "aten::detach", "detach", "aten::reshape", "aten::_reshape_alias", "aten::unsqueeze")
+    count = 0
+
+    def visit(event: Any) -> None:
+        nonlocal count
+        if event.name in skipped:
+            return
+        if cuda:
+            name = event.name.lower()
+            if "launchkernel" in name or "memcpyasync" in name or "memsetasync" in name:
+                count += 1
+        elif event.name.startswith("aten::") or "CompiledFxGraph" in event.name:
+            count += event.name not in free  # the outermost op (a compiled graph: at least one kernel)
+            return
+        for child in event.cpu_children:
+            visit(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            visit(event)
+    return count
 
 
 def bandwidth(model: nn.Module, cfg: GPTConfig, device: torch.device, amp: torch.autocast, clock: Clock,
@@ -455,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="batch size (0: fill a step of --target-ms)")
     parser.add_argument("--target-ms", type=float, default=100.0)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=12)
     parser.add_argument("--sync-steps", type=int, default=50, help="guarded steps checked for host syncs")
     parser.add_argument("--sync-warmup", type=int, default=30, help="guarded steps before those")
     args = parser.parse_args(argv)
@@ -488,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     host_syncs(model, cfg, batch, device, amp, steps=args.sync_steps, warmup=args.sync_warmup)
+    launches(model, cfg, batch, device, amp)
     bandwidth(model, cfg, device, amp, clock, repeats=args.rounds)
     print(f"\nwhole run: {time.perf_counter() - started:.0f} s")
     return 0

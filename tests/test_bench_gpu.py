@@ -22,9 +22,12 @@ def test_tiny_cpu_run_measures_every_variant_and_finds_the_documented_host_reads
     args = ["--device", "cpu", "--tiny", "--rounds", "2", "--warmup", "0", "--sync-steps", "4", "--sync-warmup", "3"]
     assert bench_gpu.main(args) == 0
     out = capsys.readouterr().out
-    for row in ("bare", "torch clip", "guard", "bare fused", "guard fused, forensics off"):
+    for row in ("bare", "torch clip", "guard", "bare fused", "guard fused, forensics off", "guard fused, compile=True"):
         assert f"\n{row} " in out
     assert "Guard overhead / torch clip_grad_norm_ overhead" in out
     sync_lines = [line for line in out.splitlines() if "checked steps" in line]
     assert len(sync_lines) >= 2 and all(line.endswith("-> as documented") for line in sync_lines), sync_lines
     assert "grad_stats" in out and "of the copy's bandwidth" in out
+    launches = {line.split(":")[0].strip(): int(line.split(":")[1]) for line in out.split("in one guarded step")[1]
+                .split("==")[0].splitlines()[1:] if ":" in line}
+    assert launches["fused AdamW, compile=True"] <= 25 < launches["fused AdamW"], launches

@@ -261,7 +261,7 @@ class DetectorConstants(NamedTuple):
     floor: Tensor  # lower clamp before the log: 1e-30 for norms (a zero norm is scored), -inf for the loss
     z_thresh: Tensor  # z_thresh for the total norm and the loss, inf for layers (no spike of their own)
     loss_slot: Tensor  # True at the loss: its spikes are not learned
-    no_loss: Tensor  # a NaN in the loss slot when no loss is given
+    no_loss: Tensor  # NaN, shape (1,): the loss slot when no loss is given, the growth ring's non-finite norm
     without_loss: Tensor  # the flags that stay when no loss is given
     zeros: Tensor
     inf: Tensor
@@ -332,7 +332,7 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     if config.ema:
         center, var, std = ema_update(center, var, learn_x, learn, config.alpha, config.sigma_floor)
     # the ring gets NaN for a non-finite norm, which ends any run of growth
-    ring, growth, growth_rate = growth_step(s.ring, torch.where(ok[:1], x[:1], math.nan), config.growth_window,
+    ring, growth, growth_rate = growth_step(s.ring, torch.where(ok[:1], x[:1], c.no_loss), config.growth_window,
                                             config.log_growth_factor, config.growth_full)
     precursor_state, precursor = precursor_step(s.precursor, x[0], ok[0], weight_norm, config.precursor)
     flags = torch.cat([nonfinite, spike[:2], growth.reshape(1), precursor.reshape(1)])
