@@ -34,6 +34,13 @@ started from the plain mean and variance of the first ``warmup_steps`` finite va
 During the warm-up, values are scored against the median and the median absolute deviation of those seen
 so far (Hampel 1974; Rousseeuw & Croux 1993, "Alternatives to the median absolute deviation"):
 ``z = (x - median) / max(1.4826 * MAD, warmup_sigma_floor)``, robust to the spike it is looking for.
+
+**One step, one pure function.** :func:`detector_step` is the whole device arithmetic of a step (scores, flags,
+the named layer, the moving statistics, the growth ring, the precursor), a pure function of the packed values
+(:func:`pack`), the state (:class:`DetectorTensors`) and a host-fixed configuration (:class:`DetectorStep`).
+:meth:`Detector.update` is ``begin`` (the state and configuration, host bookkeeping), ``detector_step``, then
+``commit`` (keep the new state; during the warm-up, collect the values); the Guard runs ``detector_step``
+inside its own step function (``gradguard.device_step``), which ``Guard(compile=True)`` compiles.
 """
 
 from __future__ import annotations

@@ -13,14 +13,15 @@
 One guarded step (an accumulation boundary) reads top to bottom in :meth:`Guard.step`:
 
 1. **measure**: ``grad_stats`` (per-layer and global gradient norms, one read of the gradients;
-   all-reduced across ranks when distributed, see ``dist.py``), the detector's verdict (``detect.py``)
-   and the clip strategy's coefficient;
-2. **decide**: :func:`gradguard.decide.decide`, a pure function of those device tensors: skip or not, the
-   coefficient for the gradients, the action per kind of event;
+   all-reduced across ranks when distributed, see ``dist.py``) and the clip strategy's coefficient;
+2. **detect and decide**: :func:`gradguard.device_step.device_step`, one pure function of those device
+   tensors and the detector's state: the detector's verdict (:func:`gradguard.detect.detector_step`), the
+   decision (:func:`gradguard.decide.decide`: skip or not, the coefficient for the gradients, the action
+   per kind of event) and the step's history row; with ``compile=True``, compiled (one fused kernel);
 3. **apply**, one path per kind of optimizer (below): the optimizer step, or a skip (parameters *and*
    optimizer state unchanged, scheduler not advanced);
-4. **record**: one row of history on the device (``history.py``); every ``log_every`` steps the rows are
-   copied to the host in one transfer, written to the sinks, and the host-side recovery runs
+4. **record**: the row into the history's ring on the device (``history.py``); every ``log_every`` steps the
+   rows are copied to the host in one transfer, written to the sinks, and the host-side recovery runs
    (``recover.py``: LR back-off, rollback to the last good snapshot, ``TrainingDiverged``).
 
 **Host reads.** A plain optimizer needs a Python ``if`` to skip, so the Guard reads one integer per step,
