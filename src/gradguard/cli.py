@@ -71,6 +71,8 @@ def lab(
     if unknown:
         raise typer.BadParameter(f"unknown scenario {unknown[0]!r}; valid scenarios: {', '.join(valid)}")
     console = Console()
+    if not console.is_terminal:  # a pipe or a file (`make demo | tee`, CI logs): no cut at 80 columns
+        console = Console(width=160)
     result = run_lab(scenarios or None, quick=quick, seeds=seeds, out=Path(out), workers=workers, steps=steps)
     print_summary(result.records, console)
     console.print(

@@ -1,6 +1,6 @@
 """History: a bounded ring buffer of per-step scalars on the device, read by the host in one copy.
 
-Each guarded step writes one row of ``FIELDS`` (float32) into a ``(capacity, len(FIELDS))`` tensor on the
+Each guarded step writes one row of ``FIELDS`` (float32; float64 when the norms are) into a ``(capacity, len(FIELDS))`` tensor on the
 gradients' device, and every ``layer_every`` steps one row of per-layer norms into a second ring. Writing
 is a device copy; nothing is read. :meth:`History.drain` copies the filled rows to the host at once (the
 only host read of the monitoring path) and :func:`to_record` turns each into a :class:`StepRecord`::
@@ -114,36 +114,38 @@ def _float_or_none(x: float) -> float | None:
 
 def history_row(loss: Tensor, verdict: Verdict, total_norm: Tensor, coef: Tensor, ceiling: Tensor, skip: Tensor,
                 flags: Tensor, bits: Tensor, codes: Tensor, in_place: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One step's row of ``FIELDS`` (float32, one ``stack``) and its ``[skipped, clipped]`` as floats, from the
-    step's device tensors; a pure function.
+    """One step's row of ``FIELDS`` (one ``stack``) and its ``[skipped, clipped]`` as floats, from the step's
+    device tensors; a pure function. The row is float32, or float64 when the norms are (a float64 gradient
+    of 1e100 has a finite norm, recorded as such).
 
     ``loss`` is the step's loss (NaN when none was given); ``flags`` are ``[skip, coef < 1, flag per kind]``,
     ``bits`` the same as floats and ``codes`` their two codes (the flags' own code second); ``in_place`` is the
     coefficient of a per-layer / per-element clip strategy that clipped the gradients itself, or None."""
-    total = total_norm.float()
+    dtype = torch.float64 if total_norm.dtype == torch.float64 else torch.float32
+    total = total_norm.to(dtype)
     skipped, clipped, was_clipped = bits[0], bits[1], flags[1]  # coef < 1 only on a real step
-    coef = coef.float()
+    coef = coef.to(dtype)
     counts = bits[:2]
     if in_place is not None:  # the recorded coefficient is the least of the two
-        coef = torch.where(skip, coef, torch.minimum(coef, in_place.float()))
+        coef = torch.where(skip, coef, torch.minimum(coef, in_place.to(dtype)))
         was_clipped = coef < 1.0
         clipped = was_clipped.float()
         counts = torch.stack([skipped, clipped])
     values = {
-        "loss": loss.reshape(()).to(device=total.device, dtype=torch.float32),
+        "loss": loss.reshape(()).to(device=total.device),
         "total_norm": total,
         "coef": coef,
-        "clip_threshold": torch.where(was_clipped, total * coef, ceiling),
+        "clip_threshold": torch.where(was_clipped, total * coef, ceiling.to(dtype)),
         "skipped": skipped,
         "clipped": clipped,
         "flags": codes[1],
-        "grad_z": verdict.grad_z.float(),
-        "loss_z": verdict.loss_z.float(),
-        "spike_threshold": verdict.spike_threshold.float(),
-        "growth_rate": verdict.growth_rate.float(),
-        "layer": verdict.layer.float(),
+        "grad_z": verdict.grad_z,
+        "loss_z": verdict.loss_z,
+        "spike_threshold": verdict.spike_threshold,
+        "growth_rate": verdict.growth_rate,
+        "layer": verdict.layer,
     }
-    return torch.stack([values[name] for name in FIELDS]), counts
+    return torch.stack([values[name].to(dtype) for name in FIELDS]), counts
 
 
 class History:
@@ -174,9 +176,11 @@ class History:
         return len(self._steps)
 
     def record(self, step: int, row: Tensor, lr: float, names: list[str], layer_norms: Tensor | None) -> None:
-        """Write one step: ``row`` is a float32 vector in ``FIELDS`` order (a device copy, no read)."""
+        """Write one step: ``row`` is a float32 (or float64) vector in ``FIELDS`` order (a device copy, no read)."""
         if self._rows is None or self._rows.device != row.device:
-            self._rows = torch.zeros((self.capacity, len(FIELDS)), dtype=torch.float32, device=row.device)
+            self._rows = torch.zeros((self.capacity, len(FIELDS)), dtype=row.dtype, device=row.device)
+        elif self._rows.dtype != row.dtype:  # float64 norms from now on: keep the unread rows, widened
+            self._rows = self._rows.to(torch.promote_types(self._rows.dtype, row.dtype))
         self._rows[self._written % self.capacity] = row
         self._written += 1
         self._steps.append(step)
@@ -195,12 +199,13 @@ class History:
                 # a new set of layers; the unread rows of the old set are dropped (rare: frozen layers)
                 self._layer_steps = []
             self._layer_rows = torch.zeros(
-                (size, layer_norms.numel()), dtype=torch.float32, device=layer_norms.device
+                (size, layer_norms.numel()), device=layer_norms.device,
+                dtype=torch.float64 if layer_norms.dtype == torch.float64 else torch.float32
             )
             self._layer_names = list(names)
             self._layer_written = 0
         assert self._layer_rows is not None
-        self._layer_rows[self._layer_written % size] = layer_norms.float()
+        self._layer_rows[self._layer_written % size] = layer_norms.to(self._layer_rows.dtype)
         self._layer_written += 1
         self._layer_steps.append(step)
         if len(self._layer_steps) > size:
@@ -227,7 +232,7 @@ class History:
             assert self._layer_rows is not None
             pieces.append(self._unread(self._layer_rows, self._layer_written, n_layer).flatten())
         if extra is not None:
-            pieces.append(extra.float().flatten())
+            pieces.append(extra.flatten())
         if not pieces:
             return [], []
         device = pieces[0].device
