@@ -31,3 +31,4 @@ def test_tiny_cpu_run_measures_every_variant_and_finds_the_documented_host_reads
     launches = {line.split(":")[0].strip(): int(line.split(":")[1]) for line in out.split("in one guarded step")[1]
                 .split("==")[0].splitlines()[1:] if ":" in line}
     assert launches["fused AdamW, compile=True"] <= 25 < launches["fused AdamW"], launches
+    assert "the same records" in out and "'grad_spike'" in out and "'nonfinite_grad'" in out
