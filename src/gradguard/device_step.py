@@ -116,10 +116,16 @@ class DeviceStep:
             ``fullgraph=True``): a few fused kernels instead of ~60 small ones. False: always eager.
     """
 
+    #: Compilations of ``device_step`` allowed per process (torch's default is 8 per function): one per kind
+    #: of step (with or without the weight sample, a loss, a clip coefficient), per dtype and per number of
+    #: layers, over every Guard of the process (they share the compiled code).
+    RECOMPILE_LIMIT = 64
+
     def __init__(self, compile: bool = False):
         self.compile = compile
         self.compiled: Callable[..., StepOutput] | None = None
         self.compiled_calls = 0  # steps run by the compiled function
+        self._kinds: set[tuple[Any, ...]] = set()  # the kinds of call this object has made compiled
 
     def __call__(self, *args: Any, steady: bool) -> StepOutput:
         """``device_step(*args)``; compiled when ``compile`` and ``steady`` (past every warm-up: one kind of step
@@ -128,8 +134,16 @@ class DeviceStep:
         if self.compile and steady and torch._C._len_torch_dispatch_stack() == 0:
             if self.compiled is None:
                 self.compiled = torch.compile(device_step, fullgraph=True, dynamic=False)
+            total_norm, norms, config = args[0], args[2], args[-1]
+            kind = (config, total_norm.dtype, total_norm.device, norms.shape, *(a is None for a in args[3:8]))
             try:
-                out = self.compiled(*args)
+                if kind in self._kinds:
+                    out = self.compiled(*args)
+                else:  # perhaps a new compilation: torch's limit of 8 per function is for one model's steps
+                    with torch._dynamo.config.patch(recompile_limit=max(self.RECOMPILE_LIMIT,
+                                                                        torch._dynamo.config.recompile_limit)):
+                        out = self.compiled(*args)
+                    self._kinds.add(kind)
             except Exception as error:  # no compiler, an unsupported backend, the recompile limit: run eagerly
                 warnings.warn(f"gradguard: Guard(compile=True) could not compile its step ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly",
