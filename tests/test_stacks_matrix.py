@@ -71,8 +71,11 @@ class Faults:
             self.set(None)
 
 
+FAULTS_AT = {GRAD_STEP: "grad", FORWARD_STEP: "forward"}  # the faults of the matrix's runs, by step
+
+
 def fault_at(step: int) -> str | None:
-    return {GRAD_STEP: "grad", FORWARD_STEP: "forward"}.get(step)
+    return FAULTS_AT.get(step)
 
 
 def snapshot(model: nn.Module) -> list[torch.Tensor]:
@@ -144,16 +147,19 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(output, target)
 
 
-def train_net(model: nn.Module, faults: Faults, rank: int = 0) -> dict:
+def guarded_steps(model: nn.Module, faults: Faults, rank: int = 0, steps: int = STEPS,
+                  faults_at: dict[int, str] = FAULTS_AT, fused: bool = False,
+                  **guard_options: Any) -> tuple[gg.Guard, dict[str, dict]]:
     """A plain loop, as nanoGPT's: forward, backward, guard.step, zero_grad(set_to_none=True); then
-    close() (which flushes what is left: STEPS is not a multiple of log_every)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = gg.Guard(model, optimizer, clip=gg.clip.GlobalNorm(1.0), log_every=3)
+    close() (which flushes what is left: ``steps`` need not be a multiple of log_every). Returns the Guard
+    and the :func:`outcome` of each faulty step, by fault (``faults_at``: step -> ``"grad"``/``"forward"``)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    guard = gg.Guard(model, optimizer, **{"clip": gg.clip.GlobalNorm(1.0), "log_every": 3, **guard_options})
     befores, afters = {}, {}
-    for step in range(STEPS):
+    for step in range(steps):
         x, y = net_batch(step, rank)
         befores[step] = snapshot(model)
-        faults.set(fault_at(step))
+        faults.set(faults_at.get(step))
         loss = mse(model(x), y)
         loss.backward()
         faults.set(None)
@@ -161,11 +167,15 @@ def train_net(model: nn.Module, faults: Faults, rank: int = 0) -> dict:
         optimizer.zero_grad(set_to_none=True)
         afters[step] = snapshot(model)
     guard.close()
-    history = guard.history
+    return guard, {fault: outcome(guard.history[step], befores[step], afters[step]) for step, fault in faults_at.items()}
+
+
+def train_net(model: nn.Module, faults: Faults, rank: int = 0) -> dict:
+    """:func:`guarded_steps` with the matrix's faults, then ``gg.locate_nonfinite`` on the same model."""
+    guard, outcomes = guarded_steps(model, faults, rank)
     return {
-        "grad": outcome(history[GRAD_STEP], befores[GRAD_STEP], afters[GRAD_STEP]),
-        "forward": outcome(history[FORWARD_STEP], befores[FORWARD_STEP], afters[FORWARD_STEP]),
-        "steps": len(history),
+        **outcomes,
+        "steps": len(guard.history),
         "locate_grad": locate(model, net_batch(0, rank), mse, faults, "grad"),
         "locate_forward": locate(model, net_batch(0, rank), mse, faults, "forward"),
     }
@@ -197,7 +207,10 @@ def run_compile() -> dict:
     return {**result, "grad_layer": NET_GRAD_LAYER, "forward_module": NET_FORWARD_MODULE}
 
 
-def run_lightning() -> dict:
+def lightning_steps(steps: int = STEPS, faults_at: dict[int, str] = FAULTS_AT,
+                    **guard_options: Any) -> tuple[gg.Guard, dict[str, dict], nn.Module, Faults]:
+    """Lightning (``bf16-mixed``, accumulation 2) with the callback; returns its Guard, the :func:`outcome` of
+    each faulty step (by fault), the LightningModule and its faults."""
     L = pytest.importorskip("lightning")
     from gradguard.integrations.lightning import GradGuardCallback
 
@@ -225,7 +238,7 @@ def run_lightning() -> dict:
             step, micro = divmod(batch_idx, 2)
             if micro == 0:
                 self.before[step] = snapshot(pl_module)
-            self.faults.set(fault_at(step))
+            self.faults.set(faults_at.get(step))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.faults.set(None)
@@ -236,19 +249,26 @@ def run_lightning() -> dict:
     L.seed_everything(0, verbose=False)
     module = Module()
     faults = net_faults(module.net)
-    guarded, inject = GradGuardCallback(clip=gg.clip.GlobalNorm(1.0), log_every=3), Inject(faults)
+    guarded = GradGuardCallback(**{"clip": gg.clip.GlobalNorm(1.0), "log_every": 3, **guard_options})
+    inject = Inject(faults)
     trainer = L.Trainer(
-        callbacks=[guarded, inject], max_steps=STEPS, accumulate_grad_batches=2, precision="bf16-mixed",
+        callbacks=[guarded, inject], max_steps=steps, accumulate_grad_batches=2, precision="bf16-mixed",
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )  # fmt: skip
-    data = [net_batch(i) for i in range(2 * STEPS)]
+    data = [net_batch(i) for i in range(2 * steps)]
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
-    history = guarded.guard.history
+    assert guarded.guard is not None
+    outcomes = {fault: outcome(guarded.guard.history[step], inject.before[step], inject.after[step])
+                for step, fault in faults_at.items()}
+    return guarded.guard, outcomes, module, faults
+
+
+def run_lightning() -> dict:
+    guard, outcomes, module, faults = lightning_steps()
     return {
-        "grad": outcome(history[GRAD_STEP], inject.before[GRAD_STEP], inject.after[GRAD_STEP]),
-        "forward": outcome(history[FORWARD_STEP], inject.before[FORWARD_STEP], inject.after[FORWARD_STEP]),
-        "steps": len(history),
+        **outcomes,
+        "steps": len(guard.history),
         "locate_grad": locate(module, net_batch(0), mse, faults, "grad"),
         "locate_forward": locate(module, net_batch(0), mse, faults, "forward"),
         "grad_layer": "net." + NET_GRAD_LAYER,
@@ -261,13 +281,16 @@ def token_batch(n: int, vocab: int, length: int, seed: int) -> torch.Tensor:
     return (torch.randint(0, vocab, (n, 1), generator=gen) + torch.arange(length)) % vocab
 
 
-def run_hf(kind: str) -> dict:
+def hf_steps(kind: str, steps: int = STEPS, faults_at: dict[int, str] = FAULTS_AT, **guard_options: Any) -> dict:
+    """The Hugging Face Trainer (bf16, accumulation 2) on ``kind`` ("gpt2" or "bert") with the callback: its Guard,
+    the :func:`outcome` of each faulty step (``"outcomes"``, by fault), the trainer, model, faults, a batch, a
+    loss function and the layer and module the faults poison."""
     transformers = pytest.importorskip("transformers")
     from gradguard.integrations.transformers import GradGuardCallback
 
     torch.manual_seed(0)
     vocab, length = 32, 8
-    ids = token_batch(8 * 2 * STEPS, vocab, length, seed=0)
+    ids = token_batch(8 * 2 * steps, vocab, length, seed=0)
     if kind == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab, n_positions=length, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
@@ -305,7 +328,7 @@ def run_hf(kind: str) -> dict:
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             self.before[state.global_step] = snapshot(model)
-            faults.set(fault_at(state.global_step))
+            faults.set(faults_at.get(state.global_step))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             faults.set(None)
@@ -313,29 +336,36 @@ def run_hf(kind: str) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
-            output_dir=out, max_steps=STEPS, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+            output_dir=out, max_steps=steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
             bf16=True, use_cpu=True, max_grad_norm=0, learning_rate=1e-3, lr_scheduler_type="constant",
             report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
             dataloader_num_workers=0,
         )  # fmt: skip
-        guarded, inject = GradGuardCallback(clip=gg.clip.GlobalNorm(1.0), log_every=3), Inject()
+        guarded = GradGuardCallback(**{"clip": gg.clip.GlobalNorm(1.0), "log_every": 3, **guard_options})
+        inject = Inject()
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[guarded, inject])
         trainer.train()
-    history = guarded.guard.history
-    logged_steps = [row["step"] for row in trainer.state.log_history if "gradguard/total_norm" in row]
-    skipped_steps = [row["step"] for row in trainer.state.log_history if row.get("gradguard/skipped") == 1.0]
+    assert guarded.guard is not None
+    outcomes = {fault: outcome(guarded.guard.history[step], inject.before[step], inject.after[step])
+                for step, fault in faults_at.items()}
     model.eval()
+    return {"guard": guarded.guard, "outcomes": outcomes, "trainer": trainer, "model": model, "faults": faults,
+            "batch": batch, "loss_fn": loss_fn, "grad_layer": grad_layer, "forward_module": forward_module}
+
+
+def run_hf(kind: str) -> dict:
+    run = hf_steps(kind)
+    log_history, model, faults = run["trainer"].state.log_history, run["model"], run["faults"]
     return {
-        "grad": outcome(history[GRAD_STEP], inject.before[GRAD_STEP], inject.after[GRAD_STEP]),
-        "forward": outcome(history[FORWARD_STEP], inject.before[FORWARD_STEP], inject.after[FORWARD_STEP]),
-        "steps": len(history),
-        "locate_grad": locate(model, batch, loss_fn, faults, "grad"),
-        "locate_forward": locate(model, batch, loss_fn, faults, "forward"),
-        "grad_layer": grad_layer,
-        "forward_module": forward_module,
-        "logged_steps": logged_steps,
-        "skipped_steps": skipped_steps,
-        "trainer_grad_norms": [row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row],
+        **run["outcomes"],
+        "steps": len(run["guard"].history),
+        "locate_grad": locate(model, run["batch"], run["loss_fn"], faults, "grad"),
+        "locate_forward": locate(model, run["batch"], run["loss_fn"], faults, "forward"),
+        "grad_layer": run["grad_layer"],
+        "forward_module": run["forward_module"],
+        "logged_steps": [row["step"] for row in log_history if "gradguard/total_norm" in row],
+        "skipped_steps": [row["step"] for row in log_history if row.get("gradguard/skipped") == 1.0],
+        "trainer_grad_norms": [row["grad_norm"] for row in log_history if "grad_norm" in row],
     }
 
 
@@ -351,7 +381,8 @@ def run_ddp(rank: int) -> dict:
     return {**train_net(model, faults, rank), "grad_layer": NET_GRAD_LAYER, "forward_module": NET_FORWARD_MODULE}
 
 
-def run_fsdp2(rank: int) -> dict:
+def fsdp2_net() -> Net:
+    """The :class:`Net` of seed 0 under FSDP2: each block sharded (``fully_shard``), then the whole."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -359,6 +390,11 @@ def run_fsdp2(rank: int) -> dict:
     for block in net.blocks:
         fully_shard(block)
     fully_shard(net)
+    return net
+
+
+def run_fsdp2(rank: int) -> dict:
+    net = fsdp2_net()
     # the NaN gradient in rank 1's shard only: the sharded norms combine it, and every rank skips
     faults = net_faults(net, nan_grad_here=rank == 1)
     return {**train_net(net, faults, rank), "grad_layer": NET_GRAD_LAYER, "forward_module": NET_FORWARD_MODULE}
@@ -366,13 +402,7 @@ def run_fsdp2(rank: int) -> dict:
 
 def fsdp2_grad_stats(rank: int) -> dict:
     """gg.grad_stats on an FSDP2 model's DTensor gradients: the norms of the full gradients, on every rank."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    net = Net()
-    for block in net.blocks:
-        fully_shard(block)
-    fully_shard(net)
+    net = fsdp2_net()
     x, y = net_batch(0)  # the same batch on both ranks
     mse(net(x), y).backward()
     full = {name: p.grad.full_tensor() for name, p in net.named_parameters()}  # a collective too
@@ -392,12 +422,17 @@ def fsdp2_grad_stats(rank: int) -> dict:
     return result
 
 
-def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
+DISTRIBUTED_RUNS: tuple[tuple[str, Callable[[int], dict]], ...] = (
+    ("ddp", run_ddp), ("fsdp2", run_fsdp2), ("fsdp2_grad_stats", fsdp2_grad_stats),
+)
+
+
+def _distributed_worker(rank: int, port: int, out_dir: str, runs: tuple[tuple[str, Callable[[int], dict]], ...]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for name, run in (("ddp", run_ddp), ("fsdp2", run_fsdp2), ("fsdp2_grad_stats", fsdp2_grad_stats)):
+        for name, run in runs:
             try:
                 results[name] = run(rank)
             except Exception as exc:  # reported by the checks, with the other stack's results kept
@@ -414,14 +449,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory) -> list[dict]:
+def run_distributed(runs: tuple[tuple[str, Callable[[int], dict]], ...], out_dir: str) -> list[dict]:
+    """Each ``(name, run)`` of ``runs`` on ``WORLD`` forked gloo ranks, in turn; per rank, ``{name: run(rank)}``
+    (or ``{name: {"error": ...}}``)."""
     if not dist.is_available() or "fork" not in mp.get_all_start_methods():
         pytest.skip("needs torch.distributed with gloo and fork")
-    out_dir = str(tmp_path_factory.mktemp("stacks"))
     # fork: the children share this process's imports (a spawned child would import torch again)
-    mp.start_processes(_distributed_worker, args=(_free_port(), out_dir), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_distributed_worker, args=(_free_port(), out_dir, runs), nprocs=WORLD, start_method="fork")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory) -> list[dict]:
+    return run_distributed(DISTRIBUTED_RUNS, str(tmp_path_factory.mktemp("stacks")))
 
 
 # --- the matrix -----------------------------------------------------------------------------------
