@@ -134,8 +134,7 @@ class DeviceStep:
         if self.compile and steady and torch._C._len_torch_dispatch_stack() == 0:
             if self.compiled is None:
                 self.compiled = torch.compile(device_step, fullgraph=True, dynamic=False)
-            total_norm, norms, config = args[0], args[2], args[-1]
-            kind = (config, total_norm.dtype, total_norm.device, norms.shape, *(a is None for a in args[3:8]))
+            kind = _kind_of_call(*args)
             try:
                 if kind in self._kinds:
                     out = self.compiled(*args)
@@ -153,6 +152,15 @@ class DeviceStep:
                 self.compiled_calls += 1
                 return out
         return device_step(*args)
+
+
+def _kind_of_call(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor | None, state: DetectorTensors,
+                  weight_norm: Tensor | None, clip_coef: Tensor | None, counts: Tensor | None, *rest: Any) -> tuple:
+    """What tells two calls of :func:`device_step` (same arguments) apart for ``torch.compile``: the step's
+    configuration, the norms' dtype, device and number, which optional inputs are given."""
+    config = rest[-1]
+    return (config, total_norm.dtype, total_norm.device, norms.shape,
+            loss is None, weight_norm is None, clip_coef is None, counts is None)
 
 
 def code_weights(n_kinds: int, device: torch.device) -> Tensor:
