@@ -262,12 +262,13 @@ def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     guard = gg.Guard(model, optimizer, log_every=5,
                      recovery=gg.RecoveryPolicy(snapshot_every=5, rollback_lr_factor=0.5))
-    for i in range(10):
+    for i in range(9):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
-    good = [p.detach().clone() for p in model.parameters()]  # snapshot taken at the flush of step 10
+    # the snapshot taken at the flush after step 9 holds the state as step 9 began (step 9 ran on it)
+    good = [p.detach().clone() for p in model.parameters()]
     good_optimizer = copy.deepcopy(optimizer.state_dict()["state"])
-    for i in range(10, 13):
+    for i in range(9, 13):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
     with torch.no_grad():
@@ -275,7 +276,7 @@ def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
     for i in range(13, 15):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
-    # the flush at step 15 finds the NaN weight and restores the snapshot of step 10
+    # the flush after step 14 finds the NaN weight and restores the snapshot of step 9
     for a, b in zip(good, model.parameters()):
         assert torch.equal(a, b)
     for k, v in good_optimizer.items():
@@ -293,12 +294,14 @@ def test_rollback_from_disk_snapshot(tmp_path):
     guard = gg.Guard(model, optimizer, log_every=2,
                      recovery=gg.RecoveryPolicy(snapshot_every=2, snapshot_clean_steps=2,
                                                 snapshot_dir=str(tmp_path)))
-    for i in range(4):
+    for i in range(3):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
-    assert (tmp_path / "gradguard_snapshot.pt").exists()
-    good = [p.detach().clone() for p in model.parameters()]
-    guard.step(_backward(model, 4))
+    good = [p.detach().clone() for p in model.parameters()]  # the snapshot of step 3, kept at the next flush
+    for i in range(3, 5):
+        guard.step(_backward(model, i))
+        optimizer.zero_grad()
+    assert (tmp_path / "gradguard_snapshot.pt").exists() and guard.recovery.snapshot.step == 3
     optimizer.zero_grad()
     with torch.no_grad():
         model[0].bias.fill_(math.inf)
@@ -335,14 +338,26 @@ def test_raise_response_stops_at_once():
         guard.step(_backward(model, 1, nan=True))
 
 
-def test_many_skips_roll_back():
+def test_many_skips_whose_loss_spiked_roll_back():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(rollback_after=5, backoff_after=100))
-    for i in range(6):
-        guard.step(_backward(model, i, nan=i >= 1))
+    for i in range(10):
+        guard.step(_backward(model, i, scale=1e4 if i >= 5 else 1.0))
         optimizer.zero_grad()
     assert guard.summary()["rollbacks"] == 1 and guard.summary()["skipped"] == 5
+
+
+def test_skips_of_nan_gradients_with_a_healthy_loss_do_not_roll_back():
+    """Skipping works there (the weights gave a healthy loss at each step): a rollback would only throw away
+    the progress since the snapshot."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(rollback_after=5, backoff_after=100))
+    for i in range(20):
+        guard.step(_backward(model, i, nan=i >= 5))
+        optimizer.zero_grad()
+    assert guard.summary()["rollbacks"] == 0 and guard.summary()["skipped"] == 15
 
 
 def test_spike_clip_response_clips_to_the_detector_threshold():
@@ -546,4 +561,5 @@ def test_per_kind_response_override_rolls_back_on_a_gradient_spike():
     guard.close()
     kinds = [e["kind"] for e in guard.history[12]["events"]]
     assert kinds == ["grad_spike", "loss_spike", "rollback"]  # the loss spike is only logged
-    assert guard.history[12]["events"][2]["to_step"] == 10
+    # the snapshot of step 4 (step 9's own loss was above its level, z 2.4: that snapshot was not kept)
+    assert guard.history[12]["events"][2]["to_step"] == 4

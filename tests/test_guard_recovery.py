@@ -4,6 +4,8 @@ TrainingDiverged leaving the last good snapshot in the model (issue 10 points 2 
 from __future__ import annotations
 
 import math
+import random
+import statistics
 
 import pytest
 import torch
@@ -124,10 +126,12 @@ def test_snapshots_wait_for_clean_steps_and_a_loss_near_its_level():
         guard.step(loss)
         optimizer.zero_grad()
         snapshots.append(guard.recovery.snapshot.step)
-    # 0 at the start, 10 after steps 2..9 were clean (8 steps); steps 12 and 13 were skipped: the next is
-    # due at 15 but needs 14..21 clean, so it comes at the flush of step 25
-    assert sorted(set(snapshots)) == [0, 10, 25, 30, 35, 40]
-    assert snapshots[14] == 10 and snapshots[19] == 10 and snapshots[24] == 25
+    # a snapshot holds the state as the last step before a flush began (of step 9 at the flush after step
+    # 9), kept when that step and the ones before it were clean: 0 at the start, 9 after steps 2..9 were
+    # clean (8 steps); steps 12 and 13 were skipped: the next is due at the flush after 14 but needs 14..21
+    # clean, so it comes at the flush after step 24 and holds the state of step 24
+    assert sorted(set(snapshots)) == [0, 9, 24, 29, 34, 39]
+    assert snapshots[14] == 9 and snapshots[19] == 9 and snapshots[24] == 24
 
 
 def test_training_diverged_leaves_the_last_good_snapshot_in_the_model_and_names_its_step():
@@ -136,12 +140,15 @@ def test_training_diverged_leaves_the_last_good_snapshot_in_the_model_and_names_
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     policy = gg.RecoveryPolicy(max_rollbacks=1, snapshot_every=5, snapshot_clean_steps=5)
     guard = gg.Guard(model, optimizer, log_every=5, recovery=policy)
-    for i in range(10):
+    for i in range(9):
         guard.step(_loss(model, i))
         optimizer.zero_grad()
-    assert guard.recovery.snapshot.step == 10
+    # the snapshot taken at the flush after step 9 holds the state as step 9 began (step 9 ran on it)
     good = {k: v.clone() for k, v in model.state_dict().items()}
     good_momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    guard.step(_loss(model, 9))
+    optimizer.zero_grad()
+    assert guard.recovery.snapshot.step == 9
     with pytest.raises(gg.TrainingDiverged) as info:
         for i in range(10, 30):
             guard.step(_loss(model, i))
@@ -149,7 +156,7 @@ def test_training_diverged_leaves_the_last_good_snapshot_in_the_model_and_names_
             with torch.no_grad():
                 model[2].weight.fill_(math.nan)  # every state restored goes bad again
     error = info.value
-    assert error.snapshot_step == 10 and "last good snapshot, of step 10" in str(error)
+    assert error.snapshot_step == 9 and "last good snapshot, of step 9" in str(error)
     for name, value in model.state_dict().items():
         assert torch.equal(value, good[name]), name
     for p, m in zip(model.parameters(), good_momentum):
@@ -170,3 +177,186 @@ def test_a_raise_response_also_leaves_the_last_good_snapshot():
             optimizer.zero_grad()
     assert info.value.snapshot_step == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- bursts survived, divergence ended
+
+
+def _held_out_loss(model: nn.Module) -> float:
+    x = torch.randn(2048, 6, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(x), torch.sin(x[:, :1]) + x[:, 1:2]))
+
+
+def _train_through_a_burst(fused: bool, faults: str | None) -> tuple[gg.Guard, nn.Module, tuple[float, float]]:
+    """SGD with momentum; steps 100..149 each carry one fault: a NaN gradient (``faults="nan_grad"``), or one
+    of a NaN gradient, a NaN loss, a batch scaled by 1e4 and NaN written into a weight after the step
+    (``"mix"``, seeded). Returns the Guard, the model and the held-out loss before the burst and at the end
+    (means over steps 60..100 and 210..250: SGD's loss bounces from one step to the next)."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
+    guard = gg.Guard(model, optimizer)
+    rng = random.Random(0)
+    held = {}
+    for i in range(251):
+        if i % 10 == 0:
+            held[i] = _held_out_loss(model)
+        if i == 250:
+            break
+        fault = None
+        if 100 <= i < 150 and faults is not None:
+            fault = faults if faults != "mix" else rng.choice(["nan_grad", "nan_loss", "scaled_batch", "nan_weight"])
+        x, y = _batch(i)
+        loss = nn.functional.mse_loss(model(x * 1e4 if fault == "scaled_batch" else x), y)
+        if fault == "nan_loss":
+            loss = loss * math.nan
+        loss.backward()
+        if fault == "nan_grad":
+            model[0].weight.grad[0, 0] = math.nan
+        guard.step(loss)
+        optimizer.zero_grad()
+        if fault == "nan_weight":
+            with torch.no_grad():
+                model[2].weight[0, 3] = math.nan
+    guard.close()
+    before, after = (statistics.mean(held[i] for i in range(start, start + 41, 10)) for start in (60, 210))
+    return guard, model, (before, after)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_50_step_burst_of_nan_gradients_is_skipped_and_training_goes_on(fused):
+    """Regression: each 10 skips within 50 steps rolled back (to a snapshot up to 100 steps old), 3
+    rollbacks per run: the Guard ended a run that skipping alone kept finite in TrainingDiverged. The skipped
+    steps' losses were healthy: the weights were sound, and a rollback only threw progress away."""
+    guard, model, (before, after) = _train_through_a_burst(fused, "nan_grad")
+    summary = guard.summary()
+    assert summary["rollbacks"] == 0 and summary["skipped"] == 50
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    _, _, (_, clean) = _train_through_a_burst(fused, None)
+    assert after < before and after < 1.5 * clean  # training went on after the burst
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_50_step_burst_of_mixed_faults_is_survived_and_training_converges(fused):
+    """Regression: the NaN written into the weights needs a rollback each time (4 in this burst), more than the
+    3 the whole run was allowed: TrainingDiverged. The budget counts the rollbacks to one snapshot now."""
+    guard, model, (before, after) = _train_through_a_burst(fused, "mix")
+    assert guard.summary()["rollbacks"] >= 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    _, _, (_, clean) = _train_through_a_burst(fused, None)
+    assert after < before and after < 1.5 * clean
+
+
+@pytest.mark.parametrize("cause", ["lr_for_good", "nan_weights"])
+def test_a_divergence_rollbacks_do_not_cure_still_ends_in_training_diverged_with_the_snapshot(cause):
+    """A learning rate far too high, set again at every step as a training loop with its own schedule does
+    (the Guard's cuts never stick), or NaN written into the weights after every step: every rollback goes bad
+    again, no newer snapshot is ever good, and the budget of rollbacks to that snapshot runs out."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, optimizer)
+    for i in range(74):
+        guard.step(_loss(model, i))
+        optimizer.zero_grad()
+    good = {k: v.clone() for k, v in model.state_dict().items()}  # the state as step 74 begins
+    with pytest.raises(gg.TrainingDiverged) as info:
+        for i in range(74, 1000):
+            if cause == "lr_for_good" and i >= 75:
+                for group in optimizer.param_groups:
+                    group["lr"] = 20.0
+            guard.step(_loss(model, i))
+            optimizer.zero_grad()
+            if cause == "nan_weights" and i >= 75:
+                with torch.no_grad():
+                    model[2].weight[0, 0] = math.nan
+    error = info.value
+    policy = gg.RecoveryPolicy()
+    assert error.summary["rollbacks"] == policy.max_rollbacks and error.step < 75 + 20 * policy.max_rollbacks
+    assert error.snapshot_step == 74 and "rollback budget is spent" in str(error)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, good[name]), name
+
+
+def test_the_rollback_budget_is_fresh_once_a_newer_snapshot_is_good():
+    """Regression: max_rollbacks counted every rollback of the run: separate faults, each cured by one
+    rollback, ended a long run."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(max_rollbacks=1))
+    for i in range(200):
+        guard.step(_loss(model, i))
+        optimizer.zero_grad()
+        if i in (60, 140):
+            with torch.no_grad():
+                model[0].bias[0] = math.nan
+    guard.close()
+    rollbacks = [e for r in guard.history for e in r["events"] if e["kind"] == "rollback"]
+    assert [e["to_step"] for e in rollbacks] == [49, 124]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_step_that_wrecks_the_weights_just_before_a_flush_is_never_snapshotted():
+    """Regression: the snapshot held the weights after the last step before the flush, which no step had run
+    on yet: an LR x100 burst starting there was snapshotted, and every rollback restored the wreck."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, optimizer, log_every=5, recovery=gg.RecoveryPolicy(snapshot_every=5))
+    for i in range(120):
+        if i in (44, 54):  # x100 for ten steps, from the last step before the flush after step 44
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * 100.0 if i == 44 else group["lr"] / 100.0
+        guard.step(_loss(model, i))
+        optimizer.zero_grad()
+    guard.close()
+    rollbacks = [e for r in guard.history for e in r["events"] if e["kind"] == "rollback"]
+    assert rollbacks and all(e["to_step"] <= 44 for e in rollbacks)
+    healthy = sum(r["loss"] for r in guard.history[30:44]) / 14
+    assert sum(r["loss"] for r in guard.history[-10:]) / 10 < 1.5 * healthy
+
+
+def test_skipping_every_step_for_max_skip_streak_steps_ends_training():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(max_skip_streak=40))
+    with pytest.raises(gg.TrainingDiverged, match="40 steps in a row were skipped") as info:
+        for i in range(200):
+            loss = _loss(model, i)
+            if i >= 30:
+                model[0].weight.grad[0, 0] = math.nan  # a backward that always fails, the loss healthy
+            guard.step(loss)
+            optimizer.zero_grad()
+    assert info.value.step == 69 and info.value.summary["rollbacks"] == 0
+
+
+def test_a_resumed_guard_keeps_its_rollback_budget_and_its_count_of_suspect_skips():
+    def steps(guard: gg.Guard, model: nn.Module, optimizer: torch.optim.Optimizer, first: int) -> gg.TrainingDiverged:
+        with pytest.raises(gg.TrainingDiverged) as info:
+            for i in range(first, 80):
+                guard.step(_loss(model, i, scale=1e4 if 36 <= i < 44 else 1.0))  # loss spikes: suspect skips
+                optimizer.zero_grad()
+                if i in (30, 46):
+                    with torch.no_grad():
+                        model[0].bias[0] = math.nan  # found at the next flush: a rollback
+        return info.value
+
+    policy = gg.RecoveryPolicy(max_rollbacks=2, rollback_after=6)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, optimizer, log_every=5, recovery=policy)
+    for i in range(39):
+        guard.step(_loss(model, i, scale=1e4 if 36 <= i < 44 else 1.0))
+        optimizer.zero_grad()
+        if i == 30:
+            with torch.no_grad():
+                model[0].bias[0] = math.nan
+    assert guard.recovery.spent == 1 and len(guard.recovery.suspect) == 3
+    twin = _model()
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05)
+    twin_optimizer.load_state_dict(optimizer.state_dict())
+    twin_guard = gg.Guard(twin, twin_optimizer, log_every=5, recovery=policy)
+    twin_guard.load_state_dict(guard.state_dict())
+    # the spikes from 36 roll back at 41 (the second rollback to the snapshot), the NaN of 46 spends the budget
+    error, twin_error = steps(guard, model, optimizer, 39), steps(twin_guard, twin, twin_optimizer, 39)
+    assert error.step == twin_error.step == 49 and error.summary == twin_error.summary
+    assert error.summary["rollbacks"] == 2

@@ -91,7 +91,7 @@ __all__ = ["ACTIONS", "ALLOWED_ACTIONS", "Guard", "RecoveryPolicy", "TrainingDiv
 
 _GROUPINGS = ("module", "param")
 #: The version of ``Guard.state_dict``'s layout; ``load_state_dict`` refuses others.
-STATE_FORMAT = "gradguard.Guard/2"
+STATE_FORMAT = "gradguard.Guard/3"
 _STATE_KEYS = ("format", "fingerprint", "detector", "clip", "step_count", "micro", "loss_sum", "counts",
                "recovery", "history")
 
@@ -305,7 +305,7 @@ class Guard:
         self._micro = 0
         self.sync_gradients = True
         loss, self._loss_sum = self._loss_sum, None
-        self.recovery.start(self.step_count)
+        self.recovery.start(self.step_count, before_flush=(self.step_count + 1) % self.log_every == 0)
 
         # 1. measure
         stats, loss = self._measure(loss)
@@ -337,7 +337,7 @@ class Guard:
             assert self._last_skipped_host is not None
             try:
                 self.recovery.after_step(self.step_count, kinds, self.responses, self._last_skipped_host,
-                                         now=self.step_count)
+                                         now=self.step_count, loss_given=loss is not None)
             except GiveUp as give_up:
                 self._give_up(give_up)
         self.step_count += 1
@@ -541,7 +541,8 @@ class Guard:
                     for record in records:
                         kinds = [event["kind"] for event in record["events"]]
                         rolled_back = self.recovery.after_step(
-                            record["step"], kinds, self.responses, record["skipped"], now=self.step_count - 1
+                            record["step"], kinds, self.responses, record["skipped"], now=self.step_count - 1,
+                            loss_given="nonfinite_loss" in kinds or not math.isnan(record["loss"]),
                         )
                         if rolled_back:
                             break  # later rows came from the state just abandoned

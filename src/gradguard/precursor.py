@@ -132,9 +132,9 @@ class Precursor:
 
     The defaults were chosen on the lab's transformer sweep (126 runs; the thresholds on seeds 0-1, the
     figures checked on seed 2): every diverging run warned, by the weight growth, at step 10, a median of
-    88 steps before it diverged, with 2 false alarms in 110 runs (runs at the sweep's highest learning
-    rate that the Guard kept from diverging); the gradient-norm climb alone warned 50 steps ahead for 3 of
-    16 (the lab's report gives the figures, for these and other settings).
+    88 steps before it diverged, with 3 false alarms in 111 runs (the Guard's runs at the sweep's highest
+    learning rate, which it kept from diverging); the gradient-norm climb alone warned 50 steps ahead for 2
+    of 15 (the lab's report gives the figures, for these and other settings).
 
     Args:
         ratio: how far above its floor (a factor on the norm) the smoothed gradient norm must climb (> 1).

@@ -10,31 +10,54 @@ Escalation, one rung at a time (and back down once training is healthy again):
 1. **LR back-off**: ``backoff_after`` skipped steps within ``skip_window`` steps multiply every
    parameter group's learning rate by ``lr_backoff`` (and an attached scheduler's ``base_lrs``, so that
    schedulers that recompute the rate from them keep the cut).
-2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``rollback_after`` skipped steps
-   within ``skip_window`` steps restore the last good snapshot (model, optimizer state, scheduler) and
-   cut the learning rate by ``rollback_lr_factor``. The learning rate itself is not taken from the
-   snapshot: it stays what it was (the user's schedule, earlier cuts), times the cut. The detector's and
-   the clip strategy's statistics are *not* restored: they are the run's memory of what healthy
-   gradients look like, and a rollback to an earlier point must not put the detector back into its
-   warm-up (a fault soon after would then go unflagged). A GradScaler keeps its current scale: it
-   describes the gradients' range, not the weights.
-3. **TrainingDiverged**: a rollback needed when ``max_rollbacks`` were spent (or none is possible), or a
-   ``"raise"`` response, raises, with an account of what happened. Before raising, the model and the
-   optimizer are put back to the last good snapshot, so that a checkpoint saved in the handler holds
-   finite weights; the exception names that snapshot's step.
+2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``rollback_after`` *suspect* skipped
+   steps within ``skip_window`` steps restore the last good snapshot (model, optimizer state, scheduler)
+   and cut the learning rate by ``rollback_lr_factor``. A skipped step is suspect unless it shows the
+   weights sound: its loss finite and not a spike, on weights that the last real step made without any
+   event. Such a step (a skipped NaN gradient on a healthy run, say) clears the count: skipping is working,
+   and a rollback would only throw away the progress since the snapshot. A loss that is missing, NaN/Inf or
+   a spike says nothing good of the weights, and neither does a loss "at its level" after a real step that
+   was clipped, grew or warned: the level may have drifted up with a slow divergence. The learning rate
+   itself is not taken from the snapshot: it stays what it was (the user's schedule, earlier cuts), times
+   the cut. The detector's and the clip strategy's statistics are *not* restored: they are the run's
+   memory of what healthy gradients look like, and a rollback to an earlier point must not put the
+   detector back into its warm-up (a fault soon after would then go unflagged). A GradScaler keeps its
+   current scale: it describes the gradients' range, not the weights.
+3. **TrainingDiverged**: a rollback needed when the rollback budget is spent (or none is possible),
+   ``max_skip_streak`` skipped steps in a row, or a ``"raise"`` response, raises, with an account of what
+   happened. Before raising, the model and the optimizer are put back to the last good snapshot, so that a
+   checkpoint saved in the handler holds finite weights; the exception names that snapshot's step.
+
+**The rollback budget refills with progress.** ``max_rollbacks`` counts the rollbacks to the current
+snapshot, not those of the whole run. A newer snapshot is kept only once training went on from the
+restored state and proved healthy (below): the rollbacks before it helped, and it starts a fresh budget.
+So a burst of faults that each need a rollback (NaN written into the weights, a learning rate that wrecks
+them for a few steps) is survived when the burst needs at most ``max_rollbacks`` of them, and a run can
+meet any number of bursts; a divergence that rollbacks do not cure (the restored state goes bad again
+and again, e.g. a learning rate the training loop sets back at every step) never reaches a newer snapshot
+and ends after ``max_rollbacks``. Skipping alone ends training only when it is all that happens:
+``max_skip_streak`` skipped steps in a row (a backward that always returns NaN) raise. The test is the
+one Megatron-LM's rerun state machine applies to a single step: a failure that comes back each time
+training resumes from the same state is persistent, one that does not is transient.
 
 Cuts are not for good: ``lr_recover_after`` real steps after a cut, the last outstanding cut is undone
 (as ``GradScaler`` grows its scale back), so that a transient fault costs a transient slow-down.
 
-**Good snapshots only.** A snapshot is the state rollbacks return to, so it is taken only from state known
-to be good: when a flush has just checked the weights finite, at least ``snapshot_every`` steps after the
-previous one, and after ``snapshot_clean_steps`` steps in a row that had no event and were not skipped,
-over which the loss stayed near its healthy level: the mean of their z-scores of the log loss (the
-detector's, against its moving average) is at most ``snapshot_loss_z`` (a mean, so that one harder batch
-does not count, while a loss that stays above its level does). Weights that an event damaged (a clipped spike that still moved them too far,
-an LR burst) are therefore not kept until training has shown them healthy. The first snapshot holds the
-weights as training starts. Snapshots live in memory (a clone of every tensor, on its device) or, with
-``snapshot_dir``, in one file on disk written atomically (large models).
+**Good snapshots only.** A snapshot is the state rollbacks return to, so it is kept only when known to be
+good. When one is due (``snapshot_every`` steps after the previous one), the state is captured as the
+last step before a flush begins; the flush keeps it if that step, which ran on it, and the ones before it
+make ``snapshot_clean_steps`` steps in a row without event or skip, over which the loss stayed near its
+healthy level: the mean of their z-scores of the log loss (the detector's, against its moving average)
+is at most ``snapshot_loss_z`` (a mean, so that one harder batch does not count, while a loss that stays
+above its level does), and so is the z-score of the step run on the captured state itself (the only one
+that judges those weights; a harder batch there only delays the snapshot to the next flush). Every
+snapshot's weights have thus been run and gave a healthy step, and were checked finite at that flush.
+(The weights after the flush's own last step have not been run: an update that wrecked them, the first
+step of an LR burst, shows only in the next step's loss.) Weights that an event damaged are therefore never
+kept. The first snapshot holds the weights as training starts. Snapshots live in memory (a clone of every
+tensor, on its device) or, with ``snapshot_dir``, in one file on disk written atomically (large models:
+raise ``snapshot_every`` there, each snapshot writes the whole state). From the capture to its flush (one
+step) two copies exist, as while a snapshot is written.
 """
 
 from __future__ import annotations
@@ -120,18 +143,25 @@ class RecoveryPolicy:
         lr_backoff: factor on the learning rate after ``backoff_after`` skips within ``skip_window`` steps
             (at most one back-off per ``skip_window`` steps).
         backoff_after: skips within ``skip_window`` steps that call for an LR back-off.
-        rollback_after: skips within ``skip_window`` steps that call for a rollback.
+        rollback_after: skips within ``skip_window`` steps that call for a rollback, counting only those
+            whose loss was NaN/Inf or a spike (or not given), since the last step whose loss was healthy.
         skip_window: the window, in steps, over which skips are counted.
         rollback_lr_factor: factor on the learning rate after a rollback.
-        max_rollbacks: rollbacks allowed before ``TrainingDiverged``.
+        max_rollbacks: rollbacks to the same snapshot allowed before ``TrainingDiverged``; each newer good
+            snapshot starts a fresh budget (8: a burst of 50 faulty steps that writes NaN into the weights
+            at one step in six needs 3 to 7 rollbacks, ``benchmarks/soak.py``).
+        max_skip_streak: skipped steps in a row before ``TrainingDiverged`` (training makes no progress);
+            None: no limit.
         lr_recover_after: real steps after a cut (back-off or rollback) before it is undone, one at a time;
             None: cuts are kept for good.
-        snapshot_every: least steps between two snapshots (taken at a flush, from good state only); None: no
+        snapshot_every: least steps between two snapshots (kept at a flush, from good state only; 25: at
+            every flush with the Guard's default ``log_every``, so that a rollback loses little); None: no
             snapshots (no memory for them), and a needed rollback raises ``TrainingDiverged``.
         snapshot_dir: keep the snapshot in this folder instead of memory.
-        snapshot_clean_steps: steps in a row without event or skip before a snapshot may be taken.
+        snapshot_clean_steps: steps in a row without event or skip before a snapshot may be taken (the
+            last of them runs on the snapshot's state).
         snapshot_loss_z: the largest mean z-score of the log loss over those steps (against its moving
-            average) that counts as "near its healthy level".
+            average) that counts as "near its healthy level", and the largest of the last one.
     """
 
     lr_backoff: float = 0.5
@@ -139,9 +169,10 @@ class RecoveryPolicy:
     rollback_after: int = 10
     skip_window: int = 50
     rollback_lr_factor: float = 0.5
-    max_rollbacks: int = 3
+    max_rollbacks: int = 8
+    max_skip_streak: int | None = 200
     lr_recover_after: int | None = 50
-    snapshot_every: int | None = 100
+    snapshot_every: int | None = 25
     snapshot_dir: str | os.PathLike[str] | None = None
     snapshot_clean_steps: int = 10
     snapshot_loss_z: float = 1.0
@@ -153,6 +184,8 @@ class RecoveryPolicy:
         _int_at_least(self.skip_window, 1, "skip_window")
         _factor(self.rollback_lr_factor, "rollback_lr_factor")
         _int_at_least(self.max_rollbacks, 0, "max_rollbacks")
+        if self.max_skip_streak is not None:
+            _int_at_least(self.max_skip_streak, 1, "max_skip_streak")
         if self.lr_recover_after is not None:
             _int_at_least(self.lr_recover_after, 1, "lr_recover_after")
         if self.snapshot_every is not None:
@@ -175,14 +208,15 @@ class Snapshot:
 
     FILENAME = "gradguard_snapshot.pt"
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None):
+    def __init__(self, directory: str | os.PathLike[str] | None = None, filename: str = FILENAME):
         self.directory = None if directory is None else os.fspath(directory)
+        self.filename = filename
         self.step: int | None = None
         self._state: dict[str, Any] | None = None
 
     @property
     def path(self) -> str | None:
-        return None if self.directory is None else os.path.join(self.directory, self.FILENAME)
+        return None if self.directory is None else os.path.join(self.directory, self.filename)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         if self.directory is None:
@@ -204,6 +238,22 @@ class Snapshot:
         assert self.path is not None
         state: dict[str, Any] = torch.load(self.path, weights_only=True)
         return state
+
+    def take(self, other: Snapshot) -> None:
+        """Hold ``other``'s state from now on (a file is renamed, atomically); ``other`` is left empty."""
+        if other.step is None:
+            raise RuntimeError("Snapshot: nothing to take")
+        if self.directory is None:
+            self._state, other._state = other._state, None
+        else:
+            assert self.path is not None and other.path is not None
+            os.replace(other.path, self.path)
+        self.step, other.step = other.step, None
+
+    def clear(self) -> None:
+        if self.directory is not None and self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
+        self.step, self._state = None, None
 
     def state_dict(self) -> dict[str, Any]:
         # a memory snapshot travels with the checkpoint; a disk snapshot stays in its file
@@ -276,13 +326,19 @@ class Recovery:
         self.policy = policy
         self.state = state
         self.snapshot = Snapshot(policy.snapshot_dir)
+        # the state as the last step before a flush began, kept if the flush finds that step healthy
+        self.candidate = Snapshot(policy.snapshot_dir, filename="gradguard_snapshot.candidate.pt")
         self.initial_lrs = group_lrs(state.optimizer)
         # escalation
         self.skips: deque[int] = deque()  # steps of the skips within the window
+        self.suspect: deque[int] = deque()  # those whose loss did not vouch for the weights, since one did
+        self.skip_streak = 0  # skipped steps in a row
+        self.clean_update = True  # the weights come from a real step without event (or a snapshot)
         self.last_backoff: int | None = None
         self.clean_steps = 0  # real steps since the last LR change
         self.cuts: list[float] = []  # outstanding LR factors, oldest first
         self.rollbacks = 0
+        self.spent = 0  # rollbacks since the last snapshot was taken (the budget's use)
         self.lr_backoffs = 0
         # snapshots: healthy steps in a row, counted from the flushed records after the last restore
         self.healthy_steps = 0
@@ -294,15 +350,24 @@ class Recovery:
 
     # ------------------------------------------------------------------ the rungs
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, before_flush: bool) -> None:
         """Before a step: the first snapshot, the weights as training starts (taken here, not when the Guard
-        is made, so that weights loaded after it, e.g. a pretrained checkpoint, are the ones kept)."""
-        if self.policy.snapshot_every is not None and self.snapshot.step is None:
+        is made, so that weights loaded after it, e.g. a pretrained checkpoint, are the ones kept); and, when
+        a snapshot is due and this step is the last before a flush (``before_flush``), the candidate: the
+        state as this step begins, which :meth:`at_flush` keeps only if this step, run on it, was healthy."""
+        every = self.policy.snapshot_every
+        if every is None:
+            return
+        if self.snapshot.step is None:
             self.snapshot.save(step, self.state.capture())
+        elif before_flush and step + 1 - self.snapshot.step >= every:
+            self.candidate.save(step, self.state.capture())
 
-    def after_step(self, step: int, kinds: Sequence[str], responses: Responses, skipped: bool, now: int) -> bool:
+    def after_step(self, step: int, kinds: Sequence[str], responses: Responses, skipped: bool, now: int,
+                   loss_given: bool) -> bool:
         """One step's host decisions: ``"raise"`` / ``"rollback"`` responses, then the escalation rungs.
 
+        ``loss_given``: the step had a loss (its events then say whether it was finite and at its level).
         ``now`` is the last step taken (the fused path decides at the flush, after later steps ran).
         Returns True when it rolled back. Raises :class:`GiveUp`.
         """
@@ -313,7 +378,10 @@ class Recovery:
             if responses[kind] == "rollback":
                 self.rollback(step, f"a {kind} event", now)
                 return True
-        rung = self._observe(step, skipped)
+        if not skipped:
+            self.clean_update = not kinds
+        loss_healthy = loss_given and not any(kind in ("nonfinite_loss", "loss_spike") for kind in kinds)
+        rung = self._observe(step, skipped, loss_healthy and self.clean_update)
         if rung == "lr_backoff":
             self._change_lr(step, "lr_backoff", self.policy.lr_backoff)
             self.cuts.append(self.policy.lr_backoff)
@@ -321,30 +389,45 @@ class Recovery:
         elif rung == "lr_recover":
             self._change_lr(step, "lr_recover", 1.0 / self.cuts.pop())
         elif rung == "rollback":
-            self.rollback(step, f"{len(self.skips)} skipped steps within {self.policy.skip_window}", now)
+            self.rollback(step, f"{len(self.suspect)} skipped steps within {self.policy.skip_window} with a NaN/Inf "
+                                "or spiking loss", now)
             return True
+        elif rung == "stall":
+            raise GiveUp(f"{self.skip_streak} steps in a row were skipped (max_skip_streak="
+                         f"{self.policy.max_skip_streak}): training is not progressing", step)
         return False
 
-    def _observe(self, step: int, skipped: bool) -> str | None:
-        """Count one step; returns ``"rollback"``, ``"lr_backoff"``, ``"lr_recover"`` or None.
+    def _observe(self, step: int, skipped: bool, sound: bool) -> str | None:
+        """Count one step; returns ``"stall"``, ``"rollback"``, ``"lr_backoff"``, ``"lr_recover"`` or None.
 
-        All counts are over the skipped steps of the last ``skip_window`` steps. A back-off happens at most
-        once per window (while most steps are skipped the learning rate changes little, so cutting it again
-        and again would only compound); ``lr_recover_after`` real steps since the last cut (or recovery)
-        undo the last outstanding cut, as ``torch.amp.GradScaler`` grows its scale back.
+        All counts are over the skipped steps of the last ``skip_window`` steps. A rollback counts only the
+        suspect ones, since the last step that showed the weights ``sound``: its loss was finite and not a
+        spike, and the weights came from a real step without event. A back-off counts them all, and happens
+        at most once per window (while most steps are skipped the learning rate changes little, so cutting
+        it again and again would only compound); ``lr_recover_after`` real steps since the last cut (or recovery) undo
+        the last outstanding cut, as ``torch.amp.GradScaler`` grows its scale back.
         """
         p = self.policy
-        while self.skips and self.skips[0] <= step - p.skip_window:
-            self.skips.popleft()
+        for window in (self.skips, self.suspect):
+            while window and window[0] <= step - p.skip_window:
+                window.popleft()
+        if sound:
+            self.suspect.clear()  # the weights gave a healthy loss: the skips so far were the batches' fault
         if not skipped:
+            self.skip_streak = 0
             self.clean_steps += 1
             if self.cuts and p.lr_recover_after is not None and self.clean_steps >= p.lr_recover_after:
                 self.clean_steps = 0
                 return "lr_recover"
             return None
         self.skips.append(step)
-        if len(self.skips) >= p.rollback_after:
-            return "rollback"
+        self.skip_streak += 1
+        if p.max_skip_streak is not None and self.skip_streak >= p.max_skip_streak:
+            return "stall"
+        if not sound:
+            self.suspect.append(step)
+            if len(self.suspect) >= p.rollback_after:
+                return "rollback"
         cooling = self.last_backoff is not None and step - self.last_backoff < p.skip_window
         if len(self.skips) >= p.backoff_after and not cooling:
             self.last_backoff = step
@@ -367,18 +450,23 @@ class Recovery:
         if self.snapshot.step is None:
             raise GiveUp(f"{reason} at step {step} called for a rollback, and snapshots are off "
                          "(snapshot_every=None)", step)
-        if self.rollbacks >= self.policy.max_rollbacks:
+        if self.spent >= self.policy.max_rollbacks:
             raise GiveUp(f"{reason} at step {step} called for a rollback, and the rollback budget is spent "
-                         f"({self.rollbacks} of max_rollbacks={self.policy.max_rollbacks})", step)
+                         f"({self.spent} of max_rollbacks={self.policy.max_rollbacks}): every rollback to the "
+                         f"snapshot of step {self.snapshot.step} went bad again before a newer one was good", step)
         self.state.restore(self.snapshot.load())
         before, after = self._change_lr(step, "rollback", self.policy.rollback_lr_factor)
         self.cuts.append(self.policy.rollback_lr_factor)
         self.rollbacks += 1
+        self.spent += 1
         self.skips.clear()
+        self.suspect.clear()
         self.clean_steps = 0
         self.healthy_steps = 0
         self.healthy_z.clear()
         self.restored_after = now
+        self.clean_update = True  # the snapshot's weights gave a healthy step
+        self.candidate.clear()  # taken from the state just abandoned
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
                    "to_step": self.snapshot.step, "lr_before": before, "lr_after": after})
 
@@ -413,17 +501,25 @@ class Recovery:
                 raise GiveUp(f"non-finite weights in {bad_param!r} after step {step}", step)
             self.rollback(step, f"non-finite weights in {bad_param!r}", now=step)
             return
-        every = self.policy.snapshot_every
-        due = every is not None and (self.snapshot.step is None or step_count - self.snapshot.step >= every)
-        loss_near_level = not sum(self.healthy_z) > self.policy.snapshot_loss_z * len(self.healthy_z)
-        if due and self.healthy_steps >= self.policy.snapshot_clean_steps and loss_near_level:
-            self.snapshot.save(step_count, self.state.capture())
+        if self.candidate.step is None:
+            return
+        p = self.policy
+        loss_near_level = not sum(self.healthy_z) > p.snapshot_loss_z * len(self.healthy_z)
+        # the last record is the step run on the candidate's weights: clean, and near the level on its own
+        ran_well = self.healthy_steps >= 1 and records[-1]["step"] == self.candidate.step and not (
+            self.healthy_z[-1] > p.snapshot_loss_z)
+        if ran_well and self.healthy_steps >= p.snapshot_clean_steps and loss_near_level:
+            self.snapshot.take(self.candidate)
+            self.spent = 0  # training went on from the last restore and proved healthy: a fresh budget
+        else:
+            self.candidate.clear()
 
     # ------------------------------------------------------------------ giving up
 
     def diverged(self, give_up: GiveUp, summary: dict[str, int]) -> TrainingDiverged:
         """Put the last good snapshot back into the model and optimizer; the exception that says so."""
         restored = self.snapshot.step
+        self.candidate.clear()
         if restored is not None:
             self.state.restore(self.snapshot.load())
         lines = [f"gradguard: training diverged at step {give_up.step}: {give_up.reason}."]
@@ -455,10 +551,14 @@ class Recovery:
     def state_dict(self) -> dict[str, Any]:
         return {
             "skips": list(self.skips),
+            "suspect": list(self.suspect),
+            "skip_streak": self.skip_streak,
+            "clean_update": self.clean_update,
             "last_backoff": self.last_backoff,
             "clean_steps": self.clean_steps,
             "cuts": list(self.cuts),
             "rollbacks": self.rollbacks,
+            "spent": self.spent,
             "lr_backoffs": self.lr_backoffs,
             "healthy_steps": self.healthy_steps,
             "healthy_z": list(self.healthy_z),
@@ -470,10 +570,14 @@ class Recovery:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skips = deque(int(s) for s in state["skips"])
+        self.suspect = deque(int(s) for s in state["suspect"])
+        self.skip_streak = int(state["skip_streak"])
+        self.clean_update = bool(state["clean_update"])
         self.last_backoff = None if state["last_backoff"] is None else int(state["last_backoff"])
         self.clean_steps = int(state["clean_steps"])
         self.cuts = [float(c) for c in state["cuts"]]
         self.rollbacks = int(state["rollbacks"])
+        self.spent = int(state["spent"])
         self.lr_backoffs = int(state["lr_backoffs"])
         self.healthy_steps = int(state["healthy_steps"])
         self.healthy_z.clear()

@@ -27,7 +27,7 @@ import torch
 from gradguard.lab.scenarios import Record, RunConfig, execute
 
 #: bump when a change to the lab's code changes results, so that old cached runs are not reused
-LAB_VERSION = 2  # 2: the Guard's defaults (issue 10)
+LAB_VERSION = 3  # 2: the Guard's defaults (issue 10); 3: its recovery defaults (rollback budget per snapshot)
 
 ProgressCallback = Callable[[RunConfig, Record], None]
 
