@@ -149,7 +149,7 @@ class RecoveryPolicy:
         rollback_lr_factor: factor on the learning rate after a rollback.
         max_rollbacks: rollbacks to the same snapshot allowed before ``TrainingDiverged``; each newer good
             snapshot starts a fresh budget (8: a burst of 50 faulty steps that writes NaN into the weights
-            at one step in six needs 3 to 7 rollbacks, ``benchmarks/soak.py``).
+            at one step in six needs 3 to 6 rollbacks to one snapshot in ``benchmarks/soak.py``).
         max_skip_streak: skipped steps in a row before ``TrainingDiverged`` (training makes no progress);
             None: no limit.
         lr_recover_after: real steps after a cut (back-off or rollback) before it is undone, one at a time;
