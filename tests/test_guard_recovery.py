@@ -360,3 +360,34 @@ def test_a_resumed_guard_keeps_its_rollback_budget_and_its_count_of_suspect_skip
     error, twin_error = steps(guard, model, optimizer, 39), steps(twin_guard, twin, twin_optimizer, 39)
     assert error.step == twin_error.step == 49 and error.summary == twin_error.summary
     assert error.summary["rollbacks"] == 2
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_after_a_rollback_to_an_older_snapshot_the_loss_level_restarts(fused):
+    # The only snapshot holds the weights as training starts; at step 150, NaN written into a weight forces a
+    # rollback to it, whose loss is ~100x the level training had reached. Before, every following step scored
+    # as a loss spike (skipped, then rolled back again) until TrainingDiverged; now the detector starts the
+    # loss level again from the restored weights, and training goes on from them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
+    guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(snapshot_every=10**6))
+    data = torch.Generator().manual_seed(1)
+    target = torch.randn(8, 1, generator=data)
+    losses = []
+    for step in range(400):
+        x = torch.randn(64, 8, generator=data)
+        loss = nn.functional.mse_loss(model(x), x @ target)
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step == 150:
+            with torch.no_grad():
+                model[0].weight[0, 0] = math.nan
+    summary = guard.summary()
+    assert summary["rollbacks"] == 1, summary
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    restored = [value for value in losses[155:200] if math.isfinite(value)]
+    assert max(restored) > 20 * min(losses[100:150])  # the restored weights' loss was far above the level
+    assert sum(losses[-20:]) / 20 < 0.1 * losses[0]  # and training went on from them

@@ -484,6 +484,22 @@ class Detector:
         self.precursor.state = out.state.precursor
         self.precursor.steps += 1
 
+    def set_loss_level(self, loss: float | None) -> None:
+        """Put the loss's moving level at ``loss`` (its variance stays): the weights the level was learned on were
+        replaced by a rollback to an earlier snapshot, whose loss may be well above the level training had
+        reached, and ``loss`` is the loss those weights had (None or not finite and positive: no level, the
+        next finite loss starts it, as the first one of a run does). Without this, every step after a rollback
+        to an older snapshot scored as a loss spike (skipped, then rolled back again) until the budget was
+        spent. The gradient norms' statistics stay."""
+        scores = self.scores
+        level = math.log(loss) if loss is not None and math.isfinite(loss) and loss > 0 else math.nan
+        if scores.mean is not None:
+            scores.mean = scores.mean.clone()
+            scores.mean[1] = level  # NaN: ema_update starts the level from the next finite loss
+        if scores._seen is not None:  # in warm-up: the loss values collected so far become that one level
+            scores._seen = scores._seen.clone()
+            scores._seen[: scores.calls, 1] = level
+
     def _new_layers(self, names: list[str]) -> None:
         """A different set of layers: their statistics start over, those of the norm and the loss stay."""
         previous, self._layer_names = self._layer_names, list(names)

@@ -263,6 +263,7 @@ class Guard:
         self._last_skipped_host: bool | None = None
         self._in_flush = False
         self._closed = False
+        self._rollbacks_seen = 0  # recovery.rollbacks at the last step (after a new one: the loss level moves)
         self.forensics = forensics
         self._explained: dict[int, ForensicsRecord] = {}  # step -> its analysis, until its row is published
         if forensics is not None:
@@ -305,6 +306,9 @@ class Guard:
         self._micro = 0
         self.sync_gradients = True
         loss, self._loss_sum = self._loss_sum, None
+        if self.recovery.rollbacks != self._rollbacks_seen:  # the weights were replaced since the last step
+            self.detector.set_loss_level(self.recovery.snapshot.loss)  # the restored weights' loss
+            self._rollbacks_seen = self.recovery.rollbacks
         self.recovery.start(self.step_count, before_flush=(self.step_count + 1) % self.log_every == 0)
 
         # 1. measure
@@ -535,6 +539,7 @@ class Guard:
         give_up: GiveUp | None = None
         try:
             records, loss_z, bad_param = self._drain()
+            self.recovery.note_losses(records)
             try:
                 rolled_back = False
                 if self.fused:  # the host decisions of these steps were deferred to now
@@ -738,4 +743,5 @@ class Guard:
         self._loss_sum = state["loss_sum"]
         self._counts = state["counts"]
         self.recovery.load_state_dict(state["recovery"])
+        self._rollbacks_seen = self.recovery.rollbacks
         self.history_buffer.load_state_dict(state["history"])

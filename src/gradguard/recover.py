@@ -212,6 +212,7 @@ class Snapshot:
         self.directory = None if directory is None else os.fspath(directory)
         self.filename = filename
         self.step: int | None = None
+        self.loss: float | None = None  # the loss of the step that ran on these weights, once flushed
         self._state: dict[str, Any] | None = None
 
     @property
@@ -227,7 +228,7 @@ class Snapshot:
             partial = self.path + ".partial"
             torch.save(state, partial)
             os.replace(partial, self.path)  # atomic: a crash never leaves half a snapshot
-        self.step = step
+        self.step, self.loss = step, None
 
     def load(self) -> dict[str, Any]:
         if self.step is None:
@@ -249,18 +250,20 @@ class Snapshot:
             assert self.path is not None and other.path is not None
             os.replace(other.path, self.path)
         self.step, other.step = other.step, None
+        self.loss, other.loss = other.loss, None
 
     def clear(self) -> None:
         if self.directory is not None and self.path is not None and os.path.exists(self.path):
             os.remove(self.path)
-        self.step, self._state = None, None
+        self.step, self.loss, self._state = None, None, None
 
     def state_dict(self) -> dict[str, Any]:
         # a memory snapshot travels with the checkpoint; a disk snapshot stays in its file
-        return {"step": self.step, "state": self._state if self.directory is None else None}
+        return {"step": self.step, "loss": self.loss, "state": self._state if self.directory is None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = None if state["step"] is None else int(state["step"])
+        self.loss = state.get("loss")
         if self.directory is None:
             self._state = None if state["state"] is None else clone_tree(state["state"])
 
@@ -476,6 +479,14 @@ class Recovery:
         self.recent.append(event)
 
     # ------------------------------------------------------------------ flush: weights and snapshots
+
+    def note_losses(self, records: Sequence[StepRecord]) -> None:
+        """Keep the loss of the steps that ran on the snapshot's and the candidate's weights (their own steps),
+        from the records just flushed: after a rollback, the detector's loss level is put there."""
+        for record in records:
+            for snapshot in (self.snapshot, self.candidate):
+                if record["step"] == snapshot.step:
+                    snapshot.loss = record["loss"]
 
     def at_flush(self, records: Sequence[StepRecord], loss_z: Sequence[float], bad_param: str | None,
                  nonfinite_param_response: str, step_count: int) -> None:

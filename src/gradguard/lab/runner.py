@@ -27,7 +27,7 @@ import torch
 from gradguard.lab.scenarios import Record, RunConfig, execute
 
 #: bump when a change to the lab's code changes results, so that old cached runs are not reused
-LAB_VERSION = 3  # 2: the Guard's defaults (issue 10); 3: its recovery defaults (rollback budget per snapshot)
+LAB_VERSION = 4  # 2: the Guard's defaults (issue 10); 3: its recovery defaults (rollback budget per snapshot); 4: the loss level after a rollback
 
 ProgressCallback = Callable[[RunConfig, Record], None]
 
