@@ -21,7 +21,10 @@ Escalation, one rung at a time (and back down once training is healthy again):
    itself is not taken from the snapshot: it stays what it was (the user's schedule, earlier cuts), times
    the cut. The detector's and the clip strategy's statistics are *not* restored: they are the run's
    memory of what healthy gradients look like, and a rollback to an earlier point must not put the
-   detector back into its warm-up (a fault soon after would then go unflagged). A GradScaler keeps its
+   detector back into its warm-up (a fault soon after would then go unflagged). One exception: the loss's
+   moving level is put at the restored weights' own loss (``Snapshot.loss``, the loss of the step that ran
+   on them; the Guard calls ``Detector.set_loss_level``), since the level belongs to the weights: kept, it
+   would score every step after a rollback to an older snapshot as a loss spike. A GradScaler keeps its
    current scale: it describes the gradients' range, not the weights.
 3. **TrainingDiverged**: a rollback needed when the rollback budget is spent (or none is possible),
    ``max_skip_streak`` skipped steps in a row, or a ``"raise"`` response, raises, with an account of what
