@@ -487,15 +487,18 @@ class Detector:
     def set_loss_level(self, loss: float | None) -> None:
         """Put the loss's moving level at ``loss`` (its variance stays): the weights the level was learned on were
         replaced by a rollback to an earlier snapshot, whose loss may be well above the level training had
-        reached, and ``loss`` is the loss those weights had (None or not finite and positive: no level, the
-        next finite loss starts it, as the first one of a run does). Without this, every step after a rollback
-        to an older snapshot scored as a loss spike (skipped, then rolled back again) until the budget was
-        spent. The gradient norms' statistics stay."""
+        reached, and ``loss`` is the loss those weights had. Without this, every step after a rollback to an
+        older snapshot scored as a loss spike (skipped, then rolled back again) until the budget was spent.
+        ``None`` (not known yet: the snapshot's step was not flushed) or a loss that is not finite and positive
+        leaves the level as it is: forgetting it would let the next bad losses set it. The gradient norms'
+        statistics stay."""
+        if loss is None or not (math.isfinite(loss) and loss > 0):
+            return
         scores = self.scores
-        level = math.log(loss) if loss is not None and math.isfinite(loss) and loss > 0 else math.nan
+        level = math.log(loss)
         if scores.mean is not None:
             scores.mean = scores.mean.clone()
-            scores.mean[1] = level  # NaN: ema_update starts the level from the next finite loss
+            scores.mean[1] = level
         if scores._seen is not None:  # in warm-up: the loss values collected so far become that one level
             scores._seen = scores._seen.clone()
             scores._seen[: scores.calls, 1] = level
