@@ -10,7 +10,7 @@ arithmetic on a few short vectors (``[||g||, loss, ||g_layer|| ...]``, the event
     out.row                   # the step's history row (gradguard.history.FIELDS)
     out.detector.state        # the detector's new state (Detector.commit keeps it)
 
-Run eagerly, that is about 60 small kernels per step (``benchmarks/bench_guard.py --ops`` lists them):
+Run eagerly, that is about 80 small kernels per step (``benchmarks/bench_guard.py --ops`` lists them):
 each costs a few microseconds on a CPU and a kernel launch on a GPU, whatever the model's size. With
 ``gg.Guard(..., compile=True)`` the function goes through ``torch.compile`` (inductor), which fuses them
 into a few kernels, once the detector's warm-up is over (the warm-up's median and MAD stay eager). It is
@@ -113,7 +113,7 @@ class DeviceStep:
 
     Args:
         compile: run the steps past the detector's warm-up through ``torch.compile`` (inductor,
-            ``fullgraph=True``): a few fused kernels instead of ~60 small ones. False: always eager.
+            ``fullgraph=True``): a few fused kernels instead of ~80 small ones. False: always eager.
     """
 
     #: Compilations of ``device_step`` allowed per process (torch's default is 8 per function): one per kind

@@ -168,8 +168,8 @@ class Guard:
             framework routes ``optimizer.step()`` to the Guard. By default the Guard calls
             ``optimizer.step()`` at each step (so a scheduler made after the Guard sees the step).
         compile: run the step's device arithmetic (detect, decide, the history row: ``gradguard.device_step``)
-            through ``torch.compile`` once the detector's warm-up is over: a few fused kernels instead of ~60
-            small ones (on a GPU, ~60 kernel launches a step), at the cost of a compilation (seconds) at the
+            through ``torch.compile`` once the detector's warm-up is over: a few fused kernels instead of ~80
+            small ones (on a GPU, ~80 kernel launches a step), at the cost of a compilation (seconds) at the
             first steady step. Falls back to eager, with a warning, where it cannot compile.
     """
 
