@@ -191,8 +191,12 @@ class MovingZScore:
                 self._seen = None
             return
         assert self.mean is not None and self.var is not None
+        self.keep(*ema_update(self.mean, self.var, x, learn, self.alpha, self.sigma_floor))
+
+    def keep(self, mean: Tensor, var: Tensor, std: Tensor) -> None:
+        """Keep the moments :func:`ema_update` returned (past the warm-up): one more step."""
+        self.mean, self.var, self._std = mean, var, std
         self.calls += 1
-        self.mean, self.var, self._std = ema_update(self.mean, self.var, x, learn, self.alpha, self.sigma_floor)
 
     def state_dict(self) -> dict[str, Any]:
         def copy(t: Tensor | None) -> Tensor | None:
@@ -220,13 +224,10 @@ class GrowthWindow:
         self.calls = 0
         self._ring: Tensor | None = None
 
-    def update(self, log_norm: Tensor) -> tuple[Tensor, Tensor]:
-        """Push this step's log norm (NaN when not finite); returns (growth flag, average factor per step
-        over the window)."""
-        ring = self.ring(log_norm.device)
-        self._ring, growth, rate = growth_step(ring, log_norm, self.window, self.log_factor, self.full_next())
+    def keep(self, ring: Tensor) -> None:
+        """Keep the ring :func:`growth_step` returned: one more push."""
+        self._ring = ring
         self.calls += 1
-        return growth, rate
 
     def ring(self, device: torch.device) -> Tensor:
         """The ring on ``device`` (NaN-filled at first)."""
@@ -473,16 +474,12 @@ class Detector:
 
     def commit(self, out: DetectorOutput, config: DetectorStep) -> None:
         """Keep a step's new state (and, during the warm-up, collect its values)."""
-        scores = self.scores
         if config.ema:
-            scores.mean, scores.var, scores._std = out.state.center, out.state.var, out.state.std
-            scores.calls += 1
+            self.scores.keep(out.state.center, out.state.var, out.state.std)
         else:
-            scores.update(out.learn_x, out.learn)
-        self.growth._ring = out.state.ring
-        self.growth.calls += 1
-        self.precursor.state = out.state.precursor
-        self.precursor.steps += 1
+            self.scores.update(out.learn_x, out.learn)
+        self.growth.keep(out.state.ring)
+        self.precursor.keep(out.state.precursor)
 
     def set_loss_level(self, loss: float | None) -> None:
         """Put the loss's moving level at ``loss`` (its variance stays): the weights the level was learned on were

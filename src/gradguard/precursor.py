@@ -211,16 +211,20 @@ class Precursor:
 
     def update_log(self, log_norm: Tensor, finite: Tensor, weight_norm: Tensor | None = None) -> Tensor:
         """:meth:`update` from the log of the norm and whether it is finite (0-d tensors), for a caller that has
-        them already (the Guard's detector)."""
+        them already."""
         state, config = self.begin(log_norm.device, weight_norm is not None)
-        self.state, raised = precursor_step(state, log_norm, finite, weight_norm, config)
-        self.steps += 1
+        state, raised = precursor_step(state, log_norm, finite, weight_norm, config)
+        self.keep(state)
         return raised
+
+    def keep(self, state: PrecursorTensors) -> None:
+        """Keep the state :func:`precursor_step` returned: one more update."""
+        self.state = state
+        self.steps += 1
 
     def begin(self, device: torch.device, sampled: bool) -> tuple[PrecursorTensors, PrecursorStep]:
         """The state and the configuration of the next update (``sampled``: it is given the weight norm); the
-        caller runs :func:`precursor_step` and stores its state in :attr:`state`, then adds 1 to
-        :attr:`steps`."""
+        caller runs :func:`precursor_step`, then :meth:`keep` with its state."""
         if self.state is None:
             self.state = PrecursorTensors.start(device)
         key = (self.steps == 0, self.steps >= self.warmup_steps, sampled and self.weight_ratio is not None)
