@@ -75,10 +75,10 @@ def test_compiled_guard_takes_the_same_decisions_as_the_eager_one(fused):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-CONFIGS = {
-    "no clip, no loss": dict(clip=None, with_loss=False),
-    "AutoClip, accumulation 2": dict(clip=gg.clip.AutoClip(), accumulation=2),
-    "per-layer clip (in place)": dict(clip=gg.clip.LayerNorm(0.5)),
+CONFIGS = {  # the run's options; a clip strategy is made per run (they keep state)
+    "no clip, no loss": dict(clip=lambda: None, with_loss=False),
+    "AutoClip, accumulation 2": dict(clip=gg.clip.AutoClip, accumulation=2),
+    "per-layer clip (in place)": dict(clip=lambda: gg.clip.LayerNorm(0.5)),
     "float64": dict(dtype=torch.float64),
     "fused SGD with momentum": dict(optimizer="sgd", fused=True),
 }
@@ -88,12 +88,9 @@ CONFIGS = {
 def test_compiled_and_eager_steps_agree_across_configurations(config):
     options = dict(CONFIGS[config])
     fused = options.pop("fused", False)
-    if "clip" in options and options["clip"] is not None:  # a fresh strategy per run: they keep state
-        options["clip"] = type(options["clip"])(*([0.5] if config.startswith("per-layer") else []))
-    eager, eager_model = _run(compile=False, fused=fused, **options)
-    if "clip" in options and options["clip"] is not None:
-        options["clip"] = type(options["clip"])(*([0.5] if config.startswith("per-layer") else []))
-    compiled, compiled_model = _run(compile=True, fused=fused, **options)
+    make_clip = options.pop("clip", lambda: "global")
+    eager, eager_model = _run(compile=False, fused=fused, clip=make_clip(), **options)
+    compiled, compiled_model = _run(compile=True, fused=fused, clip=make_clip(), **options)
     assert compiled._step_fn.compile and compiled._step_fn.compiled_calls > 0
     assert [r["step"] for r in compiled.history if r["skipped"]] == [30, 36] or not options.get("with_loss", True)
     _assert_same_records(compiled.history, eager.history)
