@@ -13,6 +13,7 @@ poisoned layer by the user's name (no ``_orig_mod.``/``module.``), and every ste
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -28,6 +29,8 @@ from test_stacks_matrix import (
     guarded_steps,
     hf_steps,
     lightning_steps,
+    mse,
+    net_batch,
     net_faults,
     run_distributed,
 )
@@ -104,6 +107,33 @@ def test_compiled_model_with_fused_adamw() -> None:
                                         **compile_options())
     assert guard.fused
     check(result(guard, outcomes, messages), NET_GRAD_LAYER)
+
+
+def test_compiled_model_nan_weights_are_named_and_rolled_back_on_the_compiled_path() -> None:
+    # NaN written into a known layer's weights after the warm-up: the flush names the parameter by the user's
+    # name, the Guard rolls back to its only snapshot (step 0) and trains on, compiled throughout
+    torch.manual_seed(0)
+    net = Net()
+    model = torch.compile(net, backend=compile_backend())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    guard = gg.Guard(model, optimizer, log_every=5, recovery=gg.RecoveryPolicy(snapshot_every=10**6),
+                     **compile_options())
+    with fallbacks() as messages:
+        for step in range(30):
+            x, y = net_batch(step)
+            loss = mse(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            optimizer.zero_grad(set_to_none=True)
+            if step == 12:
+                with torch.no_grad():
+                    net.blocks[1].fc.weight[0, 0] = math.nan
+        guard.close()
+    events = [(e["kind"], e.get("layer"), e.get("to_step")) for r in guard.history for e in r["events"]
+              if e["kind"] in ("nonfinite_param", "rollback")]
+    assert events == [("nonfinite_param", NET_GRAD_LAYER + ".weight", None), ("rollback", None, 0)], events
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not messages and guard._step_fn.compile and guard._step_fn.compiled_calls >= 30 - FIRST_STEADY - 5
 
 
 def test_lightning_callback() -> None:
