@@ -114,6 +114,9 @@ def test_compiled_model_nan_weights_are_named_and_rolled_back_on_the_compiled_pa
     # name, the Guard rolls back to its only snapshot (step 0) and trains on, compiled throughout
     torch.manual_seed(0)
     net = Net()
+    # the matrix's fault hooks (switched off here), as on every Net compiled in this process: compiled graphs of
+    # Net.forward are shared, and one traced without the hooks would be reused by the runs that switch them on
+    net_faults(net)
     model = torch.compile(net, backend=compile_backend())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     guard = gg.Guard(model, optimizer, log_every=5, recovery=gg.RecoveryPolicy(snapshot_every=10**6),
