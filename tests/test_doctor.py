@@ -408,3 +408,42 @@ def test_headline_and_healthy_agree(batch) -> None:
     report = diagnose(model, batch, optimizer=torch.optim.SGD(model.parameters(), lr=1e3))
     assert report.verdict == "stable" and not report.healthy
     assert str(report).splitlines()[0] == "gradguard doctor: STABLE flow; not healthy: 1 error finding(s) (learning_rate)"
+
+
+def tanh_mlp_with_one_large_layer(width: int, gain: float, seed: int = 0) -> nn.Sequential:
+    """Depth 10, tanh, Xavier with ``gain``; the 6th Linear (module '10') 20x too large."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(10):
+        linear = nn.Linear(32 if i == 0 else width, 10 if i == 9 else width)
+        nn.init.xavier_normal_(linear.weight, gain=gain)
+        nn.init.zeros_(linear.bias)
+        layers += [linear] + ([nn.Tanh()] if i < 9 else [])
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        model[10].weight.mul_(20.0)
+    return model
+
+
+@pytest.mark.parametrize(("width", "gain", "scale"), [(16, 5 / 3, 3.0), (64, 1.0, 0.1), (64, 5 / 3, 3.0)])
+def test_one_layer_20x_too_large_in_a_depth_10_tanh_net_is_the_start_and_is_rescaled_alone(
+        width: int, gain: float, scale: float) -> None:
+    """Issue 18.4: a depth-10 tanh/Xavier MLP whose 6th Linear ('10') is 20x too large. Before: start_layer
+    '0' and the error finding on '0' with "re-initialise everything" (tanh's gain 5/3 on every layer spreads
+    the growth, the tanh after '10' hides its jump), or start '10' with the same re-initialisation. Now the
+    layer off its peers' scale is the start, the error finding's layer, and its fix rescales it alone (to
+    the peers' scale, whatever gain they were given), checked on a copy."""
+    model = tanh_mlp_with_one_large_layer(width, gain)
+    generator = torch.Generator().manual_seed(1)
+    batch = (scale * torch.randn(64, 32, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+    report = diagnose(model, batch)
+    assert report.verdict == "exploding" and report.start_layer == "10"
+    error = next(f for f in report.findings if f.severity == "error")
+    assert error.layer == "10" and error.cause == "init_scale"
+    assert error.fix.startswith('model.get_submodule("10").weight.data.mul_(0.05')  # 1/20: the peers' scale
+    assert "x20 that of the other layers" in error.message or "x19 that of the other layers" in error.message
+    assert error.evidence["flow_after_fix"] == "stable"
+    others = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("10.")}
+    apply_fix(error.fix, model, batch)
+    assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)  # kept
+    assert diagnose(model, batch, check_fixes=False).verdict == "stable"

@@ -27,6 +27,7 @@ model's own mode; the Jacobians in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -50,7 +51,14 @@ from gradguard.explain.attention import attention_report
 from gradguard.explain.blocks import find_blocks, measure_jacobians, short_error
 from gradguard.explain.findings import CAUSES, Finding, build_findings, rank
 from gradguard.explain.flow import DepthFlow, depth_flow
-from gradguard.explain.init_audit import audit_init, audit_recurrent, fixed_std_convention, tied_weights
+from gradguard.explain.init_audit import (
+    OffScaleLayer,
+    audit_init,
+    audit_recurrent,
+    fixed_std_convention,
+    off_scale_layer,
+    tied_weights,
+)
 from gradguard.explain.learning_rate import relative_updates
 from gradguard.explain.nonfinite import NonfiniteOrigin, locate_nonfinite
 from gradguard.explain.preserve import preserved
@@ -170,6 +178,18 @@ def _overall_verdict(depth: DepthFlow, time: TimeFlow | None,
     return verdict, time.module if time is not None else None
 
 
+def _lone_start(depth: DepthFlow, lone: OffScaleLayer | None) -> DepthFlow:
+    """The flow with its start at the one off-scale layer, when there is one, it is in the profile and it
+    pushes the way the flow goes (too large for an explosion, too small for a vanishing). Its own gain may
+    be hidden by what follows it (a tanh it saturates passes less back), so the gains alone would put the
+    start at the first layer of a spread-out profile."""
+    if lone is None or depth.verdict == "stable" or lone.check.layer not in {layer.name for layer in depth.layers}:
+        return depth
+    if (lone.factor < 1.0) != (depth.verdict == "exploding"):
+        return depth
+    return dataclasses.replace(depth, start_layer=lone.check.layer)
+
+
 def _updates(model: nn.Module, optimizer: torch.optim.Optimizer | None, notes: list[str]) -> list | None:
     if optimizer is None:
         return None
@@ -278,6 +298,8 @@ def doctor(
         square = _cell_square_weights(cells)
         fixed = fixed_std_convention(model, len(blocks.blocks) if blocks.repeated else 1)
         init_checks = audit_init(order, following_in_order(order), square, fixed)
+        lone = off_scale_layer(init_checks)
+        depth = _lone_start(depth, lone)
         notes += [f"{layer!r} shares its weight with the embedding {embedding!r} (tied): not audited as a "
                   "separate layer" for layer, embedding in tied_weights(order).items()]
         if any(c.scheme == "fixed" for c in init_checks) and fixed is not None:
@@ -300,7 +322,7 @@ def doctor(
     verdict, start = _overall_verdict(depth, time, origin)
     findings = build_findings(depth=depth, time=time, init_checks=init_checks, bounds=bounds,
                               activations=activations, updates=updates, origin=origin, jacobian=jacobian,
-                              model=model, cells_present=any(square), time_gated=time_gated)
+                              model=model, cells_present=any(square), time_gated=time_gated, lone=lone)
     if check_fixes:
         _check_flow_fixes(findings, model, batch, loss_fn, jacobian_iterations, cells_present=any(square))
     return DoctorReport(verdict, start, rank(findings + attention.findings), depth, time, activations,

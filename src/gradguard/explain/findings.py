@@ -21,7 +21,7 @@ from torch import nn
 
 from gradguard.explain.activation_stats import ActivationStats
 from gradguard.explain.flow import DepthFlow, verdict_of
-from gradguard.explain.init_audit import InitCheck, RecurrentBound
+from gradguard.explain.init_audit import InitCheck, OffScaleLayer, RecurrentBound
 from gradguard.explain.learning_rate import UPDATE_ERROR, UPDATE_WARNING, UpdateSize
 from gradguard.explain.nonfinite import NonfiniteOrigin
 from gradguard.explain.remedies import (
@@ -122,7 +122,10 @@ def init_explained_growth(depth: DepthFlow, init_checks: list[InitCheck]) -> flo
 
 
 def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Module,
-                   cells_present: bool) -> list[Finding]:
+                   cells_present: bool, lone: OffScaleLayer | None = None) -> list[Finding]:
+    """The flow's error finding. Its cause, in order: one layer off its peers' scale at the start
+    (``init_audit.off_scale_layer``: rescale that layer alone); one layer off its formula where the growth
+    jumps; weights off their formula (re-initialise); saturating activations; the depth itself (LSUV)."""
     if depth.verdict == "stable":
         return []
     flagged = [c for c in init_checks if c.flagged and c.scheme != "orthogonal"]
@@ -142,7 +145,17 @@ def depth_findings(depth: DepthFlow, init_checks: list[InitCheck], model: nn.Mod
     }
     saturating = saturating_classes(model)
     remedy: Remedy
-    if depth.jump_gain is not None and start_check is not None:
+    if lone is not None and lone.check.layer == depth.start_layer:
+        cause = "init_scale"  # one layer off the others' scale: rescale it alone, the other weights are kept
+        check = lone.check
+        why = (f"its weights' std is x{1.0 / lone.factor:.2g} that of the other layers ({check.std:.3g}; the "
+               f"others sit at x{lone.peers:.2g} of {check.scheme}'s std for their activation)")
+        remedy = rescale_layer(check.layer, lone.factor,
+                               f"the other layers' scale (x{lone.peers:.2g} of {check.scheme}'s {check.prescribed:.3g})")
+        evidence["off_scale_layer"] = {"layer": check.layer, "ratio_to_peers": 1.0 / lone.factor,
+                                       "peers": lone.peers}
+        evidence["mis_initialised_layers"] = [c.layer for c in flagged]
+    elif depth.jump_gain is not None and start_check is not None:
         cause = "init_scale"  # one layer off its scale among well-scaled ones: rescale that layer alone
         why = (f"its weights' std is off by x{start_check.ratio:.2g} ({start_check.std:.3g} vs "
                f"{start_check.scheme} {start_check.prescribed:.3g} for {start_check.activation})")
@@ -352,12 +365,13 @@ def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list
                    bounds: list[RecurrentBound], activations: list[ActivationStats],
                    updates: list[UpdateSize] | None, origin: NonfiniteOrigin | None,
                    jacobian: dict[str, Any], model: nn.Module, cells_present: bool,
-                   time_gated: bool = False) -> list[Finding]:
-    """Every rule's findings, ranked (see :func:`rank`). ``time_gated``: the time flow's module is a GRU/LSTM."""
+                   time_gated: bool = False, lone: OffScaleLayer | None = None) -> list[Finding]:
+    """Every rule's findings, ranked (see :func:`rank`). ``time_gated``: the time flow's module is a GRU/LSTM;
+    ``lone``: the one weight off its peers' scale, if any (``init_audit.off_scale_layer``)."""
     init_flagged = any(c.flagged for c in init_checks)
     findings: list[Finding] = nonfinite_findings(origin, init_flagged, cells_present)
     if origin is None:  # with NaN in the pass the flow numbers say nothing more
-        findings += depth_findings(depth, init_checks, model, cells_present)
+        findings += depth_findings(depth, init_checks, model, cells_present, lone)
         findings += time_findings(time, bounds, cells_present, time_gated)
     flow_stable = depth.verdict == "stable" and (time is None or time.verdict == "stable")
     findings += init_findings(init_checks, cells_present, flow_stable and origin is None)

@@ -37,8 +37,8 @@ from gradguard.activations import activation_kind, derivative_bound
 from gradguard.init import RECURRENT_MODULES, WEIGHT_LAYERS, prescribed_std, recurrent_weight_blocks
 from gradguard.trace import RecurrentCell
 
-__all__ = ["INIT_TOLERANCE", "FixedStd", "InitCheck", "RecurrentBound", "audit_init", "audit_recurrent",
-           "fixed_std_convention", "tied_weights"]
+__all__ = ["INIT_TOLERANCE", "FixedStd", "InitCheck", "OffScaleLayer", "RecurrentBound", "audit_init",
+           "audit_recurrent", "fixed_std_convention", "off_scale_layer", "tied_weights"]
 
 INIT_TOLERANCE = 2.0
 # An orthogonal W_hh sits exactly on the bound; float error must not flag it.
@@ -168,6 +168,51 @@ def audit_init(order: list[tuple[str, nn.Module]], following: dict[str, nn.Modul
             square = id(module.weight) in cell_square_weights
             checks.append(_check(name, "weight", module.weight, following.get(name), orthogonal=square, fixed=fixed))
     return checks
+
+
+@dataclass
+class OffScaleLayer:
+    """One weight off the scale of its peers (:func:`off_scale_layer`).
+
+    Attributes:
+        check: its init check.
+        peers: the median ``std / prescribed`` of the other weights (1 for a model exactly at its scheme).
+        factor: ``peers / check.ratio``: what its weights are multiplied by to join the peers' scale.
+    """
+
+    check: InitCheck
+    peers: float
+
+    @property
+    def factor(self) -> float:
+        return self.peers / self.check.ratio
+
+
+#: Fewest He/Xavier-checked weights for "its peers" to mean something.
+MIN_PEERS = 3
+
+
+def off_scale_layer(checks: list[InitCheck]) -> OffScaleLayer | None:
+    """The one weight whose ``std / prescribed`` is more than ``INIT_TOLERANCE`` away from the median of the
+    others' (in log), when exactly one is; None otherwise (no weight, or several: a scale error spread over
+    the model is the init's, not one layer's).
+
+    Against the peers rather than against the formula: a model initialised with another gain (Xavier with
+    tanh's 5/3) or trained away from its init has every weight off its formula by the same factor, and the
+    one layer 20x off stands out from them by 20x whatever that factor is. Its fix rescales that layer
+    alone to the peers' scale, which keeps every other (possibly trained) weight."""
+    prescribed = [c for c in checks if c.param == "weight" and c.scheme in ("he", "xavier") and c.ratio > 0
+                  and math.isfinite(c.ratio)]
+    if len(prescribed) < MIN_PEERS + 1:
+        return None
+    found: list[OffScaleLayer] = []
+    for check in prescribed:
+        others = sorted(math.log(c.ratio) for c in prescribed if c is not check)
+        middle = len(others) // 2
+        peers = math.exp(others[middle] if len(others) % 2 else 0.5 * (others[middle - 1] + others[middle]))
+        if abs(math.log(check.ratio / peers)) > math.log(INIT_TOLERANCE):
+            found.append(OffScaleLayer(check, peers))
+    return found[0] if len(found) == 1 else None
 
 
 def _cell_gamma(cell: RecurrentCell, leaf_modules: list[nn.Module]) -> tuple[str, float]:

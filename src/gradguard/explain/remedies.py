@@ -18,7 +18,7 @@ The first candidate that makes the measured axis (depth or time) stable is the o
 does, the cause's own fix is kept and the finding says what the flow becomes after it.
 
 Every remedy but one re-initialises weights, which throws away what a trained model has learned: its code
-says so in a comment. The exception is :func:`rescale_layer`, for one layer far off its prescribed scale
+says so in a comment. The exception is :func:`rescale_layer`, for one layer far off the scale of the others
 among well-scaled ones: it multiplies that layer's weights by one number, keeping their direction.
 """
 
