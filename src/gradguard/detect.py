@@ -61,6 +61,11 @@ STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "g
 EVENT_KINDS = (*STEP_KINDS, "nonfinite_param")
 #: Finite values a warm-up score needs (a spike at the fourth step of a run is scored).
 MIN_WARMUP_VALUES = 3
+#: Slots of the packed vector ``[||g||, loss, ||g_layer|| ...]`` (:func:`pack`): the total gradient norm, the
+#: loss, the layers' norms; ``SCORED`` are the slots with spikes of their own (the total norm and the loss).
+TOTAL, LOSS = 0, 1
+SCORED = slice(TOTAL, LOSS + 1)
+LAYERS = slice(LOSS + 1, None)
 _MAD_TO_STD = 1.4826  # the MAD of a normal sample times this is its standard deviation
 
 
@@ -328,7 +333,7 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     (the math of :class:`Detector`, see the module docstring), run eagerly or inside the Guard's compiled
     step (``gradguard.device_step``)."""
     x = torch.clamp(u, min=c.floor).log()  # a loss <= 0 has no log: NaN or -inf, never scored
-    nonfinite = ~is_finite(u[:2])  # [gradient, loss] hold NaN or inf
+    nonfinite = ~is_finite(u[SCORED])  # [gradient, loss] hold NaN or inf
     ok = is_finite(x)  # finite logs: the values that are scored and learned
     z = (x - s.center) / s.std
     log_threshold = torch.addcmul(s.center, s.std, c.z_thresh)
@@ -340,23 +345,23 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     if config.ema:
         center, var, std = ema_update(center, var, learn_x, learn, config.alpha, config.sigma_floor)
     # the ring gets NaN for a non-finite norm, which ends any run of growth
-    ring, growth, growth_rate = growth_step(s.ring, torch.where(ok[:1], x[:1], c.no_loss), config.growth_window,
+    ring, growth, growth_rate = growth_step(s.ring, torch.where(ok[TOTAL], x[TOTAL], c.no_loss), config.growth_window,
                                             config.log_growth_factor, config.growth_full)
-    precursor_state, precursor = precursor_step(s.precursor, x[0], ok[0], weight_norm, config.precursor)
-    flags = torch.cat([nonfinite, spike[:2], growth.reshape(1), precursor.reshape(1)])
+    precursor_state, precursor = precursor_step(s.precursor, x[TOTAL], ok[TOTAL], weight_norm, config.precursor)
+    flags = torch.cat([nonfinite, spike[SCORED], growth.reshape(1), precursor.reshape(1)])
     if not config.has_loss:
         flags = flags & c.without_loss
     if config.has_layers:  # the first non-finite layer (inf wins), else the one furthest above its own average
-        moved = z[2:] if config.rank_layers_by_z else x[2:]
-        layer = torch.where(ok[2:], moved, c.inf[2:]).argmax()
+        moved = z[LAYERS] if config.rank_layers_by_z else x[LAYERS]
+        layer = torch.where(ok[LAYERS], moved, c.inf[LAYERS]).argmax()
     else:
         layer = torch.zeros((), dtype=torch.int64, device=u.device)
     verdict = Verdict(
         flags=flags,
-        grad_z=z[0],
-        loss_z=z[1] if config.has_loss else c.zeros[1],
-        spike_threshold=torch.exp(log_threshold[0]),
-        norm_level=torch.exp(center[0]) if config.ema else c.inf[0],  # no level before the warm-up ends
+        grad_z=z[TOTAL],
+        loss_z=z[LOSS] if config.has_loss else c.zeros[LOSS],
+        spike_threshold=torch.exp(log_threshold[TOTAL]),
+        norm_level=torch.exp(center[TOTAL]) if config.ema else c.inf[TOTAL],  # no level before the warm-up ends
         growth_rate=growth_rate,
         layer=layer,
     )
@@ -495,10 +500,10 @@ class Detector:
         level = math.log(loss)
         if scores.mean is not None:
             scores.mean = scores.mean.clone()
-            scores.mean[1] = level
+            scores.mean[LOSS] = level
         if scores._seen is not None:  # in warm-up: the loss values collected so far become that one level
             scores._seen = scores._seen.clone()
-            scores._seen[: scores.calls, 1] = level
+            scores._seen[: scores.calls, LOSS] = level
 
     def _new_layers(self, names: list[str]) -> None:
         """A different set of layers: their statistics start over, those of the norm and the loss stay."""
@@ -508,11 +513,11 @@ class Detector:
             return
         if not s.ready:  # the rest of the warm-up collects the new layers
             if s._seen is not None:
-                s._seen = torch.cat([s._seen[:, :2], s._seen.new_full((s._seen.shape[0], len(names)), math.nan)], 1)
+                s._seen = torch.cat([s._seen[:, SCORED], s._seen.new_full((s._seen.shape[0], len(names)), math.nan)], 1)
             return
         assert s.mean is not None and s.var is not None
-        s.mean = torch.cat([s.mean[:2], s.mean.new_full((len(names),), math.nan)])  # from their first value
-        s.var = torch.cat([s.var[:2], s.var.new_zeros(len(names))])
+        s.mean = torch.cat([s.mean[SCORED], s.mean.new_full((len(names),), math.nan)])  # from their first value
+        s.var = torch.cat([s.var[SCORED], s.var.new_zeros(len(names))])
         s._std = s.var.sqrt().clamp(min=s.sigma_floor)
 
     def state_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from gradguard.decide import Responses, decide
 from gradguard.detect import (
+    LOSS,
     DetectorConstants,
     DetectorOutput,
     DetectorStep,
@@ -99,7 +100,7 @@ def device_step(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor 
     codes = code_weights @ bits
     row = new_counts = None
     if config.record:
-        row, step_counts = history_row(u[1], detected.verdict, total_norm, decision.coef, decision.ceiling,
+        row, step_counts = history_row(u[LOSS], detected.verdict, total_norm, decision.coef, decision.ceiling,
                                        decision.skip, flags, bits, codes, None)
         new_counts = step_counts if counts is None else counts + step_counts
     grad_scale = decision.coef.float().reciprocal() if config.fused else None
