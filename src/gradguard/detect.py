@@ -274,6 +274,7 @@ class DetectorConstants(NamedTuple):
     floor: Tensor  # lower clamp before the log: 1e-30 for norms (a zero norm is scored), -inf for the loss
     z_thresh: Tensor  # z_thresh for the total norm and the loss, inf for layers (no spike of their own)
     loss_slot: Tensor  # True at the loss: its spikes are not learned
+    scored: Tensor  # True at the total norm and the loss (SCORED): a zero there is not learned
     no_loss: Tensor  # NaN, shape (1,): the loss slot when no loss is given, the growth ring's non-finite norm
     without_loss: Tensor  # the flags that stay when no loss is given
     zeros: Tensor
@@ -316,8 +317,8 @@ class DetectorOutput(NamedTuple):
 
     verdict: Verdict
     state: DetectorTensors
-    learn_x: Tensor  # the values to learn: the logs, a gradient spike capped at its threshold
-    learn: Tensor  # bool per slot: learn it (finite, and not a loss spike)
+    learn_x: Tensor  # the values to learn: the logs, kept within z_thresh sigmas of the level
+    learn: Tensor  # bool per slot: learn it (finite, not a loss spike, not a zero total norm)
 
 
 def pack(total_norm: Tensor, loss: Tensor | None, norms: Tensor, c: DetectorConstants) -> Tensor:
@@ -338,9 +339,16 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     z = (x - s.center) / s.std
     log_threshold = torch.addcmul(s.center, s.std, c.z_thresh)
     spike = (z > c.z_thresh) & ok
-    # learn where finite, a loss spike excepted (spike implies ok, so the xor drops just that one);
-    # a gradient spike teaches its threshold (fmin: a NaN threshold, nothing learned yet, sets none)
-    learn_x, learn = torch.fmin(x, log_threshold), ok ^ (spike & c.loss_slot)
+    # learn where finite, a loss spike excepted (spike implies ok, so the xor drops just that one), and a
+    # total norm of exactly 0 (a fully masked batch, zero_grad(set_to_none=False)) measures no scale: not learned
+    learn = (ok ^ (spike & c.loss_slot)) & ~((u == 0) & c.scored)
+    # bounded influence: a value teaches at most z_thresh sigmas on either side of the level (a spike its
+    # threshold, as in ZClip; a collapse its floor), so no one step moves the mean by more than
+    # (1 - alpha) * z_thresh * sigma, nor sigma by more than sqrt(alpha * (1 + (1 - alpha) * z_thresh^2)) (x1.14
+    # at the defaults); a 1e-30 norm once moved the level 70 log-units and set the threshold at 1e16.
+    # fmin/fmax: a NaN bound (nothing learned yet) bounds nothing; the layers' bounds are infinite.
+    log_floor = torch.addcmul(s.center, s.std, c.z_thresh, value=-1.0)
+    learn_x = torch.fmax(torch.fmin(x, log_threshold), log_floor)
     center, var, std = s.center, s.var, s.std
     if config.ema:
         center, var, std = ema_update(center, var, learn_x, learn, config.alpha, config.sigma_floor)
@@ -433,6 +441,7 @@ class Detector:
                 floor=vector(1e-30, -math.inf, 1e-30),
                 z_thresh=vector(self.z_thresh, self.z_thresh, math.inf),
                 loss_slot=vector(False, True, False, dtype=torch.bool),
+                scored=vector(True, True, False, dtype=torch.bool),
                 no_loss=torch.full((1,), math.nan, device=device),
                 without_loss=torch.tensor([k not in ("nonfinite_loss", "loss_spike") for k in STEP_KINDS],
                                           device=device),
