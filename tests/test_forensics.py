@@ -333,7 +333,8 @@ def test_cli_replay(tmp_path):
     result = runner.invoke(app, ["replay", records[8]["bundle"], "--model", f"{factory}:build"])
     assert result.exit_code == 1, result.output
     assert "first NAN: output of 'log' in the forward pass" in result.output
-    assert "samples [2], reproducible True" in result.output
+    assert "verdict: data: the data: sample(s) 2 (inf) stand out" in result.output
+    assert "gg.forensics.exclude(dataset, [2])" in result.output
     result = runner.invoke(app, ["replay", str(factory), "--model", f"{factory}:build"])
     assert result.exit_code == 2 and "not a gradguard replay bundle" in result.output
 

@@ -121,36 +121,37 @@ def replay(
     bundle: str = typer.Argument(..., help="A replay bundle written by gg.Forensics(bundle_dir=...)."),
     model: str = typer.Option(
         ..., "--model", help="package.module:factory or path/to/file.py:factory, as for `gradguard doctor`: "
-        "its model (the bundle's weights are loaded into it) and loss_fn are used; its batch is not."),
+        "its model (the bundle's weights are loaded into it), loss_fn and optimizer (if any) are used; its "
+        "batch is not."),
 ) -> None:
-    """Rebuild a bad step from its bundle; locate its first NaN/Inf and run the doctor on it.
+    """Run a bad step again from its bundle (trained weights, its batch, its random numbers) and say what to
+    blame: the data (the samples, and the gg.forensics.exclude line), a NaN/Inf's module, the weights or the
+    learning rate (which layer, what to change), or a transient fault.
 
-    Exit code: 0 no NaN/Inf and a healthy doctor's report, 1 a NaN/Inf or an error finding, 2 bad input."""
-    from gradguard.explain import doctor as run_doctor
+    Exit code: 0 transient or nothing to blame, 1 a finding (data, NaN/Inf, weights), 2 bad input (a file
+    that is not a readable, complete, uncorrupted bundle; a model that is not the bundle's)."""
     from gradguard.explain.factory import FactoryError, load_patient
-    from gradguard.forensics import rng
-    from gradguard.forensics.bundle import load_bundle, replay_step
+    from gradguard.forensics.bundle import BundleError, load_bundle
+    from gradguard.forensics.replay import diagnose_step
+
+    def refuse(message: str) -> typer.Exit:
+        typer.echo(f"gradguard replay: {' '.join(message.split())}", err=True)
+        return typer.Exit(code=2)
 
     try:
         data = load_bundle(bundle)
         patient = load_patient(model)
-        result = replay_step(data, patient.model, patient.loss_fn)
-    except (FactoryError, TypeError, ValueError) as error:
-        typer.echo(f"gradguard replay: {error}", err=True)
-        raise typer.Exit(code=2) from error
-    live, found = data["live"], data["forensics"]
-    typer.echo(f"step {data['step']}: {', '.join(live.get('kinds', []))} (loss {live.get('loss')}, "
-               f"gradient norm {live.get('total_norm')})")
-    typer.echo(f"forensics: layer {found.get('layer')}, samples {found.get('samples')}, "
-               f"reproducible {found.get('reproducible')}")
-    if result.origin is None:
-        typer.echo("replayed: every forward value, the loss and every gradient are finite")
-    else:
-        typer.echo(f"replayed (micro-batch {result.micro_batch}): {result.origin}")
-    with rng.replaying(data["batches"][0]["rng"]):
-        report = run_doctor(patient.model, result.batch, patient.loss_fn)
-    typer.echo(str(report))
-    raise typer.Exit(code=0 if result.origin is None and report.healthy else 1)
+    except (BundleError, FactoryError) as error:
+        raise refuse(str(error)) from None
+    try:
+        diagnosis = diagnose_step(data, patient.model, patient.loss_fn, patient.optimizer)
+    except BundleError as error:
+        raise refuse(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - a model that cannot run the bundled step is bad input
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise refuse(f"cannot replay {bundle} with {model}: {type(error).__name__}: {first}") from None
+    typer.echo(str(diagnosis))
+    raise typer.Exit(code=1 if diagnosis.finding else 0)
 
 
 @app.command()

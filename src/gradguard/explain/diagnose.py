@@ -49,7 +49,7 @@ from gradguard.batch import (
 from gradguard.explain.activation_stats import activation_stats
 from gradguard.explain.attention import attention_report
 from gradguard.explain.blocks import find_blocks, measure_jacobians, short_error
-from gradguard.explain.findings import CAUSES, Finding, build_findings, rank
+from gradguard.explain.findings import CAUSES, Finding, build_findings, keep_trained, rank
 from gradguard.explain.flow import DepthFlow, depth_flow
 from gradguard.explain.init_audit import (
     OffScaleLayer,
@@ -249,6 +249,7 @@ def doctor(
     jacobians: bool = True,
     jacobian_iterations: int = 20,
     check_fixes: bool = True,
+    trained: bool = False,
 ) -> DoctorReport:
     """Diagnose how gradients flow through ``model`` at its current weights, and what to change.
 
@@ -265,6 +266,9 @@ def doctor(
         check_fixes: apply the fix of each flow finding to a deep copy of the model and diagnose the copy
             (without Jacobians); when it does not make the flow stable, try the other flow remedies
             (``remedies.py``) and report the first that does. Costs one doctor pass per remedy tried.
+        trained: the weights are trained (``gradguard replay`` on a bad step), not at their init: no fix
+            that re-initialises is offered (``findings.keep_trained``); rescaling one off-scale layer and
+            learning-rate changes are.
 
     For a quick reading of the flow alone (what the lab does for every run), pass ``jacobians=False,
     check_fixes=False``: one forward/backward pass, plus the power iteration of ``||dh_T/dh_0||`` for
@@ -323,6 +327,8 @@ def doctor(
     findings = build_findings(depth=depth, time=time, init_checks=init_checks, bounds=bounds,
                               activations=activations, updates=updates, origin=origin, jacobian=jacobian,
                               model=model, cells_present=any(square), time_gated=time_gated, lone=lone)
+    if trained:
+        keep_trained(findings)
     if check_fixes:
         _check_flow_fixes(findings, model, batch, loss_fn, jacobian_iterations, cells_present=any(square))
     return DoctorReport(verdict, start, rank(findings + attention.findings), depth, time, activations,

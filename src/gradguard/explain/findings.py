@@ -36,7 +36,8 @@ from gradguard.explain.remedies import (
 )
 from gradguard.explain.time_flow import TimeFlow
 
-__all__ = ["CAUSES", "DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "rank"]
+__all__ = ["CAUSES", "DEAD_LIMIT", "SATURATED_LIMIT", "SEVERITIES", "Finding", "build_findings", "keep_trained",
+           "rank"]
 
 SEVERITIES = ("error", "warning", "info")
 DEAD_LIMIT = 0.5  # more than half the units of a ReLU layer dead for the whole batch
@@ -381,3 +382,20 @@ def build_findings(*, depth: DepthFlow, time: TimeFlow | None, init_checks: list
     findings += learning_rate_findings(updates, flow_verdict)
     findings += jacobian_findings(jacobian)
     return rank(findings)
+
+
+def keep_trained(findings: list[Finding]) -> None:
+    """For trained weights (a replayed step): no fix that re-initialises (``gg.init.auto_``, LSUV,
+    orthogonal, chrono) is offered, since it would discard what the model learned. Such a finding keeps its
+    layer and its measurements; its fix becomes the change that keeps the weights: a smaller learning rate
+    for that layer, or its gradient capped. A fix that keeps the weights (rescaling one layer, the learning
+    rate) stays as it is."""
+    for finding in findings:
+        if "re-initialis" not in finding.fix:
+            continue
+        where = repr(finding.layer) if finding.layer is not None else "the model"
+        finding.fix = (f"# the weights are trained: keep them; lower the learning rate of {where} (its own "
+                       "parameter group) or cap its gradient: gg.Guard(model, optimizer, clip=gg.clip.LayerNorm("
+                       "max_norm=...))")
+        finding.remedy = None
+        finding.message += " (trained weights: not re-initialised)"

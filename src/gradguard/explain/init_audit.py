@@ -188,31 +188,34 @@ class OffScaleLayer:
         return self.peers / self.check.ratio
 
 
-#: Fewest He/Xavier-checked weights for "its peers" to mean something.
-MIN_PEERS = 3
+#: Fewest He/Xavier-checked weights for a median to outvote one off-scale weight.
+MIN_WEIGHTS = 3
+
+
+def _median(values: list[float]) -> float:
+    ordered, middle = sorted(values), len(values) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
 
 
 def off_scale_layer(checks: list[InitCheck]) -> OffScaleLayer | None:
-    """The one weight whose ``std / prescribed`` is more than ``INIT_TOLERANCE`` away from the median of the
-    others' (in log), when exactly one is; None otherwise (no weight, or several: a scale error spread over
-    the model is the init's, not one layer's).
+    """The one weight whose ``std / prescribed`` is more than ``INIT_TOLERANCE`` away from the median over
+    all weights (in log), when exactly one is; None otherwise (fewer than ``MIN_WEIGHTS`` weights, none, or
+    several: a scale error spread over the model is the init's, not one layer's).
 
     Against the peers rather than against the formula: a model initialised with another gain (Xavier with
-    tanh's 5/3) or trained away from its init has every weight off its formula by the same factor, and the
-    one layer 20x off stands out from them by 20x whatever that factor is. Its fix rescales that layer
-    alone to the peers' scale, which keeps every other (possibly trained) weight."""
+    tanh's 5/3) or trained away from its init has every weight off its formula by about the same factor,
+    and the one layer 20x off stands out from them by 20x whatever that factor is. Its fix rescales that
+    layer alone to the median of the others, which keeps every other (possibly trained) weight."""
     prescribed = [c for c in checks if c.param == "weight" and c.scheme in ("he", "xavier") and c.ratio > 0
                   and math.isfinite(c.ratio)]
-    if len(prescribed) < MIN_PEERS + 1:
+    if len(prescribed) < MIN_WEIGHTS:
         return None
-    found: list[OffScaleLayer] = []
-    for check in prescribed:
-        others = sorted(math.log(c.ratio) for c in prescribed if c is not check)
-        middle = len(others) // 2
-        peers = math.exp(others[middle] if len(others) % 2 else 0.5 * (others[middle - 1] + others[middle]))
-        if abs(math.log(check.ratio / peers)) > math.log(INIT_TOLERANCE):
-            found.append(OffScaleLayer(check, peers))
-    return found[0] if len(found) == 1 else None
+    middle = _median([math.log(c.ratio) for c in prescribed])
+    off = [c for c in prescribed if abs(math.log(c.ratio) - middle) > math.log(INIT_TOLERANCE)]
+    if len(off) != 1:
+        return None
+    peers = math.exp(_median([math.log(c.ratio) for c in prescribed if c is not off[0]]))
+    return OffScaleLayer(off[0], peers)
 
 
 def _cell_gamma(cell: RecurrentCell, leaf_modules: list[nn.Module]) -> tuple[str, float]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RngState", "capture", "replaying", "restore"]
+__all__ = ["RngState", "capture", "check", "replaying", "restore"]
 
 RngState = dict[str, Any]
 
@@ -25,6 +25,25 @@ def capture(device: torch.device | None = None) -> RngState:
         index = device.index if device.index is not None else torch.cuda.current_device()
         cuda = (index, torch.cuda.get_rng_state(index))
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def check(state: object, where: str) -> None:
+    """``ValueError`` naming ``where`` when ``state`` is not a state :func:`capture` writes (checked before
+    any generator is touched: ``torch.set_rng_state`` would fail half-way, or take any bytes for the CUDA
+    generator)."""
+    if state is None:
+        return
+    if not isinstance(state, dict) or set(state) != {"cpu", "cuda"}:
+        raise ValueError(f"{where}: bad RNG state: expected {{'cpu', 'cuda'}}, got "
+                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    cpu, size = state["cpu"], torch.get_rng_state().numel()
+    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.shape == (size,)):
+        found = f"{cpu.dtype} {list(cpu.shape)}" if isinstance(cpu, torch.Tensor) else type(cpu).__name__
+        raise ValueError(f"{where}: bad RNG state: the CPU generator's state must be {size} bytes (uint8), got {found}")
+    cuda = state["cuda"]
+    if cuda is not None and not (isinstance(cuda, (tuple, list)) and len(cuda) == 2 and isinstance(cuda[0], int)
+                                 and isinstance(cuda[1], torch.Tensor) and cuda[1].dtype == torch.uint8):
+        raise ValueError(f"{where}: bad RNG state: the CUDA generator's state must be (device index, uint8 tensor)")
 
 
 def restore(state: RngState) -> None:
