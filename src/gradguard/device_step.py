@@ -81,14 +81,17 @@ def device_step(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor 
     unchanged.
 
     Args:
-        total_norm, finite, norms: the step's :class:`~gradguard.stats.GradStats` (all-reduced when
+        total_norm: the step's :class:`~gradguard.stats.GradStats` total norm (all-reduced when
             distributed).
+        finite: the GradStats' finite flag.
+        norms: the GradStats' per-layer norms.
         loss: the step's loss (summed over its micro-batches), or None.
         state: the detector's state (``Detector.begin``).
         weight_norm: the weights' norm on the steps the precursor samples it, else None.
         clip_coef: a scale clip strategy's coefficient (AutoClip, ZClip), or None.
         counts: ``[skipped, clipped]`` before this step (None: none yet).
-        c: the detector's constants; code_weights: the ``(2, 2 + len(STEP_KINDS))`` weights of the codes.
+        c: the detector's constants.
+        code_weights: the ``(2, 2 + len(STEP_KINDS))`` weights of the codes.
         responses: the action per kind of event.
         config: the kind of step.
     """
