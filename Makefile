@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt $(FIND_LINKS)
 
-.PHONY: demo test lint bench bench-gpu browser clean
+.PHONY: demo test lint docs bench bench-gpu browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(VENV)/.lab-installed: pyproject.toml constraints.txt | $(BIN)/python
 
 $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) -e '.[dev]'
-	touch $@ $(VENV)/.lab-installed
+	touch $@ $(VENV)/.lab-installed $(VENV)/.docs-installed
+
+$(VENV)/.docs-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e '.[docs]'
+	touch $@
 
 demo: $(VENV)/.lab-installed
 	$(BIN)/python -m gradguard lab --quick
@@ -30,6 +34,10 @@ test: $(VENV)/.dev-installed browser
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
+
+# The documentation site, into site/, in strict mode: a broken link, page or API reference fails the build.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/bench_stats.py
@@ -50,4 +58,4 @@ browser:
 	else echo "no apt-get as root here; the browser test will be skipped"; fi
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache
