@@ -47,12 +47,14 @@ def batches(steps: int, nan_at: int, seed: int = 0) -> list[tuple[torch.Tensor, 
 def main(steps: int = 300, nan_at: int = 50, **trainer_options) -> tuple[Regressor, GradGuardCallback]:
     L.seed_everything(0, verbose=False)
     module = Regressor()
+    # --8<-- [start:callback]
     callback = GradGuardCallback(clip=gg.clip.ZClip(max_grad_norm=None), log_every=50)
     options = {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
                "enable_progress_bar": False, "enable_model_summary": False, **trainer_options}  # fmt: skip
-    trainer = L.Trainer(callbacks=[callback], **options)
+    trainer = L.Trainer(callbacks=[callback], **options)  # no gradient_clip_val: the Guard clips
     trainer.fit(module, DataLoader(batches(steps, nan_at), batch_size=None))
     print(f"Lightning run: {callback.guard.summary()}")
+    # --8<-- [end:callback]
     return module, callback
 
 

@@ -47,6 +47,7 @@ def main(
     config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     model = GPT2LMHeadModel(config)
     model.transformer.wte.register_forward_hook(PoisonEmbeddings(nan_at))
+    # --8<-- [start:callback]
     args = TrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
         max_grad_norm=0, report_to=[], use_cpu=True, logging_steps=10, save_strategy="no",
@@ -56,6 +57,7 @@ def main(
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(steps * 8), callbacks=[callback])
     trainer.train()
     print(f"HF Trainer run: {callback.guard.summary()}")
+    # --8<-- [end:callback]
     return trainer, callback
 
 
