@@ -80,7 +80,7 @@ def test_a_nonfinite_step_is_skipped_params_optimizer_and_scheduler_unchanged(na
     assert scheduler.last_epoch == epoch_before + 1
     guard.close()
     assert guard.summary() == {"steps": 5, "skipped": 1, "clipped": guard.summary()["clipped"], "rollbacks": 0,
-                               "lr_backoffs": 0}
+                               "lr_backoffs": 0, "dropped_records": 0}
     record = guard.history[3]
     assert record["skipped"] and [e["kind"] for e in record["events"]] == ["nonfinite_grad"]
     assert record["events"][0]["layer"] == "0"

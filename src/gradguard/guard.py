@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -263,6 +264,8 @@ class Guard:
         self._last_skipped_host: bool | None = None
         self._in_flush = False
         self._closed = False
+        self._dropped_records = 0  # records a sink failed to take (summary()["dropped_records"])
+        self._failed_sinks: set[int] = set()  # sinks whose failure was warned already
         self._rollbacks_seen = 0  # recovery.rollbacks at the last step (after a new one: the loss level moves)
         self.forensics = forensics
         self._explained: dict[int, ForensicsRecord] = {}  # step -> its analysis, until its row is published
@@ -507,11 +510,14 @@ class Guard:
         self.history_buffer.record(self.step_count, row, lr, stats.names, layer_norms)
 
     def _give_up(self, give_up: GiveUp) -> None:
-        """Publish what is on the device (so the account and the sinks have it), then raise."""
-        if not self._in_flush:
-            records, _, _ = self._drain()
+        """Restore the last good snapshot first (``Recovery.diverged``), then publish what is on the device
+        (so the account and the sinks have it: a sink that fails now cannot leave NaN weights behind), then
+        raise."""
+        records = None if self._in_flush else self._drain()[0]  # read first: the account lists their events
+        diverged = self.recovery.diverged(give_up, self.summary())
+        if records is not None:
             self._publish(records)
-        raise self.recovery.diverged(give_up, self.summary()) from None
+        raise diverged from None
 
     # ------------------------------------------------------------------ flush
 
@@ -537,6 +543,7 @@ class Guard:
         """
         self._in_flush = True
         give_up: GiveUp | None = None
+        diverged: TrainingDiverged | None = None
         try:
             records, loss_z, bad_param = self._drain()
             self.recovery.note_losses(records)
@@ -557,11 +564,13 @@ class Guard:
                                            self.responses["nonfinite_param"], self.step_count)
             except GiveUp as exc:
                 give_up = exc
+            # restore first, then anything that can fail: the sinks get the records after the snapshot is back
+            diverged = None if give_up is None else self.recovery.diverged(give_up, self.summary())
             self._publish(records)
         finally:
             self._in_flush = False
-        if give_up is not None:
-            raise self.recovery.diverged(give_up, self.summary()) from None
+        if diverged is not None:
+            raise diverged from None
         return records
 
     def _params_finite(self, bad_param: int) -> tuple[bool, str | None]:
@@ -587,7 +596,27 @@ class Guard:
                 last["events"].extend(actions.pop(step))
         self._history.extend(records)
         for sink in self.sinks:
-            sink.write(records)
+            self._call_sink(sink, "write", records)
+
+    def _call_sink(self, sink: Sink, method: str, records: list[StepRecord] | None = None) -> None:
+        """A sink's ``write(records)`` or ``close()``, isolated: a sink is a side channel, and its failure (a
+        full disk, a tracker's network) never stops training nor replaces the Guard's own exception. The
+        first failure of each sink is warned, naming the sink and the error; the records a sink failed to
+        take are counted in ``summary()["dropped_records"]``. (Megatron-LM's rerun state machine logs a
+        failed tracker write the same way.)"""
+        try:
+            if records is None:
+                sink.close()
+            else:
+                sink.write(records)
+        except Exception as error:
+            if records is not None:
+                self._dropped_records += len(records)
+            if id(sink) not in self._failed_sinks:
+                self._failed_sinks.add(id(sink))
+                warnings.warn(f"gradguard: sink {sink!r} failed in {method}() ({type(error).__name__}: {error}); "
+                              "training goes on, and its records are counted in guard.summary()"
+                              "['dropped_records']", RuntimeWarning, stacklevel=4)
 
     def _device(self) -> torch.device:
         return self._named[0][1].device if self._named else torch.device("cpu")
@@ -612,7 +641,8 @@ class Guard:
         return self._last_skip is not None and bool(self._last_skip)
 
     def summary(self) -> dict[str, int]:
-        """``{"steps", "skipped", "clipped", "rollbacks", "lr_backoffs"}`` as ints (one host read)."""
+        """``{"steps", "skipped", "clipped", "rollbacks", "lr_backoffs", "dropped_records"}`` as ints (one host
+        read); ``dropped_records``: records that a sink failed to take (summed over the sinks)."""
         skipped, clipped = (0, 0) if self._counts is None else (int(v) for v in self._counts.tolist())
         return {
             "steps": self.step_count,
@@ -620,6 +650,7 @@ class Guard:
             "clipped": clipped,
             "rollbacks": self.recovery.rollbacks,
             "lr_backoffs": self.recovery.lr_backoffs,
+            "dropped_records": self._dropped_records,
         }
 
     def close(self) -> None:
@@ -632,7 +663,7 @@ class Guard:
         finally:
             self._closed = True
             for sink in self.sinks:
-                sink.close()
+                self._call_sink(sink, "close")
 
     def __enter__(self) -> Guard:
         return self

@@ -34,7 +34,14 @@ __all__ = ["JSONL", "Callback", "Logging", "Record", "Sink", "TensorBoard", "sca
 
 @runtime_checkable
 class Sink(Protocol):
-    """Receives flushed history records."""
+    """Receives flushed history records.
+
+    A sink is a side channel: the Guard calls ``write`` and ``close`` inside a ``try``, so an exception
+    from a sink never stops training nor replaces the Guard's own ``TrainingDiverged``; the first failure
+    of each sink is warned (naming the sink and the error) and the records it failed to take are counted
+    in ``guard.summary()["dropped_records"]``. On a give-up path the Guard restores the last good snapshot
+    before any sink runs. A sink should still fail early where it can (``JSONL`` opens its file when made).
+    """
 
     def write(self, records: Sequence[Record]) -> None:
         """Take the records flushed since the last call, oldest first."""

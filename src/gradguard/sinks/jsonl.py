@@ -32,11 +32,25 @@ class JSONL:
             raise ValueError(f"JSONL: cannot write path {self.path!r}: {error.strerror or error}") from error
 
     def write(self, records: Sequence[Record]) -> None:
+        if self._file is not None and self._replaced():  # deleted or rotated (logrotate): a new file at path
+            self._file.close()
+            self._file = None
         if self._file is None:  # written to after close(): append, never truncate what was written
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         for record in records:
             self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a crash loses at most the rows not yet flushed by the Guard
+
+    def _replaced(self) -> bool:
+        """Whether ``path`` no longer names the open file (deleted, or renamed away by a log rotation): two
+        ``stat`` calls per flush, so that no record goes silently into a file nobody can open."""
+        assert self._file is not None
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self._file.fileno())
+        return (at_path.st_ino, at_path.st_dev) != (held.st_ino, held.st_dev)
 
     def close(self) -> None:
         if self._file is not None:
