@@ -1,4 +1,4 @@
-"""Command line: ``gradguard demo | lab | doctor | replay | report`` (also ``python -m gradguard``).
+"""Command line: ``gradguard demo | lab | sweep | doctor | replay | report`` (also ``python -m gradguard``).
 
 Each command imports its implementation lazily, so ``gradguard --help`` stays fast and a command's
 optional dependencies are only needed when it runs.
@@ -7,6 +7,7 @@ optional dependencies are only needed when it runs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -56,6 +57,9 @@ def lab(
     out: str = typer.Option("gradguard-out", "--out", help="Output folder (report, results, run cache)."),
     workers: int = typer.Option(None, "--workers", min=1, help="Parallel processes (default: CPU cores)."),
     steps: int = typer.Option(None, "--steps", min=2, help="Training steps per run, overriding the scenarios'."),
+    ray: bool = typer.Option(False, "--ray", help="Run each run as a Ray task (pip install 'gradguard[ray]')."),
+    address: str = typer.Option(None, "--address", help="With --ray: the Ray cluster (auto, ray://host:10001); "
+                                "default: start a local Ray instance."),
 ) -> None:
     """Reproduce exploding gradients and every remedy on real tasks; write OUT/report.html."""
     from pathlib import Path
@@ -73,7 +77,9 @@ def lab(
     console = Console()
     if not console.is_terminal:  # a pipe or a file (`make demo | tee`, CI logs): no cut at 80 columns
         console = Console(width=160)
-    result = run_lab(scenarios or None, quick=quick, seeds=seeds, out=Path(out), workers=workers, steps=steps)
+    executor = _ray_executor("lab", address, 1.0, 0.0, 3) if ray or address else None
+    result = run_lab(scenarios or None, quick=quick, seeds=seeds, out=Path(out), workers=workers, steps=steps,
+                     executor=executor)
     print_summary(result.records, console)
     console.print(
         f"{len(result.records)} runs ({result.executed} executed, {len(result.records) - result.executed} cached) "
@@ -81,6 +87,74 @@ def lab(
     )
     console.print(f"report: [bold]{result.report.resolve()}[/bold]")
     console.print(f"results: {result.results_csv}, {result.results_json}")
+
+
+def _ray_executor(command: str, address: str | None, cpus: float, gpus: float, retries: int) -> Any:
+    """A ``RayExecutor``, or exit 2 with one line when Ray is missing or the cluster cannot be reached."""
+    from gradguard.lab.executors import RayExecutor
+
+    try:
+        return RayExecutor(address=address, cpus_per_run=cpus, gpus_per_run=gpus, max_retries=retries)
+    except ImportError as error:
+        typer.echo(f"gradguard {command}: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        typer.echo(f"gradguard {command}: cannot start Ray at {address or 'a local instance'}: {error}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+@app.command()
+def sweep(
+    target: str = typer.Argument(
+        ..., help="path/to/file.py:build or package.module:build; build(lr) returns (model, optimizer, data, "
+        "loss_fn) or a gradguard.lab.sweep_factory.SweepRun (see examples/sweep_factory.py)."),
+    lr_min: float = typer.Option(1e-3, "--lr-min", help="Smallest learning rate."),
+    lr_max: float = typer.Option(1.0, "--lr-max", help="Largest learning rate."),
+    points: int = typer.Option(8, "--points", min=2, help="Learning rates, log-spaced from --lr-min to --lr-max."),
+    remedies: str = typer.Option(
+        "none,global_norm,guard,qk_norm", "--remedies",
+        help="Comma-separated: none, global_norm, zclip, agc, guard, warmup, qk_norm, z_loss."),
+    seeds: int = typer.Option(2, "--seeds", min=1, help="Seeds per learning rate and remedy."),
+    steps: int = typer.Option(300, "--steps", min=2, help="Training steps per run."),
+    out: str = typer.Option("gradguard-sweep", "--out", help="Output folder (report, table, results, run cache)."),
+    workers: int = typer.Option(None, "--workers", min=1, help="Local processes (default: CPU cores)."),
+    ray: bool = typer.Option(False, "--ray", help="Run each run as a Ray task (pip install 'gradguard[ray]')."),
+    address: str = typer.Option(None, "--address", help="With --ray: the Ray cluster (auto, ray://host:10001); "
+                                "default: start a local Ray instance."),
+    cpus_per_run: float = typer.Option(1.0, "--cpus-per-run", help="With --ray: CPUs each run reserves."),
+    gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help="With --ray: GPUs each run reserves (0.25: "
+                                       "four runs share one)."),
+    retries: int = typer.Option(3, "--retries", min=0, help="With --ray: reruns of a run whose worker died."),
+) -> None:
+    """Train the factory at each learning rate with each remedy; write OUT/report.html and OUT/table.md with the
+    LR sensitivity (Wortsman et al. 2023) and the largest LR that trains per remedy. Exit code: 0 done, 2 bad
+    input (the target, an option), 1 some runs failed."""
+    from rich.console import Console
+
+    from gradguard.explain.factory import FactoryError
+    from gradguard.lab.sweep import run_sweep
+    from gradguard.lab.sweep_report import print_table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    executor = _ray_executor("sweep", address, cpus_per_run, gpus_per_run, retries) if ray or address else None
+    try:
+        result = run_sweep(target, lr_min=lr_min, lr_max=lr_max, points=points,
+                           remedies=[name.strip() for name in remedies.split(",") if name.strip()], seeds=seeds,
+                           steps=steps, out=Path(out), executor=executor, workers=workers)
+    except (FactoryError, ValueError) as error:
+        typer.echo(f"gradguard sweep: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    print_table(result.rows, result.not_applicable, console)
+    failed = sum("error" in record for record in result.records)
+    console.print(
+        f"{len(result.records)} runs ({result.executed} executed, {len(result.records) - result.executed} cached"
+        + (f", {failed} failed: see {result.results_json}" if failed else "") + f") in {result.seconds:.0f} s"
+    )
+    console.print(f"report: [bold]{result.report.resolve()}[/bold]")
+    console.print(f"table: {result.table}; results: {result.results_csv}, {result.results_json}")
+    raise typer.Exit(code=1 if failed else 0)
 
 
 @app.command()

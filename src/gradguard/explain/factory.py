@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from gradguard.batch import as_batch, forward_loss, scalar_loss
 from gradguard.explain.preserve import preserved
 from gradguard.trace import eager
 
-__all__ = ["FactoryError", "Patient", "load_patient"]
+__all__ = ["FactoryError", "Patient", "load_factory", "load_patient"]
 
 
 class FactoryError(ValueError):
@@ -70,8 +71,10 @@ def _import(location: str) -> Any:
         raise FactoryError(f"importing {location!r} raised {type(error).__name__}: {error}") from error
 
 
-def load_patient(target: str) -> Patient:
-    """Import ``target`` (``"package.module:factory"`` or ``"path/to/file.py:factory"``) and call the factory."""
+def load_factory(target: str, returns: str = "(model, batch, loss_fn)") -> Callable[..., Any]:
+    """Import ``target`` (``"package.module:factory"`` or ``"path/to/file.py:factory"``) and return the
+    factory, without calling it; ``returns`` says what it should return, for the error messages. Used by
+    ``gradguard doctor`` and ``gradguard sweep``."""
     location, colon, attribute = target.rpartition(":")
     if not colon or not location or not attribute:
         raise FactoryError(f"target must look like package.module:factory or path/file.py:factory, got {target!r}")
@@ -80,7 +83,13 @@ def load_patient(target: str) -> Patient:
     if factory is None:
         raise FactoryError(f"{location} has no attribute {attribute!r}")
     if not callable(factory):
-        raise FactoryError(f"{location}:{attribute} is not callable (a function returning (model, batch, loss_fn))")
+        raise FactoryError(f"{location}:{attribute} is not callable (a function returning {returns})")
+    return factory
+
+
+def load_patient(target: str) -> Patient:
+    """Import ``target`` (``"package.module:factory"`` or ``"path/to/file.py:factory"``) and call the factory."""
+    factory = load_factory(target)
     try:
         result = factory()
     except Exception as error:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from gradguard.lab.executors import Executor, LocalExecutor, Task
 from gradguard.lab.export import write_csv, write_json
 from gradguard.lab.report import render_lab_report
 from gradguard.lab.runner import GridResult, default_workers, describe_config, run_grid
-from gradguard.lab.scenarios import Record, build_grid
+from gradguard.lab.scenarios import Record, RunConfig, build_grid, execute
 
 
 @dataclass
@@ -30,6 +30,7 @@ def run_lab(
     workers: int | None = None,
     steps: int | None = None,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> LabResult:
     """Run the lab and write ``out/report.html``, ``out/results.json`` and ``out/results.csv``.
 
@@ -38,18 +39,20 @@ def run_lab(
         quick: the small grid (under 5 minutes on 2 cores) instead of the full one.
         seeds: seeds per variant, overriding each scenario's default.
         out: output folder; finished runs are cached in ``out/cache`` and not run again.
-        workers: parallel processes (default: one per CPU core).
+        workers: parallel processes (default: one per CPU core) of the default executor.
         steps: training steps per run, overriding the scenarios' (for tests).
         progress: show a rich progress bar.
+        executor: where the runs execute (``gradguard.lab.executors``): default ``LocalExecutor(workers)``;
+            a ``RayExecutor`` runs them as Ray tasks, into the same cache.
     """
     configs = build_grid(scenarios, quick=quick, seeds=seeds, steps=steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    workers = workers or default_workers()
+    executor = executor if executor is not None else LocalExecutor(workers or default_workers())
     if progress:
-        result = _run_with_progress(configs, out, workers)
+        result = run_with_progress(configs, out, executor, label="lab")
     else:
-        result = run_grid(configs, out, workers)
+        result = run_grid(configs, out, executor=executor)
     report = render_lab_report(result.records, out / "report.html", quick=quick, seconds=result.seconds)
     return LabResult(
         records=result.records,
@@ -61,18 +64,21 @@ def run_lab(
     )
 
 
-def _run_with_progress(configs: list[dict[str, Any]], out: Path, workers: int) -> GridResult:
+def run_with_progress(
+    configs: list[RunConfig], out: Path, executor: Executor, label: str, task: Task = execute
+) -> GridResult:
+    """``run_grid`` with a rich progress bar (one tick per run, cached ones included)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (
-        TextColumn("[bold]lab"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"),
     )
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("", total=len(configs))
+        progress = bar.add_task("", total=len(configs))
 
-        def advance(config: dict[str, Any], record: Record) -> None:
+        def advance(config: RunConfig, record: Record) -> None:
             status = "failed" if "error" in record else "done"
-            bar.update(task, advance=1, description=f"{describe_config(config)} {status}")
+            bar.update(progress, advance=1, description=f"{describe_config(config)} {status}")
 
-        return run_grid(configs, out, workers, on_record=advance)
+        return run_grid(configs, out, on_record=advance, executor=executor, task=task)

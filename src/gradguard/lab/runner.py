@@ -1,11 +1,11 @@
-"""Run a grid of configs in parallel processes, with a progress bar and a resumable on-disk cache.
+"""Run a grid of configs through an executor, with a resumable on-disk cache.
 
-* Parallel: ``concurrent.futures.ProcessPoolExecutor`` with the ``spawn`` start method (no fork of a
-  process that already holds torch threads); each worker runs torch on one thread, so ``workers``
-  processes use ``workers`` cores. ``workers=1`` runs in this process.
 * Cached: a finished run is stored as ``OUT/cache/<scenario>-<key>.json``, ``key`` a hash of its config
   (and of :data:`LAB_VERSION`). A second run of the same grid executes nothing; changing one config
   reruns only that one. A run that raised is not cached (its record holds the error), so it runs again.
+* Executed elsewhere: :func:`run_grid` hands the configs missing from the cache to an executor
+  (``gradguard.lab.executors``: local processes by default, Ray tasks with ``--ray``) and stores what
+  comes back, so every backend resumes and fills the same cache.
 * Deterministic: each run seeds torch, numpy and ``random`` from its config's seed and uses one thread.
 """
 
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from gradguard.lab.executors import Executor, LocalExecutor, Task
 from gradguard.lab.scenarios import Record, RunConfig, execute
 
 #: bump when a change to the lab's code changes results, so that old cached runs are not reused
@@ -61,11 +58,12 @@ def store(out_dir: Path, record: Record) -> None:
     os.replace(temporary, path)  # atomic: a killed run never leaves half a file
 
 
-def run_one(config: RunConfig) -> Record:
-    """Execute one config; never raises: an error becomes the record's ``error``."""
+def run_one(config: RunConfig, task: Task = execute) -> Record:
+    """Execute one config (``task(config)``, a lab scenario's run by default); never raises: an error
+    becomes the record's ``error``."""
     start = time.perf_counter()
     try:
-        record = execute(config)
+        record = task(config)
     except Exception as error:  # one failing run must not lose the grid
         record = {
             "config": config,
@@ -74,10 +72,6 @@ def run_one(config: RunConfig) -> Record:
         }
     record["wall_seconds"] = round(time.perf_counter() - start, 3)
     return record
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
 
 
 @dataclass
@@ -92,14 +86,17 @@ def run_grid(
     out_dir: Path,
     workers: int = 2,
     on_record: ProgressCallback | None = None,
+    executor: Executor | None = None,
+    task: Task = execute,
 ) -> GridResult:
     """Run every config not already in ``out_dir``'s cache; return all records in config order.
 
-    ``on_record(config, record)`` is called once per config as its record becomes available (cached
-    ones first), e.g. to advance a progress bar.
+    The missing runs go to ``executor`` (default: ``LocalExecutor(workers)``), each as ``task(config)``
+    (default: the lab scenario's run). ``on_record(config, record)`` is called once per config as its
+    record becomes available (cached ones first), e.g. to advance a progress bar; each finished run is
+    stored as soon as it comes back, so an interrupted grid resumes where it stopped.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    executor = executor if executor is not None else LocalExecutor(workers)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     keys = [config_key(config) for config in configs]
@@ -116,27 +113,13 @@ def run_grid(
             if on_record:
                 on_record(config, cached)
 
-    def finish(config: RunConfig, record: Record) -> None:
+    for index, record in executor.map(task, pending):
+        config = pending[index]
         if "error" not in record:
             store(out_dir, record)
         records[config_key(config)] = record
         if on_record:
             on_record(config, record)
-
-    if workers == 1 or len(pending) <= 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for config in pending:
-                finish(config, run_one(config))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
-            futures: dict[Future[Record], RunConfig] = {pool.submit(run_one, c): c for c in pending}
-            for future in as_completed(futures):
-                finish(futures[future], future.result())
     return GridResult([records[key] for key in keys], len(pending), time.perf_counter() - start)
 
 
