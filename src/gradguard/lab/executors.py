@@ -113,8 +113,9 @@ class RayExecutor:
         max_retries: how many times Ray reruns a task whose worker process died (killed, node lost); a
             task that raises is not retried (``run_one`` turns errors into records, so tasks do not raise).
         num_cpus: CPUs of the local instance started when ``address`` is None.
-        runtime_env: Ray's runtime environment for the tasks (e.g. ``{"working_dir": "."}`` so that a
-            remote cluster sees the factory's file); None: the workers share this machine's files.
+        runtime_env: Ray's runtime environment for this executor's tasks (e.g. ``{"working_dir": "."}`` so that
+            a remote cluster sees the factory's file, ``{"env_vars": {...}}``); None: the workers share this
+            machine's files and the environment the cluster was started with.
 
     The workers import gradguard and the task's module: on a remote cluster, install gradguard there.
     """
@@ -140,14 +141,15 @@ class RayExecutor:
             raise ImportError("RayExecutor needs Ray: pip install 'gradguard[ray]'") from error
         self._ray = ray
         if not ray.is_initialized():
-            ray.init(address=address, num_cpus=num_cpus if address is None else None, runtime_env=runtime_env,
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
         self.address = address
         self.cpus_per_run = cpus_per_run
         self.gpus_per_run = gpus_per_run
         self.max_retries = max_retries
         self._remote = ray.remote(run_in_worker).options(
-            num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries, retry_exceptions=False
+            num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries, retry_exceptions=False,
+            **({"runtime_env": runtime_env} if runtime_env else {}),
         )
 
     def describe(self) -> str:

@@ -43,13 +43,14 @@ class WarmupStep(Remedy):
         factor = min(1.0, (self.calls + 1) / self.warmup)
         self.calls += 1
         groups = self.optimizer.param_groups
-        for group in groups:
-            group["lr"] *= factor
+        in_force = [group["lr"] for group in groups]
+        for group, lr in zip(groups, in_force):
+            group["lr"] = lr * factor
         try:
             self.remedy.step(loss, stats, batch=batch)
-        finally:  # dividing (not restoring a copy) keeps a change made inside the step, e.g. a Guard's LR cut
-            for group in groups:
-                group["lr"] /= factor
+        finally:  # the LR in force back, exactly; one changed inside the step (a Guard's cut) keeps the change
+            for group, lr in zip(groups, in_force):
+                group["lr"] = lr if group["lr"] == lr * factor else group["lr"] / factor
 
     def summary(self) -> dict[str, int]:
         return self.remedy.summary()
@@ -82,6 +83,7 @@ def train_one(config: RunConfig) -> Record:
     initial = evaluate_loss(model, eval_loss_fn, *run.eval_batch) if run.eval_batch is not None else None
 
     remedy: Remedy
+    step: Remedy
     if config["clip"]["name"] == "guard":  # the Guard steps the schedule itself, only on the steps it takes
         options = {key: value for key, value in config["clip"].items() if key != "name"}
         remedy = GuardRemedy(model, optimizer, {**options, **({"scheduler": run.scheduler} if run.scheduler else {})})
