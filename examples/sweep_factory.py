@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradguard.lab import SweepRun
 from gradguard.lab.models import CausalTransformer
-from gradguard.lab.sweep_factory import SweepRun
 from gradguard.lab.tasks import char_batch, char_corpus
 from gradguard.regularize import z_loss as z_loss_of
 
@@ -27,6 +27,7 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+# --8<-- [start:build]
 def build(lr: float, seed: int = 0, qk_norm: bool = False, z_loss: float = 0.0) -> SweepRun:
     corpus = char_corpus()
     model = CausalTransformer(corpus.vocab_size, CONTEXT, d_model=48, n_layer=2, n_head=4, qk_norm=qk_norm)
@@ -42,6 +43,7 @@ def build(lr: float, seed: int = 0, qk_norm: bool = False, z_loss: float = 0.0) 
 
     eval_batch = char_batch(corpus.val_ids, 256, CONTEXT, torch.Generator().manual_seed(1))
     return SweepRun(model, optimizer, data, loss_fn, eval_batch=eval_batch, eval_loss_fn=cross_entropy)
+# --8<-- [end:build]
 
 
 if __name__ == "__main__":
