@@ -254,6 +254,12 @@ class GrowthWindow:
 
 def _check_detector_args(alpha: float, z_thresh: float, warmup_steps: int, growth_window: int,
                          growth_factor: float, sigma_floor: float) -> None:
+    # a threshold that is not a finite real number turns detection off (sigma_floor=inf: no z-score ever
+    # exceeds z_thresh) or fails only at the first step (a string): refused here, the argument named
+    for name, value in (("alpha", alpha), ("z_thresh", z_thresh), ("growth_factor", growth_factor),
+                        ("sigma_floor", sigma_floor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Detector: {name} must be a finite number, got {value!r}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"Detector: alpha must be in (0, 1), got {alpha}")
     if not (z_thresh > 0 and math.isfinite(z_thresh)):
@@ -414,8 +420,9 @@ class Detector:
         precursor: Precursor | None = None,
     ):
         _check_detector_args(alpha, z_thresh, warmup_steps, growth_window, growth_factor, sigma_floor)
-        if not (warmup_sigma_floor >= 0.0 and math.isfinite(warmup_sigma_floor)):
-            raise ValueError(f"Detector: warmup_sigma_floor must be a finite number >= 0, got {warmup_sigma_floor}")
+        if isinstance(warmup_sigma_floor, bool) or not isinstance(warmup_sigma_floor, (int, float)) or not (
+                warmup_sigma_floor >= 0.0 and math.isfinite(warmup_sigma_floor)):
+            raise ValueError(f"Detector: warmup_sigma_floor must be a finite number >= 0, got {warmup_sigma_floor!r}")
         self.z_thresh = float(z_thresh)
         self.alpha = float(alpha)
         self.warmup_steps = warmup_steps

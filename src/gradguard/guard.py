@@ -60,7 +60,10 @@ adds the one read of the event flags per step.
 **Bad input** is refused before anything changes, with the argument named: a loss that is not a scalar,
 a step with no gradient at all (backward not called, or every parameter frozen), an optimizer that holds
 none of the model's parameters, a model on the meta device, unknown ``groups``, a clip strategy's invalid
-``norm_type``, and a ``load_state_dict`` whose state does not match this model and optimizer.
+``norm_type``, a complex or integer loss, a scheduler without ``step()``, a scaler without ``update()``, a
+``process_group`` that is not one, a second ``step()`` on the gradients of the last one (their version
+counters unchanged: a host-side check), and a ``load_state_dict`` whose state does not match this model and
+optimizer.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -129,6 +133,25 @@ def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
             f"Guard: optimizer holds none of the model's {len(named)} parameters: make it from this model's "
             "parameters (e.g. torch.optim.AdamW(model.parameters()))"
         )
+
+
+def _is_sink(obj: Any) -> bool:
+    return callable(getattr(obj, "write", None)) and callable(getattr(obj, "close", None))
+
+
+def _check_step_partners(scheduler: Any, scaler: Any, process_group: Any) -> None:
+    """The objects the Guard calls at each step, checked when it is made, not at the first step."""
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise ValueError(f"Guard: scheduler must be an LR scheduler with step() (torch.optim.lr_scheduler) or None, "
+                         f"got {scheduler!r}")
+    if scaler is not None and not (callable(getattr(scaler, "unscale_", None))
+                                   and callable(getattr(scaler, "update", None))):
+        raise ValueError(f"Guard: scaler must be a torch.amp.GradScaler (unscale_() and update()) or None, "
+                         f"got {scaler!r}")
+    if process_group is not None and not (
+            torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)):
+        raise ValueError(f"Guard: process_group must be a torch.distributed.ProcessGroup or None (the world), "
+                         f"got {process_group!r}")
 
 
 class Guard:
@@ -228,10 +251,16 @@ class Guard:
                              f"{self.accumulation_steps}: a bad step's micro-batches would not all be kept")
         self.log_every = _int_at_least(log_every, 1, "log_every")
         self.layer_every = _int_at_least(layer_every, 0, "layer_every")
-        self.sinks: list[Sink] = list(sinks)
+        if isinstance(sinks, (str, bytes)):
+            raise ValueError(f"Guard: sinks must be a list of sinks, got the string {sinks!r} (for a file: "
+                             "sinks=[gg.sinks.JSONL(path)])")
+        # one sink given alone (sinks=gg.sinks.JSONL(path)) is taken as a list of one
+        self.sinks: list[Sink] = [sinks] if _is_sink(sinks) else list(sinks)  # type: ignore[list-item]
         for i, sink in enumerate(self.sinks):
             if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
                 raise ValueError(f"Guard: sinks[{i}] must have write(records) and close(), got {sink!r}")
+
+        _check_step_partners(scheduler, scaler, process_group)
 
         self.model = model
         self.optimizer = optimizer
@@ -264,6 +293,8 @@ class Guard:
         self._last_skipped_host: bool | None = None
         self._in_flush = False
         self._closed = False
+        # (parameter, its gradient, the gradient's version) at the last boundary: a second step on them is refused
+        self._stepped_grads: list[tuple[Tensor, weakref.ref[Tensor], int]] = []
         self._dropped_records = 0  # records a sink failed to take (summary()["dropped_records"])
         self._failed_sinks: set[int] = set()  # sinks whose failure was warned already
         self._rollbacks_seen = 0  # recovery.rollbacks at the last step (after a new one: the loss level moves)
@@ -347,6 +378,7 @@ class Guard:
                                          now=self.step_count, loss_given=loss is not None)
             except GiveUp as give_up:
                 self._give_up(give_up)
+        self._remember_gradients()
         self.step_count += 1
         if self.forensics is not None:
             self.forensics.end_call()
@@ -364,6 +396,9 @@ class Guard:
                 f"Guard.step: loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
                 "reduce it first (e.g. loss.mean())"
             )
+        if loss.is_complex() or not loss.is_floating_point():
+            raise ValueError(f"Guard.step: loss must be a real floating-point tensor, got dtype {loss.dtype} (a "
+                             "loss that can be backpropagated: float32, float16, bfloat16 or float64)")
         return loss.detach()
 
     def _check_gradients(self) -> None:
@@ -373,6 +408,23 @@ class Guard:
                 "guard.step(), and check that some parameters require grad (all frozen?). Nothing was done "
                 "and no step was counted."
             )
+        if self._stepped_grads and all(ref() is p.grad and p.grad is not None and p.grad._version == version
+                                       for p, ref, version in self._stepped_grads):
+            raise RuntimeError(
+                "Guard.step: the gradients are those of the last guarded step (no backward since; the "
+                "gradients' version counters are unchanged): a second step would apply them twice. Call "
+                "optimizer.zero_grad() and loss.backward() before guard.step(). Nothing was done and no "
+                "step was counted."
+            )
+
+    def _remember_gradients(self) -> None:
+        """The gradients this step used, by identity and version counter (host-side, no device read): a
+        backward, ``zero_grad`` or any write to them since changes one of them. Not for DTensor parameters,
+        whose gradient wrappers do not carry the local shard's version."""
+        if self._has_dtensor:
+            return
+        self._stepped_grads = [(p, weakref.ref(p.grad), p.grad._version) for _, p in self._named
+                               if p.grad is not None]
 
     def _measure(self, loss: Tensor | None) -> tuple[GradStats, Tensor | None]:
         """Unscale (GradScaler), then the gradients' norms, all-reduced when distributed."""

@@ -197,9 +197,9 @@ class RecoveryPolicy:
             raise ValueError(f"RecoveryPolicy: snapshot_dir must be a path or None, got {self.snapshot_dir!r}")
         _int_at_least(self.snapshot_clean_steps, 0, "snapshot_clean_steps")
         if isinstance(self.snapshot_loss_z, bool) or not isinstance(self.snapshot_loss_z, (int, float)) or not (
-            self.snapshot_loss_z > 0
+            self.snapshot_loss_z > 0 and math.isfinite(self.snapshot_loss_z)
         ):
-            raise ValueError(f"RecoveryPolicy: snapshot_loss_z must be a number > 0, got {self.snapshot_loss_z!r}")
+            raise ValueError(f"RecoveryPolicy: snapshot_loss_z must be a finite number > 0, got {self.snapshot_loss_z!r}")
 
 
 class Snapshot:
