@@ -85,6 +85,7 @@ from gradguard.decide import ACTIONS, ALLOWED_ACTIONS, Decision, Responses
 from gradguard.detect import STEP_KINDS, Detector, DetectorStep, kinds_of, nonfinite_layer
 from gradguard.device_step import DeviceStep, StepConfig, StepOutput, code_weights
 from gradguard.forensics import ANALYSED_KINDS, BadSample, Forensics, ForensicsRecord
+from gradguard.forensics.watch import DataWatch
 from gradguard.history import History, StepRecord, history_row, to_record
 from gradguard.names import user_name
 from gradguard.precursor import weight_norm
@@ -188,6 +189,9 @@ class Guard:
         process_group: the torch.distributed group (default: the world, when initialised).
         forensics: a :class:`~gradguard.forensics.Forensics` to explain bad steps (``guard.step(loss,
             batch=...)``); its ``keep`` must be at least ``accumulation_steps``.
+        data_watch: a :class:`~gradguard.forensics.DataWatch` to flag samples whose loss stands out, every
+            step (``guard.step(loss, batch=..., sample_losses=...)``; no host read); its flagged samples
+            are events ``"data_outlier"`` of the flushed records.
         optimizer_step: for integrations only: the framework's original ``optimizer.step`` when the
             framework routes ``optimizer.step()`` to the Guard. By default the Guard calls
             ``optimizer.step()`` at each step (so a scheduler made after the Guard sees the step).
@@ -221,6 +225,7 @@ class Guard:
         groups: str = "module",
         process_group: Any = None,
         forensics: Forensics | None = None,
+        data_watch: DataWatch | None = None,
         optimizer_step: Callable[[], Any] | None = None,
         compile: bool = False,
     ):
@@ -249,6 +254,8 @@ class Guard:
         if forensics is not None and forensics.keep < self.accumulation_steps:
             raise ValueError(f"Guard: Forensics(keep={forensics.keep}) is less than accumulation_steps="
                              f"{self.accumulation_steps}: a bad step's micro-batches would not all be kept")
+        if data_watch is not None and not isinstance(data_watch, DataWatch):
+            raise ValueError(f"Guard: data_watch must be a gradguard.forensics.DataWatch or None, got {data_watch!r}")
         self.log_every = _int_at_least(log_every, 1, "log_every")
         self.layer_every = _int_at_least(layer_every, 0, "layer_every")
         if isinstance(sinks, (str, bytes)):
@@ -299,6 +306,7 @@ class Guard:
         self._failed_sinks: set[int] = set()  # sinks whose failure was warned already
         self._rollbacks_seen = 0  # recovery.rollbacks at the last step (after a new one: the loss level moves)
         self.forensics = forensics
+        self.data_watch = data_watch
         self._explained: dict[int, ForensicsRecord] = {}  # step -> its analysis, until its row is published
         if forensics is not None:
             if self._has_dtensor:
@@ -308,7 +316,7 @@ class Guard:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, loss: Tensor | None = None, batch: Any = None) -> Tensor:
+    def step(self, loss: Tensor | None = None, batch: Any = None, sample_losses: Tensor | None = None) -> Tensor:
         """Guard one optimizer step: measure, decide, apply (clip, then ``optimizer.step()``, or skip).
 
         Args:
@@ -316,6 +324,8 @@ class Guard:
                 loss checks.
             batch: this micro-batch, for ``forensics`` (``gradguard.batch``'s convention); a reference is
                 kept, nothing is computed on it unless the step goes bad. Ignored without forensics.
+            sample_losses: this micro-batch's per-sample losses ``(B,)`` (``reduction="none"``), for
+                ``data_watch`` (device ops only); needs ``Guard(data_watch=...)``.
 
         Returns:
             0-d bool device tensor, True when the optimizer stepped. Between accumulation boundaries
@@ -329,6 +339,11 @@ class Guard:
             self._check_gradients()
         if self.forensics is not None and batch is not None:
             self.forensics.remember(batch)
+        if sample_losses is not None:
+            if self.data_watch is None:
+                raise ValueError("Guard.step: sample_losses is for a data watch: make the Guard with "
+                                 "data_watch=gg.forensics.DataWatch()")
+            self.data_watch.observe(sample_losses, batch, self.step_count)
         if loss is not None:
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         if not boundary:
@@ -642,6 +657,8 @@ class Guard:
                 if explained is not None and event["kind"] in ANALYSED_KINDS:
                     event["forensics"] = dict(explained)
             record["events"].extend(actions.pop(record["step"], []))
+        if self.data_watch is not None:
+            self._attach_suspects(records)
         if actions and records:  # actions noted for a step whose row was already published
             last = records[-1]
             for step in sorted(actions):
@@ -669,6 +686,23 @@ class Guard:
                 warnings.warn(f"gradguard: sink {sink!r} failed in {method}() ({type(error).__name__}: {error}); "
                               "training goes on, and its records are counted in guard.summary()"
                               "['dropped_records']", RuntimeWarning, stacklevel=4)
+
+    def _attach_suspects(self, records: list[StepRecord]) -> None:
+        """The data watch's flagged samples (its one read per flush) as a ``"data_outlier"`` event of their
+        step's record (of the last record when their step's row was published already)."""
+        assert self.data_watch is not None
+        by_step: dict[int, list[Any]] = {}
+        for suspect in self.data_watch.drain():
+            by_step.setdefault(suspect["step"], []).append(suspect)
+        rows = {record["step"]: record for record in records}
+        for step, suspects in sorted(by_step.items()):
+            record = rows.get(step, records[-1] if records else None)
+            if record is None:
+                continue
+            record["events"].append({
+                "step": step, "kind": "data_outlier", "layer": None, "action": "log",
+                "samples": [s["id"] for s in suspects], "scores": [s["z"] for s in suspects],
+                "losses": [s["loss"] for s in suspects]})
 
     def _device(self) -> torch.device:
         return self._named[0][1].device if self._named else torch.device("cpu")

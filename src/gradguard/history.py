@@ -24,7 +24,8 @@ only host read of the monitoring path) and :func:`to_record` turns each into a :
     }
 
 Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own actions ``"lr_backoff"``,
-``"lr_recover"`` and ``"rollback"``. Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
+``"lr_recover"`` and ``"rollback"``, and ``"data_outlier"`` (``gradguard.forensics.DataWatch``: samples,
+scores, losses; action ``"log"``). Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
 factor); ``precursor``: total_norm (``gradguard.precursor``); ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
 lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. With ``gg.Forensics``, the events
@@ -69,6 +70,9 @@ class Event(_EventKeys, total=False):
     reason: str
     to_step: int | None
     forensics: dict[str, Any]  # gg.Forensics' analysis of the step (gradguard.forensics.ForensicsRecord)
+    samples: list[Any]  # data_outlier: the flagged samples' ids (gradguard.forensics.DataWatch)
+    scores: list[float]  # data_outlier: their robust z within the batch (< 0: suspiciously low loss)
+    losses: list[float]  # data_outlier: their losses
 
 
 class _StepKeys(TypedDict):

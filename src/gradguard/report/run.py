@@ -227,9 +227,12 @@ def heatmap_figure(records: Sequence[Record]) -> Figure | None:
 
 
 def event_rows(records: Sequence[Record]) -> list[dict[str, str]]:
+    """One row per event, the data watch's excepted (:func:`suspect_rows`)."""
     rows = []
     for r in records:
         for event in _events(r):
+            if event["kind"] == "data_outlier":
+                continue
             details = {k: v for k, v in event.items()
                        if k not in ("step", "kind", "layer", "action", "forensics")}
             rows.append(
@@ -243,6 +246,26 @@ def event_rows(records: Sequence[Record]) -> list[dict[str, str]]:
                 }
             )
     return rows
+
+
+def suspect_rows(records: Sequence[Record]) -> list[dict[str, str]]:
+    """The data watch's flagged samples (``"data_outlier"`` events, ``gg.forensics.DataWatch``), one row
+    each: step, id, side (a loss too high or too low), loss, robust z within its batch."""
+    rows = []
+    for r in records:
+        for event in _events(r):
+            if event["kind"] != "data_outlier":
+                continue
+            for sample, z, loss in zip(event.get("samples", []), event.get("scores", []), event.get("losses", [])):
+                rows.append({"step": str(event["step"]), "id": str(sample), "side": "high" if z > 0 else "low",
+                             "loss": _fmt(loss), "z": _fmt(z)})
+    return rows
+
+
+def exclude_code(rows: Sequence[dict[str, str]]) -> str:
+    """The ``gg.forensics.exclude`` line that leaves the flagged samples out of a resumed run."""
+    ids = sorted({int(r["id"]) if r["id"].lstrip("-").isdigit() else r["id"] for r in rows}, key=str)
+    return f"loader = DataLoader(gg.forensics.exclude(dataset, {ids!r}), batch_size=..., shuffle=True)"
 
 
 def forensics_text(forensics: dict[str, Any] | None) -> str:
@@ -285,6 +308,7 @@ def render_run_report(records: Sequence[Record], title: str = "gradguard run rep
     if not records:
         raise ValueError("render_run_report: the run has no records")
     heatmap = heatmap_figure(records)
+    suspects = suspect_rows(records)
     template = jinja2.Template(
         resources.files("gradguard.report").joinpath("run.html.j2").read_text(encoding="utf-8"),
         autoescape=True,
@@ -296,5 +320,7 @@ def render_run_report(records: Sequence[Record], title: str = "gradguard run rep
         norm_png=png_data_uri(norm_figure(records)),
         heatmap_png=None if heatmap is None else png_data_uri(heatmap),
         events=event_rows(records),
+        suspects=suspects,
+        exclude=exclude_code(suspects) if suspects else "",
         fmt=_fmt,
     )
