@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from gradguard.cli import app
 from gradguard.explain.factory import FactoryError
+from gradguard.lab.executors import LocalExecutor
 from gradguard.lab.remedies import Remedy
 from gradguard.lab.runner import cache_path
 from gradguard.lab.sweep import lr_range, run_sweep
@@ -188,3 +189,21 @@ def test_factory_source_is_a_module_target_too(tmp_path: Path, monkeypatch: pyte
     result = run_sweep("my_factory:build", lr_min=0.01, lr_max=0.1, points=2, remedies=["none"], seeds=1, steps=4,
                        out=tmp_path / "out", workers=1, progress=False)
     assert all("error" not in r for r in result.records)
+
+
+def test_a_local_worker_that_dies_becomes_an_error_record_and_runs_again(tmp_path: Path) -> None:
+    path = tmp_path / "dies.py"
+    path.write_text(PLAIN_FACTORY.replace("def build(lr):\n", "def build(lr):\n"
+                                          "    import multiprocessing, os\n"
+                                          "    if lr == 1.0 and multiprocessing.current_process().name != 'MainProcess'"
+                                          " and os.path.exists(__file__ + '.die'):\n"
+                                          "        os._exit(1)\n"))
+    (tmp_path / "dies.py.die").write_text("")
+    options = dict(lr_min=0.01, lr_max=1.0, points=2, remedies=["none"], seeds=1, steps=4, out=tmp_path / "out",
+                   progress=False)
+    result = run_sweep(f"{path}:build", executor=LocalExecutor(2), **options)
+    lost = {r["config"]["lr"]: r["error"] for r in result.records if "error" in r}
+    assert 1.0 in lost and lost[1.0].startswith("run lost: BrokenProcessPool")
+    (tmp_path / "dies.py.die").unlink()
+    again = run_sweep(f"{path}:build", executor=LocalExecutor(1), **options)
+    assert again.executed == len(lost) and all("error" not in r for r in again.records)

@@ -11,7 +11,9 @@ as ``gradguard doctor`` loads its factory) that returns a :class:`SweepRun`, or 
 * ``loss_fn(output, targets)``: the training loss, a scalar tensor.
 
 An ordinary training script adapts by moving what it builds before its loop into ``build(lr)`` and
-returning it (``examples/sweep_factory.py``). The sweep seeds ``torch``, ``numpy`` and ``random`` from the
+returning it (``examples/sweep_factory.py``). The factory puts the model and its batches on the device it
+wants (under ``--ray --gpus-per-run 0.25`` a run's task sees the GPU Ray gave it: ``cuda`` when
+``torch.cuda.is_available()``). The sweep seeds ``torch``, ``numpy`` and ``random`` from the
 run's seed before it calls the factory; the factory also gets ``seed=`` when its signature names ``seed``
 (e.g. for a ``torch.Generator`` of its own).
 
