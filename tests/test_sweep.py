@@ -176,6 +176,7 @@ def test_command_line_writes_the_report_and_the_table(tmp_path: Path, plain_fact
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "LR sensitivity" in result.output and "not applicable" in result.output
+    assert "[min, max] over seeds" in result.output  # printed as text, not read as rich markup
     assert (tmp_path / "report.html").is_file() and (tmp_path / "table.md").is_file()
     assert (tmp_path / "results.csv").is_file()
     bad = CliRunner().invoke(app, ["sweep", str(tmp_path / "missing.py") + ":build", "--out", str(tmp_path)])

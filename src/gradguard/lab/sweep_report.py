@@ -94,6 +94,7 @@ def write_table(rows: list[SweepRow], not_applicable: dict[str, str], path: Path
 def print_table(rows: list[SweepRow], not_applicable: dict[str, str], console: Any = None) -> None:
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -101,9 +102,9 @@ def print_table(rows: list[SweepRow], not_applicable: dict[str, str], console: A
                   caption="LR sensitivity (Wortsman et al. 2023): mean over the LRs of min(L(lr), L0) - best, "
                   "mean over seeds; largest lr that trains: every seed finite and below its initial loss")
     for index, name in enumerate(HEADER):
-        table.add_column(name, justify="left" if index == 0 else "right", no_wrap=True)
+        table.add_column(escape(name), justify="left" if index == 0 else "right", no_wrap=True)
     for cells in table_lines(rows, not_applicable):
-        table.add_row(*cells)
+        table.add_row(*(escape(cell) for cell in cells))  # "[min, max]" is text, not rich markup
     console.print(table)
 
 
