@@ -57,7 +57,7 @@ def lab(
     out: str = typer.Option("gradguard-out", "--out", help="Output folder (report, results, run cache)."),
     workers: int = typer.Option(None, "--workers", min=1, help="Parallel processes (default: CPU cores)."),
     steps: int = typer.Option(None, "--steps", min=2, help="Training steps per run, overriding the scenarios'."),
-    ray: bool = typer.Option(False, "--ray", help="Run each run as a Ray task (pip install 'gradguard[ray]')."),
+    ray: bool = typer.Option(False, "--ray", help="Run each run as a Ray task (Ray comes with gradguard's ray extra)."),
     address: str = typer.Option(None, "--address", help="With --ray: the Ray cluster (auto, ray://host:10001); "
                                 "default: start a local Ray instance."),
 ) -> None:
@@ -118,7 +118,7 @@ def sweep(
     steps: int = typer.Option(300, "--steps", min=2, help="Training steps per run."),
     out: str = typer.Option("gradguard-sweep", "--out", help="Output folder (report, table, results, run cache)."),
     workers: int = typer.Option(None, "--workers", min=1, help="Local processes (default: CPU cores)."),
-    ray: bool = typer.Option(False, "--ray", help="Run each run as a Ray task (pip install 'gradguard[ray]')."),
+    ray: bool = typer.Option(False, "--ray", help="Run each run as a Ray task (Ray comes with gradguard's ray extra)."),
     address: str = typer.Option(None, "--address", help="With --ray: the Ray cluster (auto, ray://host:10001); "
                                 "default: start a local Ray instance."),
     cpus_per_run: float = typer.Option(1.0, "--cpus-per-run", help="With --ray: CPUs each run reserves."),
