@@ -17,8 +17,12 @@ With ``forensics=gg.Forensics(loss_fn=...)`` each training batch is handed to it
 bad step, so the batch must follow ``gradguard.batch``'s convention and the module's ``forward`` give what
 ``loss_fn`` takes.
 
-Norms are logged through the Trainer's logger (``trainer.logger.log_metrics``) when the Guard flushes,
-every ``log_every`` steps: no host read in between.
+The Guard's records go to every logger of the Trainer (``trainer.loggers``: CSV, TensorBoard, W&B,
+MLflow, ...) through ``log_metrics`` when the Guard flushes, every ``log_every`` steps (no host read in
+between), at the Guard's step (the optimizer step, from 0): the step's scalars, its events as
+``gradguard_events/<kind>/<layer>`` (1 at the step: a skipped step names its layer) and the per-layer norms
+(``gradguard_layers/<layer>``), all of :func:`gradguard.sinks.scalars_of`. A run with a logger needs no
+gradguard sink.
 
 Supported: one optimizer, automatic optimization, gradient accumulation (``accumulate_grad_batches``:
 Lightning calls the hook on boundaries only), the precision plugins ("32", "16-mixed", "bf16-mixed"; the
@@ -41,9 +45,13 @@ from gradguard.guard import Guard
 from gradguard.integrations import check_guard_options
 from gradguard.sinks import Record, scalars_of
 
+#: Metrics in one ``log_metrics`` call at most (MLflow's logger sends one call as one request, which takes
+#: at most 1000 metrics; a model of many layers has more norms than that).
+BATCH = 1000
+
 
 class LoggerSink:
-    """Sends flushed records to a Lightning logger, tagged as in :func:`gradguard.sinks.scalars_of`."""
+    """Sends flushed records to the Trainer's loggers, tagged as in :func:`gradguard.sinks.scalars_of`."""
 
     def __init__(self, trainer: L.Trainer):
         self.trainer = trainer
@@ -51,7 +59,9 @@ class LoggerSink:
     def write(self, records: Sequence[Record]) -> None:
         for logger in self.trainer.loggers:
             for record in records:
-                logger.log_metrics(scalars_of(record), step=record["step"])
+                scalars = list(scalars_of(record).items())
+                for start in range(0, len(scalars), BATCH):
+                    logger.log_metrics(dict(scalars[start : start + BATCH]), step=record["step"])
 
     def close(self) -> None:
         pass

@@ -26,6 +26,13 @@ inputs the Trainer calls the model with) is handed to it by a forward pre-hook; 
 Flushed records are appended to ``trainer.state.log_history`` (tags of :func:`gradguard.sinks.scalars_of`)
 with the Trainer's step numbers: ``global_step`` after that optimizer step, 1 for the first.
 
+The trackers of ``report_to`` (W&B, MLflow, TensorBoard, ...) get the Guard's numbers in the Trainer's own
+log rows: at each ``on_log`` (every ``logging_steps``) the callback flushes the Guard (one host read, where
+the Trainer itself reads the loss) and adds :func:`logs_of` the steps since the last row: ``grad_norm``
+again (the Guard's norm), ``gradguard/*`` and ``gradguard_events/<kind>/<layer>``. So a run that already
+reports to a tracker needs no gradguard sink; ``logging_steps=1`` gives every step its row. The callback
+puts itself first among the Trainer's callbacks, so that the reporting callbacks see what it adds.
+
 Supported: one optimizer, gradient accumulation, fp16 with accelerate's GradScaler and bf16. Not
 supported: ``max_grad_norm > 0`` (an error at the start: the Trainer would clip, and spread a NaN of one
 layer into every gradient, before the Guard sees them), DeepSpeed (its engine owns the step), XLA, and
@@ -43,7 +50,27 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from gradguard.guard import Guard
 from gradguard.integrations import check_guard_options
-from gradguard.sinks import Record, scalars_of
+from gradguard.sinks import Record, event_scalars, scalars_of, step_scalars
+
+
+def logs_of(records: Sequence[Record]) -> dict[str, float]:
+    """What a Trainer log row gets from the Guard's steps since the last row (oldest first).
+
+    The last step's scalars (:func:`gradguard.sinks.step_scalars`; ``grad_norm`` is its total norm, as the
+    Trainer's own ``grad_norm`` is its last step's), except the counts, which are summed over the steps:
+    ``gradguard/skipped``, ``gradguard/clipped``, ``gradguard/rollback``, ``gradguard/lr_backoff`` and the
+    events' ``gradguard_events/<kind>/<layer>``. Empty when there is no step.
+    """
+    if not records:
+        return {}
+    logs = step_scalars(records[-1])
+    for key in ("skipped", "clipped", "rollback", "lr_backoff"):
+        logs[f"gradguard/{key}"] = sum(step_scalars(record)[f"gradguard/{key}"] for record in records)
+    for record in records:
+        for tag, count in event_scalars(record).items():
+            logs[tag] = logs.get(tag, 0.0) + count
+    logs["grad_norm"] = logs["gradguard/total_norm"]
+    return logs
 
 
 class LogHistorySink:
@@ -57,6 +84,23 @@ class LogHistorySink:
     def write(self, records: Sequence[Record]) -> None:
         for record in records:
             self.state.log_history.append({**scalars_of(record), "step": self.first_step + record["step"] + 1})
+
+    def close(self) -> None:
+        pass
+
+
+class PendingSink:
+    """Keeps the flushed records until the Trainer's next log row takes them (:func:`logs_of`)."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def write(self, records: Sequence[Record]) -> None:
+        self.records.extend(records)
+
+    def take(self) -> list[Record]:
+        records, self.records = self.records, []
+        return records
 
     def close(self) -> None:
         pass
@@ -83,6 +127,7 @@ class GradGuardCallback(TrainerCallback):
         self._hook: Any = None
         self._batch_hook: Any = None
         self._losses: list[torch.Tensor] = []
+        self._pending = PendingSink()
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -99,12 +144,16 @@ class GradGuardCallback(TrainerCallback):
         model, accelerated = kwargs["model"], kwargs["optimizer"]
         optimizer = getattr(accelerated, "optimizer", accelerated)  # the torch optimizer inside accelerate's
         options = dict(self.guard_options)
-        options["sinks"] = [*options.get("sinks", ()), LogHistorySink(state, first_step=state.global_step)]
+        options["sinks"] = [*options.get("sinks", ()), LogHistorySink(state, first_step=state.global_step),
+                            self._pending]
         self.guard = Guard(model, optimizer, scaler=getattr(accelerated, "scaler", None), **options)
         self._accelerated = accelerated
         accelerated.step = self._guarded_step
         trainer = _calling_trainer()
         self._accelerator = getattr(trainer, "accelerator", None)
+        if trainer is not None:  # first, so that the reporting callbacks' on_log see the rows it adds to
+            callbacks = trainer.callback_handler.callbacks
+            callbacks.insert(0, callbacks.pop(callbacks.index(self)))
         if self._accelerator is not None:
             self._accelerator.clip_grad_norm_ = self._guarded_grad_norm
         # torch's LR scheduler warns unless optimizer.step is its own counting wrapper: say it is, and set
@@ -150,6 +199,16 @@ class GradGuardCallback(TrainerCallback):
         # accelerate's own flag for "the step was skipped" keeps the Trainer's LR scheduler in place.
         # It is a host read, and the Guard's non-fused step made it already.
         self._accelerated._is_overflow = self.guard.last_step_skipped
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.guard is None or logs is None:
+            return
+        if self.guard.history_buffer.pending:
+            self.guard.flush()  # at the Trainer's log row, which reads the loss on the host anyway
+        logs.update(logs_of(self._pending.take()))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

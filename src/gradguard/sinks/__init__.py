@@ -29,7 +29,8 @@ from gradguard.history import StepRecord
 #: What a sink receives: one record per guarded step (the schema: :class:`gradguard.history.StepRecord`).
 Record = StepRecord
 
-__all__ = ["JSONL", "Callback", "Logging", "Record", "Sink", "TensorBoard", "scalars_of"]
+__all__ = ["JSONL", "Callback", "Layers", "Logging", "MLflow", "Record", "Sink", "TensorBoard", "WandB",
+           "event_scalars", "scalars_of", "step_scalars"]
 
 
 @runtime_checkable
@@ -50,12 +51,12 @@ class Sink(Protocol):
         """Release files or writers; called once, by ``Guard.close()``."""
 
 
-def scalars_of(record: Record) -> dict[str, float]:
-    """The scalars of a record under the tags every logging integration uses.
+def step_scalars(record: Record) -> dict[str, float]:
+    """The step's own scalars: ``gradguard/{loss, total_norm, coef, clip_threshold, skipped, clipped, lr}``
+    and ``gradguard/{rollback, lr_backoff}`` (how many of these actions the step carries, 0 on most steps).
 
-    ``gradguard/{loss, total_norm, coef, clip_threshold, skipped, clipped, lr}`` and, on steps that carry
-    per-layer norms, ``gradguard_layers/<layer>``: one tag prefix, so TensorBoard shows the layers as one group.
-    Booleans become 0/1; a missing loss or threshold is left out; NaN and Inf are kept.
+    ``gradguard/skipped`` is there on every step, 0 or 1: the "step skipped" series MaxText and OLMo-core
+    log. Booleans become 0/1; a missing loss or threshold is left out; NaN and Inf are kept.
     """
     scalars = {}
     values = {"loss": record.get("loss"), "total_norm": record.get("total_norm"), "coef": record.get("coef"),
@@ -65,6 +66,31 @@ def scalars_of(record: Record) -> dict[str, float]:
             scalars[f"gradguard/{key}"] = float(value)
     for key in ("skipped", "clipped"):
         scalars[f"gradguard/{key}"] = float(bool(record.get(key)))
+    kinds = [event["kind"] for event in record.get("events") or ()]
+    for kind in ("rollback", "lr_backoff"):
+        scalars[f"gradguard/{kind}"] = float(kinds.count(kind))
+    return scalars
+
+
+def event_scalars(record: Record) -> dict[str, float]:
+    """One scalar per event of the step, ``gradguard_events/<kind>/<layer>`` (``gradguard_events/<kind>``
+    when the event names no layer), valued the number of such events (1): a tracker that only plots
+    numbers shows which layer a skipped step blamed, at its step."""
+    scalars: dict[str, float] = {}
+    for event in record.get("events") or ():
+        tag = f"gradguard_events/{event['kind']}" + (f"/{event['layer']}" if event.get("layer") else "")
+        scalars[tag] = scalars.get(tag, 0.0) + 1.0
+    return scalars
+
+
+def scalars_of(record: Record) -> dict[str, float]:
+    """The scalars of a record under the tags every logging integration uses.
+
+    :func:`step_scalars`, :func:`event_scalars` and, on steps that carry per-layer norms,
+    ``gradguard_layers/<layer>``: one tag prefix, so TensorBoard shows the layers as one group. (The W&B
+    and MLflow sinks give a scalar to some layers only and summarise the rest: ``gradguard.sinks.Layers``.)
+    """
+    scalars = {**step_scalars(record), **event_scalars(record)}
     for name, norm in (record.get("layer_norms") or {}).items():
         scalars[f"gradguard_layers/{name}"] = float(norm)
     return scalars
@@ -73,5 +99,8 @@ def scalars_of(record: Record) -> dict[str, float]:
 # The sinks, each in its own module; imported after Record and scalars_of, which they use.
 from gradguard.sinks.callback import Callback  # noqa: E402
 from gradguard.sinks.jsonl import JSONL  # noqa: E402
+from gradguard.sinks.layers import Layers  # noqa: E402
 from gradguard.sinks.logging import Logging  # noqa: E402
+from gradguard.sinks.mlflow import MLflow  # noqa: E402
 from gradguard.sinks.tensorboard import TensorBoard  # noqa: E402
+from gradguard.sinks.wandb import WandB  # noqa: E402
