@@ -5,7 +5,7 @@
   integrations package, and the few modules the concept pages point into (``EXTRA_MODULES``). A module
   added to ``__all__`` gets its page and its place in the navigation without anyone editing the docs.
 - **Sphinx roles** in docstrings (``:class:`~x.Y``` and the like, which Markdown does not know) are shown
-  as the code they name.
+  as the code they name, and reST's ``::`` before a code block is dropped.
 - **CLI**: ``<!-- cli-reference -->`` on ``reference/cli.md`` becomes one section per ``gradguard``
   command, from the Typer app's click commands (usage, arguments, options, their help and defaults).
 """
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 API_DIR = "reference/api"
 CLI_MARKER = "<!-- cli-reference -->"
 SPHINX_ROLE = re.compile(r":(?:meth|func|class|attr|mod|obj|data|exc):(<code>)~?")
+LITERAL_MARK = re.compile(r"<p>::</p>\s*")  # reST's "::" before a code block, left alone by Markdown
 # Modules the concept pages explain that are not behind a name in ``gradguard.__all__``.
 EXTRA_MODULES = ("gradguard.device_step", "gradguard.decide", "gradguard.history")
 
@@ -79,7 +80,8 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     modules = public_modules()
     for module in modules:
         if files.get_file_from_path(_api_uri(module)) is None:
-            files.append(File.generated(config, _api_uri(module), content=f"# `{module}`\n\n::: {module}\n"))
+            page = f"::: {module}\n    options:\n      heading_level: 1\n"  # the module's heading is the page's title
+            files.append(File.generated(config, _api_uri(module), content=page))
     rows = []
     for name in gg.__all__:
         obj = getattr(gg, name)
@@ -138,4 +140,4 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
 
 
 def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
-    return SPHINX_ROLE.sub(r"\1", html)
+    return LITERAL_MARK.sub("", SPHINX_ROLE.sub(r"\1", html))
