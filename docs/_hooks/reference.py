@@ -122,6 +122,7 @@ def cli_reference() -> str:
             if param.param_type_name == "option":
                 label = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
                 default = "flag" if param.is_flag else "required" if param.required else f"`{param.default}`"
+                default = "" if param.default is None and not param.is_flag else default
             else:
                 label = f"`{param.name.upper()}`" + ("..." if param.nargs == -1 else "")
                 default = "required" if param.required else "optional"

@@ -41,7 +41,7 @@ def demo(
     steps: int = typer.Option(300, help="Training steps per run."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Train a tanh RNN on the adding problem at an exploding learning rate, unguarded and guarded."""
+    """Train a tanh RNN on the temporal order problem at an exploding learning rate, unguarded and guarded."""
     from gradguard.demo import run_demo
 
     run_demo(steps=steps, seed=seed)
@@ -50,7 +50,7 @@ def demo(
 @app.command()
 def lab(
     scenarios: list[str] | None = typer.Argument(  # noqa: B008 - typer's way of declaring an argument
-        None, help="Scenarios: depth, recurrence, learning_rate, regularization, faults (default: all)."
+        None, help="Scenarios: depth, recurrence, learning_rate, regularization, faults, transformers (default: all)."
     ),
     quick: bool = typer.Option(False, "--quick", help="The small grid: under 5 minutes on 2 cores."),
     seeds: int = typer.Option(None, "--seeds", min=1, help="Seeds per variant (default: the scenario's)."),
