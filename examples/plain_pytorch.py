@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -37,13 +38,15 @@ def batches(
 
 
 def main(
-    steps: int = 200, out: str = "gradguard-out/plain", nan_at: int = 40, scaled_at: int = 80
+    steps: int = 200, out: str = "gradguard-out/plain", nan_at: int = 40, scaled_at: int = 80,
+    sinks: Sequence[gg.sinks.Sink] = (),
 ) -> gg.Guard:
+    """The run; ``sinks`` are added to the JSON Lines log (the tracker examples pass theirs)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     log = os.path.join(out, "run.jsonl")
-    guard = gg.Guard(model, optimizer, clip=gg.clip.ZClip(max_grad_norm=None), sinks=[gg.sinks.JSONL(log)])
+    guard = gg.Guard(model, optimizer, clip=gg.clip.ZClip(max_grad_norm=None), sinks=[gg.sinks.JSONL(log), *sinks])
     loss_fn = nn.MSELoss()
     for x, y in batches(steps, nan_at, scaled_at):
         loss = loss_fn(model(x), y)

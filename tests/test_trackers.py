@@ -1,6 +1,6 @@
 """Trackers against the real libraries: W&B in offline mode (its run file read back), MLflow on a local
 SQLite store (read back through MlflowClient), and the framework loggers (HF Trainer with
-report_to=["mlflow"], Lightning with MLFlowLogger).
+report_to=["mlflow"], Lightning with MLFlowLogger), and the two tracker examples.
 
 One guarded run (the module's ``run`` fixture) writes to W&B, MLflow and JSON Lines at once; its faults,
 each at a known step and layer: step 12 one sample scaled by 1e3 (a spike; forensics names sample 3),
@@ -219,7 +219,7 @@ def test_wandb_offline_run_holds_every_step_its_events_and_the_report(run: dict[
     report = Path(artifact["report.html"].local_path).read_text(encoding="utf-8")
     assert "gradguard run report" in report and "nonfinite_grad" in report
     assert len(read_jsonl(artifact["run.jsonl"].local_path)) == STEPS
-    assert {k: logged["summary"][f"gradguard/total_{k}"] for k in ("steps", "skipped", "clipped", "rollbacks")} \
+    assert {k: logged["summary"][f"gradguard_summary/{k}"] for k in ("steps", "skipped", "clipped", "rollbacks")} \
         == {"steps": 40, "skipped": 3, "clipped": 1, "rollbacks": 1}
 
 
@@ -426,3 +426,34 @@ def test_lightning_forwards_events_and_layer_norms_to_mlflow(store: dict[str, An
     layer_norms = history(f"gradguard_layers/{layer}")
     assert sorted(layer_norms) == list(range(20)) and math.isnan(layer_norms[nan_at])
     assert all(math.isfinite(v) for s, v in history("gradguard_layers/net.0").items() if s != nan_at)
+
+
+# --- the examples ----------------------------------------------------------------------------------
+
+
+def test_wandb_example_holds_the_skipped_and_the_clipped_step(store: dict[str, Any], tmp_path: Path) -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    import wandb_example
+
+    guard, tracker = wandb_example.main(steps=60, out=str(tmp_path), nan_at=20, scaled_at=40)
+    rows = {r["gradguard/step"]: r for r in wandb_run(os.path.dirname(tracker.run.dir))["history"]}
+    assert sorted(rows) == list(range(60))
+    assert [s for s, r in rows.items() if r["gradguard/skipped"]] == [20]
+    assert rows[20]["gradguard_events/nonfinite_grad/0"] == 1
+    assert [s for s, r in rows.items() if r["gradguard/clipped"]] == [40] == [r["step"] for r in guard.history
+                                                                              if r["clipped"]]
+
+
+def test_mlflow_example_holds_the_skipped_and_the_clipped_step(store: dict[str, Any], tmp_path: Path) -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    import mlflow_example
+
+    guard, tracker = mlflow_example.main(steps=60, out=str(tmp_path), nan_at=20, scaled_at=40,
+                                         tracking_uri=store["mlflow_uri"])
+    client = MlflowClient(store["mlflow_uri"])
+    skipped = {m.step: m.value for m in client.get_metric_history(tracker.run_id, "gradguard/skipped")}
+    clipped = {m.step: m.value for m in client.get_metric_history(tracker.run_id, "gradguard/clipped")}
+    assert sorted(skipped) == list(range(60)) and [s for s, v in skipped.items() if v] == [20]
+    assert [s for s, v in clipped.items() if v] == [40] == [r["step"] for r in guard.history if r["clipped"]]
+    assert {f.path for f in client.list_artifacts(tracker.run_id, "gradguard")} == {
+        "gradguard/events.json", "gradguard/report.html", "gradguard/run.jsonl"}

@@ -57,6 +57,8 @@ class MLflow(Tracker):
         tracking_uri: the tracking store (None: MLflow's configured one).
         experiment: the experiment's name for a run the sink creates (made when missing; None: MLflow's
             default experiment).
+        artifact_location: where a new experiment keeps its artifacts (None: MLflow's default, which for a
+            local store is ``./mlruns`` under the current folder).
         run_name: the name of a run the sink creates.
         layers: which layers get a metric of their own (default: the 8 largest norms of each layer step, a
             non-finite one always first); every layer is summarised.
@@ -67,16 +69,17 @@ class MLflow(Tracker):
     """
 
     def __init__(self, run_id: str | None = None, *, tracking_uri: str | None = None,
-                 experiment: str | None = None, run_name: str | None = None, layers: Layers | None = None,
-                 report: bool = True):
+                 experiment: str | None = None, artifact_location: str | None = None, run_name: str | None = None,
+                 layers: Layers | None = None, report: bool = True):
         try:
             import mlflow
             from mlflow.entities import Metric
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise ImportError("MLflow: the mlflow package is not installed: pip install 'gradguard[mlflow]'") from None
-        if run_id is not None and (experiment is not None or run_name is not None):
-            raise ValueError("MLflow: give either run_id or experiment / run_name (for a new run), not both")
+        if run_id is not None and (experiment is not None or run_name is not None or artifact_location is not None):
+            raise ValueError("MLflow: give either run_id or experiment / artifact_location / run_name (for a new "
+                             "run), not both")
         super().__init__("MLflow", report)
         self._metric = Metric
         self.layers = layers if layers is not None else Layers()
@@ -94,7 +97,8 @@ class MLflow(Tracker):
                 experiment_id = None
                 if experiment is not None:
                     found = self.client.get_experiment_by_name(experiment)
-                    experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+                    experiment_id = found.experiment_id if found else self.client.create_experiment(
+                        experiment, artifact_location=artifact_location)
                 self.run_id = self.client.create_run(experiment_id or "0", run_name=run_name).info.run_id
                 self.owns_run = True
             else:

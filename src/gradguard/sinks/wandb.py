@@ -19,7 +19,7 @@ What a run holds (each flush, every ``log_every`` steps, inside ``Guard.flush()`
   of the step included), logged incrementally (each flush adds its rows);
 * at ``close()``: an artifact ``gradguard-<run id>`` of type ``gradguard-run`` holding ``run.jsonl`` (the
   records) and ``report.html`` (the run report of ``gradguard report``), and the counts of
-  ``guard.summary()`` in the run summary (``gradguard/total_skipped`` ...).
+  ``guard.summary()`` in the run summary (``gradguard_summary/skipped`` ...).
 
 Why a step metric of its own and no ``step=``: the Guard flushes steps that are already in the past (up to
 ``log_every`` steps back), and W&B drops a row logged at a step below the run's current one. Rows without
@@ -135,7 +135,7 @@ class WandB(Tracker):
     def _end(self) -> None:
         if self.run is None:
             return
-        self.run.summary.update({f"gradguard/total_{key}": value for key, value in self.totals.items()})
+        self.run.summary.update({f"gradguard_summary/{key}": value for key, value in self.totals.items()})
         if self.owns_run:
             self.run.finish()
 
