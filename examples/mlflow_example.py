@@ -24,8 +24,10 @@ def main(steps: int = 200, out: str = "gradguard-out/mlflow", nan_at: int = 40, 
          tracking_uri: str | None = None) -> tuple[gg.Guard, gg.sinks.MLflow]:
     os.makedirs(out, exist_ok=True)
     uri = tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(out, 'mlflow.db'))}"
+    # --8<-- [start:tracker]
     tracker = gg.sinks.MLflow(tracking_uri=uri, experiment="gradguard-example",
                               artifact_location=os.path.abspath(os.path.join(out, "artifacts")))
+    # --8<-- [end:tracker]
     guard = plain_pytorch.main(steps, out, nan_at, scaled_at, sinks=[tracker])
     print(f"MLflow run {tracker.run_id}: {tracker.totals}; mlflow ui --backend-store-uri {uri}")
     return guard, tracker

@@ -23,7 +23,9 @@ import gradguard as gg
 def main(steps: int = 200, out: str = "gradguard-out/wandb", nan_at: int = 40, scaled_at: int = 80,
          online: bool = False) -> tuple[gg.Guard, gg.sinks.WandB]:
     os.makedirs(out, exist_ok=True)
+    # --8<-- [start:tracker]
     tracker = gg.sinks.WandB(project="gradguard-example", dir=out, mode="online" if online else "offline")
+    # --8<-- [end:tracker]
     guard = plain_pytorch.main(steps, out, nan_at, scaled_at, sinks=[tracker])
     print(f"W&B run {tracker.run.id}: {tracker.totals}; files in {os.path.dirname(tracker.run.dir)}")
     return guard, tracker
