@@ -10,13 +10,18 @@ The pages are ``README.md``, ``CHANGELOG.md`` and ``docs/**/*.md``. A fenced blo
 - ``bash``: each command is checked without running it (they start minutes-long jobs): ``make`` targets
   exist in the Makefile, ``gradguard``/``python -m gradguard`` commands and their options exist in the CLI,
   ``python path.py --opt`` scripts exist and take those options, ``pip install`` extras exist.
-- ``json``: parsed. ``text``: output shown to the reader, not checked.
+- ``json``: parsed. ``text``: output shown to the reader; one preceded by ``<!-- docs-test: output -->`` must
+  be what the python block before it printed (doctest's rules: ``...`` matches anything, whitespace runs
+  compare equal), so "what you will see" cannot drift either.
 - A block preceded by ``<!-- docs-test: skip REASON -->`` is not run; the reasons are listed in
   ``test_skipped_blocks_are_few_and_say_why`` so that the set stays small.
 """
 
 from __future__ import annotations
 
+import contextlib
+import doctest
+import io
 import json
 import os
 import re
@@ -39,7 +44,7 @@ PAGES = sorted(
 # The README joins when it becomes the short front page (issue 22); today's reference README moves to docs/.
 PAGES = [p for p in PAGES if p.exists() and p.name != "README.md"]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)[^\n]*$")
-DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(?P<verb>skip|setup)\b\s*(?P<arg>.*?)\s*-->")
+DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(?P<verb>skip|setup|output)\b\s*(?P<arg>.*?)\s*-->")
 INCLUDE = re.compile(r'^--8<--\s+"(?P<path>[^":]+)(?::(?P<part>[\w-]+))?"\s*$')
 LANGUAGES = {"python", "bash", "json", "text"}
 # Blocks not run, by page: each says why in its skip comment. Adding one here is a decision to review.
@@ -53,6 +58,7 @@ class Block:
     lang: str
     code: str
     skip: str | None  # the reason, when marked skip
+    output: bool = False  # a text block marked as the output of the python block before it
 
     @property
     def where(self) -> str:
@@ -80,7 +86,8 @@ def blocks_of(page: Path) -> tuple[list[Block], list[str]]:
         before = next((lines[k].strip() for k in range(i - 1, -1, -1) if lines[k].strip()), "")
         mark = DIRECTIVE.search(before)
         skip = mark["arg"] if mark and mark["verb"] == "skip" else None
-        blocks.append(Block(page, i + 1, match["lang"] or "", "\n".join(body) + "\n", skip))
+        output = bool(mark and mark["verb"] == "output")
+        blocks.append(Block(page, i + 1, match["lang"] or "", "\n".join(body) + "\n", skip, output))
         i = j + 1
     return blocks, setups
 
@@ -123,20 +130,40 @@ def run_python(blocks: list[Block], setups: list[str], tmp_path: Path) -> None:
 
 
 def run_blocks(blocks: list[Block], setups: list[str]) -> None:
+    """Run the python blocks in order in one namespace; check each marked output against what was printed."""
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     for name in setups:
         assert name in SETUPS, f"unknown setup {name!r}; known: {sorted(SETUPS)}"
         namespace.update(SETUPS[name]())
+    printed: str | None = None
     for block in blocks:
+        if block.output:
+            assert printed is not None, f"{block.where}: an output block must follow a python block"
+            check_output(block, printed)
+            continue
+        if block.lang != "python":
+            continue
         parts = included(block)
         if parts is not None:
             for path, part in parts:
                 check_include(block, path, part)
+            printed = None
             continue
+        stdout = io.StringIO()
         try:
-            exec(compile(block.code, block.where, "exec"), namespace)
+            with contextlib.redirect_stdout(stdout):
+                exec(compile(block.code, block.where, "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"{block.where}: the python block raised {error!r}\n{block.code}") from error
+        printed = stdout.getvalue()
+
+
+def check_output(block: Block, printed: str) -> None:
+    checker = doctest.OutputChecker()
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    assert checker.check_output(block.code, printed, flags), (
+        f"{block.where}: the page shows\n{block.code}but the block before it printed\n{printed}"
+    )
 
 
 # --- bash ------------------------------------------------------------------------------------------------
@@ -223,7 +250,7 @@ def test_every_block_of_the_page_runs(page: Path, tmp_path: Path, monkeypatch: p
             check_bash(block, cli)
         elif block.lang == "json":
             json.loads(block.code)
-    run_python([b for b in live if b.lang == "python"], setups, tmp_path)
+    run_python([b for b in live if b.lang == "python" or b.output], setups, tmp_path)
 
 
 def test_skipped_blocks_are_few_and_say_why() -> None:
@@ -251,6 +278,10 @@ def test_the_runner_finds_blocks_and_fails_on_a_broken_one(tmp_path: Path) -> No
     with pytest.raises(AssertionError, match="has no option"):
         check_command("x", "gradguard lab --no-such-option", cli)
     check_command("x", "gradguard lab --quick --out my-lab  # a comment", cli)
+    shown = Block(page, 20, "text", "{'a': 1, ...}\n", None, output=True)
+    check_output(shown, "{'a': 1, 'b': 2}\n")
+    with pytest.raises(AssertionError, match="the page shows"):
+        check_output(shown, "{'a': 2}\n")
 
 
 def test_pages_cover_the_docs_tree() -> None:
