@@ -94,7 +94,7 @@ def cost(steps: int) -> None:
     print(f"  median step, Guard + DataWatch:      {watched * 1e3:8.3f} ms   ratio {watched / plain:.4f}")
     print(f"  the watch's own call (observe):      {own * 1e6:8.1f} us   = {own / plain:.2%} of a plain step")
     print(f"  host syncs: observe {counter.count}; guard.step {syncs[1]} without the watch, {syncs[0]} with it "
-          "(the one read of a non-fused optimizer's skip decision)")
+          "(the same: the watch adds none; on the CPU, AdamW reads its step counter once per parameter)")
 
 
 def main() -> None:
