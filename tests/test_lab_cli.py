@@ -42,7 +42,7 @@ def test_lab_cli_on_a_tiny_grid(tmp_path) -> None:
 
     again = CliRunner().invoke(app, ["lab", "faults", *tiny])
     assert again.exit_code == 0, again.output
-    assert "12 runs (0 executed, 12 cached)" in again.output
+    assert "13 runs (0 executed, 13 cached)" in again.output
     assert "Depth:" not in (out / "report.html").read_text(), "the report covers the scenarios asked for"
 
 

@@ -19,7 +19,7 @@ def tiny_grid() -> list[dict]:
 def test_second_run_executes_nothing_and_a_changed_config_reruns_alone(tmp_path) -> None:
     configs = tiny_grid()
     first = run_grid(configs, tmp_path, workers=1)
-    assert first.executed == len(configs) == 12
+    assert first.executed == len(configs) == 13  # 4 faults x 3 remedies, and the silent bad data run
     assert all("error" not in record for record in first.records)
     assert all(cache_path(tmp_path, config).exists() for config in configs)
 
@@ -32,7 +32,7 @@ def test_second_run_executes_nothing_and_a_changed_config_reruns_alone(tmp_path)
     seen = []
     third = run_grid(changed, tmp_path, workers=1, on_record=lambda config, record: seen.append(config))
     assert third.executed == 1
-    assert len(seen) == 12, "the progress callback hears about cached runs too"
+    assert len(seen) == 13, "the progress callback hears about cached runs too"
     assert third.records[3]["config"]["lr"] == 0.01
 
 

@@ -23,7 +23,6 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +115,8 @@ class WatchRun:
     spikes: int  # steps the Guard's detector flagged (grad or loss spike, NaN)
     seconds: float
     final_loss: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # per step, as the Guard recorded them
+    grad_norms: list[float] = field(default_factory=list)
 
 
 def train_watched(seed: int = 0, steps: int = 600, batch_size: int = 32, length: int = 64, fraction: float = 0.01,
@@ -161,4 +161,6 @@ def train_watched(seed: int = 0, steps: int = 600, batch_size: int = 32, length:
         spikes=spikes,
         seconds=seconds,
         final_loss=float(loss.detach()),
+        losses=[r["loss"] for r in guard.history],
+        grad_norms=[r["total_norm"] for r in guard.history],
     )

@@ -54,6 +54,9 @@ def _guard_actions(row: Row) -> str:
 def _forensics(row: Row) -> str:
     """Forensics of the Guard's bad steps: steps that reproduced / steps analysed, and the precision and
     recall of the samples named where samples were corrupted (means over seeds); "-" without forensics."""
+    if row.get("watch_recall") is not None:  # silent bad data: the data watch, not forensics
+        return (f"detector: {fmt(row.get('detector_flagged_steps'))} steps flagged; data watch: "
+                f"{fmt(row.get('watch_flagged'))} rows, P {pct(row.get('watch_precision'))} R {pct(row['watch_recall'])}")
     if row.get("forensics_analysed") is None:
         return "-"
     text = f"{fmt(row['forensics_reproducible'])} / {fmt(row['forensics_analysed'])} reproduced"

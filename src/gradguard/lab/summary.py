@@ -69,7 +69,8 @@ def summarize_variant(variant: str, records: list[Record]) -> dict[str, Any]:
     }
     for key in ("test_accuracy", "train_accuracy", "generalization_gap", "test_loss", "val_loss", "test_score",
                 "final_weight_norm", "initial_weight_norm", "clip_threshold", "forensics_precision",
-                "forensics_recall", "forensics_analysed", "forensics_reproducible"):
+                "forensics_recall", "forensics_analysed", "forensics_reproducible", "watch_precision", "watch_recall",
+                "watch_flagged", "watch_corrupted_seen", "detector_flagged_steps"):
         row[key] = mean_of(finished, key)
     for key in ("max_attn_logit", "min_attn_entropy", "final_attn_entropy", "uniform_attn_entropy", "log_z_final",
                 "log_z_drift"):  # the transformers scenario

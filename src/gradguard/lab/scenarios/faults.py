@@ -12,6 +12,13 @@ homogeneous, so a sample scaled by +1e3 that the model already classifies right 
 right answer (loss and gradient near 0: no bad step at all); scaled by -1e3 it gets a confidently wrong
 one. The NaN-gradient fault is injected after the backward pass, so a recomputed step does not reproduce
 it, which forensics should report (``reproducible`` False).
+
+``silent bad data`` is the fault no step shows: 1% of the rows of a character model's corpus (Python
+source) are corrupted (a repeated character, padding only, shuffled targets, random bytes;
+``gradguard.lab.bad_data``), which moves a batch's gradient norm by a percent or two, so the detector flags
+no step and forensics never runs. The Guard runs with a data watch (``gg.forensics.DataWatch``) fed the
+per-sample losses; the rows it flags are scored against the corrupted ones (precision, and recall over the
+corrupted rows seen after its warm-up), beside the number of steps the detector flagged.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gradguard.forensics.watch import DataWatch
+from gradguard.lab.bad_data import train_watched
 from gradguard.lab.models import DeepMLP
 from gradguard.lab.record import make_record
 from gradguard.lab.remedies import make_remedy, remedy_label
 from gradguard.lab.scenarios import Record, RunConfig, seed_list
 from gradguard.lab.tasks import digits_split
-from gradguard.lab.training import Faults, accuracy, evaluate_loss, train
+from gradguard.lab.training import Faults, TrainLog, accuracy, evaluate_loss, train
 
 NAME = "faults"
 TITLE = "Faults: bad batches and NaN gradients, without and with the Guard"
@@ -37,6 +46,8 @@ CLAIM = (
 )
 
 FAULT_KINDS = ("clean", "bad batch", "NaN grad", "bad samples")
+#: The fault no step shows, run on its own task (a character model) under the Guard with a data watch.
+SILENT = "silent bad data"
 REMEDIES: dict[str, dict[str, Any]] = {
     "none": {"name": "none"},
     "global_norm": {"name": "global_norm", "max_norm": 5.0},
@@ -68,6 +79,10 @@ def grid(quick: bool, seeds: int | None, steps: int | None) -> list[RunConfig]:
                         "lr": 0.05,
                     }
                 )
+    for seed in seed_list(quick, seeds, quick_default=2, full_default=5):
+        configs.append({"scenario": NAME, "variant": f"{SILENT} / Guard + data watch", "seed": seed, "fault": SILENT,
+                        "fault_steps": [], "remedy": {"name": "guard", "data_watch": {}},
+                        "steps": steps or (150 if quick else 600), "batch_size": 32, "lr": 3e-3})
     return configs
 
 
@@ -79,6 +94,8 @@ def fault_steps(fault: str, steps: int) -> list[int]:
 
 
 def run(config: RunConfig) -> Record:
+    if config["fault"] == SILENT:
+        return run_silent(config)
     data = digits_split()
     model = DeepMLP(data.num_features, 10, config["depth"], config["width"], "relu")
     generator = torch.Generator().manual_seed(config["seed"])
@@ -110,6 +127,24 @@ def run(config: RunConfig) -> Record:
         remedy_summary=remedy.summary(),
         **forensics_scores(remedy, faults),
         remedy_config=remedy.describe(),
+    )
+
+
+def run_silent(config: RunConfig) -> Record:
+    """The silent bad data fault: ``bad_data.train_watched`` (a Guard with a data watch), scored."""
+    watched = train_watched(seed=config["seed"], steps=config["steps"], batch_size=config["batch_size"],
+                            lr=config["lr"], watch=DataWatch(**config["remedy"]["data_watch"]))
+    log = TrainLog(losses=watched.losses, grad_norms=watched.grad_norms, seconds=watched.seconds)
+    return make_record(
+        config,
+        log,
+        watch_precision=watched.precision,
+        watch_recall=watched.recall,
+        watch_flagged=len(watched.suspects),
+        watch_corrupted_seen=len(watched.corrupted_seen),
+        watch_recall_by_kind=watched.recall_by_kind,
+        detector_flagged_steps=watched.spikes,
+        remedy_config=f"gg.Guard(model, optimizer, data_watch=gg.forensics.DataWatch({config['remedy']['data_watch'] or ''}))",
     )
 
 
