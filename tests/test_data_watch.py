@@ -120,3 +120,17 @@ def test_guard_reports_suspects_at_the_flush_and_exclude_takes_them(tmp_path) ->
     assert "Data watch" in page and "gg.forensics.exclude(dataset, [333])" in page
     kept = gg.forensics.exclude(dataset, guard.data_watch.suspects)
     assert len(kept) == 639 and 333 not in kept.indices
+
+
+def test_state_dict_carries_the_run_level_so_a_resumed_watch_needs_no_new_warmup() -> None:
+    watch = DataWatch(warmup_steps=10)
+    for step in range(15):
+        watch.observe(healthy(step), None, step)
+    resumed = DataWatch(warmup_steps=10)
+    resumed.load_state_dict(watch.state_dict())
+    losses = healthy(15)
+    losses[7] = 40.0
+    resumed.observe(losses, None, 15)
+    assert [s["id"] for s in resumed.drain()] == [7]  # a fresh watch would still be warming up
+    with pytest.raises(ValueError, match="format None, this DataWatch reads 'gradguard-datawatch/1'"):
+        resumed.load_state_dict({"seen": 3})

@@ -197,6 +197,30 @@ class DataWatch:
             self.dropped += 1
         self._written += 1
 
+    # ------------------------------------------------------------------ state
+
+    FORMAT = "gradguard-datawatch/1"
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"format", "level", "spread", "seen"}``: the run's level and spread (device tensors) and the
+        calls seen, so a resumed run does not start its warm-up again. The ring and the suspects are not
+        kept: flush (``drain``) before saving."""
+        return {"format": self.FORMAT, "level": self._level, "spread": self._spread, "seen": self._seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back :meth:`state_dict`; ``ValueError`` naming what differs when it is not one."""
+        if not isinstance(state, dict) or state.get("format") != self.FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"DataWatch.load_state_dict: format {found!r}, this DataWatch reads {self.FORMAT!r}")
+        seen = state.get("seen")
+        if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
+            raise ValueError(f"DataWatch.load_state_dict: seen must be an int >= 0, got {seen!r}")
+        for key in ("level", "spread"):
+            value = state.get(key)
+            if value is not None and not (isinstance(value, Tensor) and value.shape == (2,)):
+                raise ValueError(f"DataWatch.load_state_dict: {key} must be None or a tensor of shape (2,), got {value!r}")
+        self._level, self._spread, self._seen = state["level"], state["spread"], seen
+
     # ------------------------------------------------------------------ the flush: one host read
 
     def drain(self) -> list[SuspectSample]:
