@@ -136,6 +136,14 @@ def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
         )
 
 
+def _held_outside(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:
+    """Parameters the optimizer holds that are not the model's, named ``optimizer[<group>][<index>]`` (no
+    dot: each is a layer of its own in the per-layer norms)."""
+    own = {id(p) for p in model.parameters()}
+    return [(f"optimizer[{g}][{i}]", p) for g, group in enumerate(optimizer.param_groups)
+            for i, p in enumerate(group["params"]) if id(p) not in own]
+
+
 def _is_sink(obj: Any) -> bool:
     return callable(getattr(obj, "write", None)) and callable(getattr(obj, "close", None))
 
@@ -280,9 +288,13 @@ class Guard:
         self.fused = _fused_amp_capable(optimizer)
         self.process_group = gg_dist.process_group_or_none(process_group)
         self.recovery = Recovery(recovery if recovery is not None else RecoveryPolicy(),
-                                 TrainingState(model, optimizer, scheduler))
+                                 TrainingState(model, optimizer, scheduler,
+                                               [p for _, p in _held_outside(model, optimizer)]))
         self._optimizer_step = optimizer_step
-        self._named: list[tuple[str, Tensor]] = list(model.named_parameters())
+        # the model's parameters, then those the optimizer holds outside the model (an uncertainty-weighted
+        # loss's weights): measured, checked and restored with the model's
+        self._named: list[tuple[str, Tensor]] = list(model.named_parameters()) + _held_outside(model, optimizer)
+        self._param_names = {id(p): name for name, p in self._named}
         self._has_dtensor = any(gg_dist._is_dtensor(p) for _, p in self._named)
         self._ceiling = clip.max_norm if isinstance(clip, GlobalNorm) else math.inf
         self._bit_weights: dict[torch.device, Tensor] = {}
@@ -588,17 +600,35 @@ class Guard:
 
     # ------------------------------------------------------------------ flush
 
-    def _drain(self) -> tuple[list[StepRecord], list[float], int]:
-        """Rows since the last flush as records, their loss z-scores, and the first non-finite parameter
-        (-1: none), in one transfer."""
-        named = self._named_local()
-        check = nonfinite_layer(named).float().reshape(1) if named else None
-        rows, extra = self.history_buffer.drain(extra=check)
+    def _drain(self) -> tuple[list[StepRecord], list[float], str | None, bool]:
+        """Rows since the last flush as records, their loss z-scores, the name of the first tensor holding
+        NaN/Inf among the weights and the optimizer state (None: all finite), and whether the snapshot
+        candidate holds any: all in one transfer (the checks are device passes queued before it)."""
+        checked = self._named_local() + self._optimizer_state_named()
+        flags = [nonfinite_layer(checked).float().reshape(1)] if checked else []
+        candidate_check = self.recovery.candidate.nonfinite
+        if candidate_check is not None:
+            flags.append(candidate_check.float().reshape(1).to(flags[0].device if flags else self._device()))
+        rows, extra = self.history_buffer.drain(extra=torch.cat(flags) if flags else None)
         records = [to_record(row, self.responses) for row in rows]
         for record in records:
             self.recovery.recent.extend(record["events"])
-        bad_param = int(extra[0]) if extra else -1
-        return records, [row["loss_z"] for row in rows], bad_param
+        bad = int(extra[0]) if checked else -1
+        candidate_bad = candidate_check is not None and extra[-1] > 0
+        return records, [row["loss_z"] for row in rows], (checked[bad][0] if bad >= 0 else None), candidate_bad
+
+    def _optimizer_state_named(self) -> list[tuple[str, Tensor]]:
+        """Every floating tensor of the optimizer state, named after its parameter and key (``"0.weight
+        (optimizer state 'exp_avg_sq')"``): NaN/Inf there (an idle head's Adam moments) is as bad as in
+        the weights. Local shards for DTensors. A pass over the state at each flush, never per step."""
+        names = self._param_names
+        named = []
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.is_floating_point() and value.numel():
+                    local = value.to_local() if gg_dist._is_dtensor(value) else value  # type: ignore[attr-defined]
+                    named.append((f"{names.get(id(p), '?')} (optimizer state {key!r})", local))
+        return named
 
     def _named_local(self) -> list[tuple[str, Tensor]]:
         return gg_dist.local_named_parameters(self._named)[0] if self._has_dtensor else self._named
@@ -612,7 +642,7 @@ class Guard:
         give_up: GiveUp | None = None
         diverged: TrainingDiverged | None = None
         try:
-            records, loss_z, bad_param = self._drain()
+            records, loss_z, bad_name, candidate_bad = self._drain()
             self.recovery.note_losses(records)
             try:
                 rolled_back = False
@@ -626,9 +656,9 @@ class Guard:
                         if rolled_back:
                             break  # later rows came from the state just abandoned
                 if not rolled_back:
-                    finite, layer = self._params_finite(bad_param)
+                    finite, layer, candidate_finite = self._all_ranks_finite(bad_name, candidate_bad)
                     self.recovery.at_flush(records, loss_z, None if finite else (layer or "?"),
-                                           self.responses["nonfinite_param"], self.step_count)
+                                           self.responses["nonfinite_param"], self.step_count, candidate_finite)
             except GiveUp as exc:
                 give_up = exc
             # restore first, then anything that can fail: the sinks get the records after the snapshot is back
@@ -640,14 +670,15 @@ class Guard:
             raise diverged from None
         return records
 
-    def _params_finite(self, bad_param: int) -> tuple[bool, str | None]:
-        """Whether every rank's weights are finite, and the first bad one's name on this rank."""
-        nonfinite = bad_param >= 0
+    def _all_ranks_finite(self, bad_name: str | None, candidate_bad: bool) -> tuple[bool, str | None, bool]:
+        """Whether every rank's weights and optimizer state are finite, the first bad one's name on this
+        rank, and whether every rank's snapshot candidate is finite."""
+        nonfinite = bad_name is not None
         if self.process_group is not None:
-            flag = torch.tensor([float(nonfinite)], device=self._device())
-            nonfinite = bool(gg_dist.all_reduce_max_(flag, self.process_group)[0] > 0)  # flush-time only
-        layer = user_name(self._named[bad_param][0]) if bad_param >= 0 else None
-        return not nonfinite, layer
+            flags = torch.tensor([float(nonfinite), float(candidate_bad)], device=self._device())
+            reduced = gg_dist.all_reduce_max_(flags, self.process_group).tolist()  # flush-time only
+            nonfinite, candidate_bad = reduced[0] > 0, reduced[1] > 0
+        return not nonfinite, None if bad_name is None else user_name(bad_name), not candidate_bad
 
     def _publish(self, records: list[StepRecord]) -> None:
         actions = self.recovery.actions

@@ -69,11 +69,13 @@ import math
 import os
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from gradguard.stats import is_dtensor, per_tensor_norms
 
 if TYPE_CHECKING:  # for annotations only
     from gradguard.decide import Responses
@@ -202,6 +204,30 @@ class RecoveryPolicy:
             raise ValueError(f"RecoveryPolicy: snapshot_loss_z must be a finite number > 0, got {self.snapshot_loss_z!r}")
 
 
+def nonfinite_flag(tree: Any) -> Tensor | None:
+    """A device bool, True when a floating tensor anywhere in ``tree`` (nested dicts / lists) holds NaN or
+    Inf; None when it holds none. One fused inf-norm pass per device and dtype, no host read."""
+    tensors: list[Tensor] = []
+
+    def collect(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            if obj.is_floating_point() and obj.numel():
+                tensors.append(obj.detach().to_local() if is_dtensor(obj) else obj.detach())  # type: ignore[attr-defined]
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                collect(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                collect(value)
+
+    collect(tree)
+    if not tensors:
+        return None
+    device = tensors[0].device
+    norms = torch.stack([n.to(device) for n in per_tensor_norms(tensors, math.inf)])
+    return ~torch.isfinite(norms).all()
+
+
 class Snapshot:
     """The last good training state, in memory or in one file of ``directory``.
 
@@ -216,6 +242,8 @@ class Snapshot:
         self.filename = filename
         self.step: int | None = None
         self.loss: float | None = None  # the loss of the step that ran on these weights, once flushed
+        #: device bool: whether any floating tensor saved (weights, buffers, optimizer state) holds NaN/Inf
+        self.nonfinite: Tensor | None = None
         self._state: dict[str, Any] | None = None
 
     @property
@@ -223,6 +251,7 @@ class Snapshot:
         return None if self.directory is None else os.path.join(self.directory, self.filename)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
+        self.nonfinite = nonfinite_flag(state)  # read by the Guard with its next flush, never on its own
         if self.directory is None:
             self._state = clone_tree(state)
         else:
@@ -254,11 +283,12 @@ class Snapshot:
             os.replace(other.path, self.path)
         self.step, other.step = other.step, None
         self.loss, other.loss = other.loss, None
+        self.nonfinite, other.nonfinite = other.nonfinite, None
 
     def clear(self) -> None:
         if self.directory is not None and self.path is not None and os.path.exists(self.path):
             os.remove(self.path)
-        self.step, self.loss, self._state = None, None, None
+        self.step, self.loss, self._state, self.nonfinite = None, None, None, None
 
     def state_dict(self) -> dict[str, Any]:
         # a memory snapshot travels with the checkpoint; a disk snapshot stays in its file
@@ -298,11 +328,15 @@ class TrainingState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any = None
+    #: parameters the optimizer holds outside the model (their values are in no ``state_dict``)
+    outside: list[Tensor] = field(default_factory=list)
 
     def capture(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state: dict[str, Any] = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        if self.outside:
+            state["outside"] = [p.detach() for p in self.outside]
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -311,6 +345,9 @@ class TrainingState:
         base_lrs = list(getattr(self.scheduler, "base_lrs", []))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for p, value in zip(self.outside, state.get("outside", [])):
+                p.copy_(value)
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, lrs):
@@ -492,11 +529,14 @@ class Recovery:
                     snapshot.loss = record["loss"]
 
     def at_flush(self, records: Sequence[StepRecord], loss_z: Sequence[float], bad_param: str | None,
-                 nonfinite_param_response: str, step_count: int) -> None:
-        """After a flush read: roll back (or give up) on non-finite weights, else snapshot if due and good.
+                 nonfinite_param_response: str, step_count: int, candidate_finite: bool = True) -> None:
+        """After a flush read: roll back (or give up) on non-finite weights or optimizer state, else snapshot
+        if due and good.
 
         ``records`` are the steps flushed, ``loss_z`` their z-scores of the log loss, ``bad_param`` the first
-        parameter holding NaN/Inf (None: all finite), ``step_count`` the steps taken so far.
+        parameter (or optimizer-state tensor) holding NaN/Inf (None: all finite), ``step_count`` the steps
+        taken so far, ``candidate_finite`` whether every tensor of the snapshot candidate is finite (a
+        candidate with NaN/Inf in its optimizer state is never kept).
         """
         for record, z in zip(records, loss_z):
             if record["step"] <= self.restored_after:
@@ -522,7 +562,7 @@ class Recovery:
         # the last record is the step run on the candidate's weights: clean, and near the level on its own
         ran_well = self.healthy_steps >= 1 and records[-1]["step"] == self.candidate.step and not (
             self.healthy_z[-1] > p.snapshot_loss_z)
-        if ran_well and self.healthy_steps >= p.snapshot_clean_steps and loss_near_level:
+        if ran_well and candidate_finite and self.healthy_steps >= p.snapshot_clean_steps and loss_near_level:
             self.snapshot.take(self.candidate)
             self.spent = 0  # training went on from the last restore and proved healthy: a fresh budget
         else:
