@@ -240,20 +240,23 @@ def test_gradient_accumulation_acts_on_boundaries_only():
     assert [r["step"] for r in guard.history] == [0, 1, 2]
 
 
-def test_lr_backoff_after_n_skips_in_a_window():
+def test_lr_backoff_after_n_suspect_skips_in_a_window():
+    """Skips whose loss does not vouch for the weights (here NaN losses, in a row) cut the LR; isolated
+    NaN gradients with a healthy loss (step 1) do not."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = gg.Guard(model, optimizer, log_every=5,
                      recovery=gg.RecoveryPolicy(backoff_after=2, skip_window=10, lr_backoff=0.25))
     for i in range(10):
-        guard.step(_backward(model, i, nan=i in (3, 6)))
+        loss = _backward(model, i, nan=i in (1, 5, 6))
+        guard.step(loss * math.nan if i in (5, 6) else loss)
         optimizer.zero_grad()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
     guard.close()
     assert guard.summary()["lr_backoffs"] == 1
     events = guard.history[6]["events"]
-    assert [e["kind"] for e in events] == ["nonfinite_grad", "lr_backoff"]
-    assert events[1]["lr_before"] == pytest.approx(0.1) and events[1]["lr_after"] == pytest.approx(0.025)
+    assert [e["kind"] for e in events] == ["nonfinite_grad", "nonfinite_loss", "lr_backoff"]
+    assert events[2]["lr_before"] == pytest.approx(0.1) and events[2]["lr_after"] == pytest.approx(0.025)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -35,8 +35,10 @@ def _train(model, optimizer, guard, steps: range) -> None:
     for i in steps:
         x, y = _batch(i)
         loss = nn.functional.mse_loss(model(x), y) * (1e3 if i == 18 else 1.0)  # a spike before the stop
+        if i in (27, 28):  # NaN losses after the stop, in a row: the weights in doubt, an LR back-off
+            loss = loss * math.nan
         loss.backward()
-        if i in (12, 27, 30):  # non-finite gradients on both sides of the stop: skips and an LR back-off
+        if i in (12, 27, 30):  # non-finite gradients on both sides of the stop: skips
             model[0].bias.grad[0] = math.nan
         guard.step(loss)
         optimizer.zero_grad(set_to_none=True)
@@ -69,7 +71,7 @@ def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(fused):
     for a, b in zip(model.parameters(), model_b.parameters()):
         assert torch.equal(a, b)
     assert guard.summary() == guard_b.summary()
-    assert guard.summary()["skipped"] == 4 and guard.summary()["lr_backoffs"] == 1  # 3 NaN, 1 loss spike
+    assert guard.summary()["skipped"] == 5 and guard.summary()["lr_backoffs"] == 1  # 4 NaN, 1 loss spike
     assert optimizer.param_groups[0]["lr"] == optimizer_b.param_groups[0]["lr"]
     resumed = flushed_before_stop + guard_b.history
     assert [r["step"] for r in resumed] == list(range(STEPS))

@@ -402,7 +402,8 @@ class Guard:
             assert self._last_skipped_host is not None
             try:
                 self.recovery.after_step(self.step_count, kinds, self.responses, self._last_skipped_host,
-                                         now=self.step_count, loss_given=loss is not None)
+                                         now=self.step_count, loss_given=loss is not None,
+                                         scaler_overflow=self._scaler_overflow(kinds))
             except GiveUp as give_up:
                 self._give_up(give_up)
         self._remember_gradients()
@@ -412,6 +413,11 @@ class Guard:
         if self.step_count % self.log_every == 0:
             self.flush()
         return out.stepped
+
+    def _scaler_overflow(self, kinds: Sequence[str]) -> bool:
+        """A step whose only event is a non-finite gradient, under a GradScaler: the scaler's overflow (it
+        halves its scale), not evidence against the weights or the learning rate."""
+        return self.scaler is not None and list(kinds) == ["nonfinite_grad"]
 
     def _checked_loss(self, loss: Any) -> Tensor | None:
         if loss is None:
@@ -652,6 +658,7 @@ class Guard:
                         rolled_back = self.recovery.after_step(
                             record["step"], kinds, self.responses, record["skipped"], now=self.step_count - 1,
                             loss_given="nonfinite_loss" in kinds or not math.isnan(record["loss"]),
+                            scaler_overflow=self._scaler_overflow(kinds),
                         )
                         if rolled_back:
                             break  # later rows came from the state just abandoned

@@ -67,6 +67,7 @@ class Event(_EventKeys, total=False):
     rate: float
     lr_before: float
     lr_after: float
+    lr_scale: float  # lr_backoff / lr_recover: the LR cut in force after it (gradguard.recover)
     reason: str
     to_step: int | None
     forensics: dict[str, Any]  # gg.Forensics' analysis of the step (gradguard.forensics.ForensicsRecord)

@@ -5,11 +5,16 @@ with ``gg.Guard(..., recovery=gg.RecoveryPolicy(...))``), the last good :class:`
 :class:`TrainingState` it covers (model, optimizer, scheduler), the escalation counters and the log of the
 actions it took.
 
-Escalation, one rung at a time (and back down once training is healthy again):
+Escalation, one rung at a time (and back down once training is healthy again). Each step's evidence
+(:class:`Evidence`: skipped or not, and whether it shows the weights *sound*) goes through one pure rule,
+:func:`escalate`, which returns an :class:`Action`; :meth:`Recovery.after_step` carries it out.
 
-1. **LR back-off**: ``backoff_after`` skipped steps within ``skip_window`` steps multiply every
-   parameter group's learning rate by ``lr_backoff`` (and an attached scheduler's ``base_lrs``, so that
-   schedulers that recompute the rate from them keep the cut).
+1. **LR back-off, earned**: ``backoff_after`` *suspect* skipped steps (below) within ``skip_window`` steps,
+   with no sound step between them, cut the LR: one number, ``lr_scale`` <= 1, is multiplied by
+   ``lr_backoff`` (every group's learning rate and an attached scheduler's ``base_lrs`` with it, so that
+   schedulers that recompute the rate from them keep the cut). Isolated bad batches after which the run is
+   healthy never cut it, and neither does a ``GradScaler`` overflow (a skip whose only event is a
+   non-finite gradient under a scaler: the scaler halves its scale, that is its job).
 2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``rollback_after`` *suspect* skipped
    steps within ``skip_window`` steps restore the last good snapshot (model, optimizer state, scheduler)
    and cut the learning rate by ``rollback_lr_factor``. A skipped step is suspect unless it shows the
@@ -43,8 +48,11 @@ and ends after ``max_rollbacks``. Skipping alone ends training only when it is a
 one Megatron-LM's rerun state machine applies to a single step: a failure that comes back each time
 training resumes from the same state is persistent, one that does not is transient.
 
-Cuts are not for good: ``lr_recover_after`` real steps after a cut, the last outstanding cut is undone
-(as ``GradScaler`` grows its scale back), so that a transient fault costs a transient slow-down.
+Cuts are not for good: after ``lr_recover_after`` real steps at a scale below 1 (counted across
+interleaved skips, which do not reset the count, as ``GradScaler`` counts its growth interval),
+``lr_scale`` grows by ``1 / min(lr_backoff, rollback_lr_factor)``, capped at 1, so that a transient fault
+costs a transient slow-down (``benchmarks/lr_ratchet.py``: 1000 steps with a NaN batch every 10th, or fp16
+with ``GradScaler(growth_interval=5)``, end at the starting LR).
 
 **Good snapshots only.** A snapshot is the state rollbacks return to, so it is kept only when known to be
 good. When one is due (``snapshot_every`` steps after the previous one), the state is captured as the
@@ -70,7 +78,8 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -145,9 +154,10 @@ class RecoveryPolicy:
     """How the Guard escalates when skipping is not enough (see the module docstring).
 
     Args:
-        lr_backoff: factor on the learning rate after ``backoff_after`` skips within ``skip_window`` steps
-            (at most one back-off per ``skip_window`` steps).
-        backoff_after: skips within ``skip_window`` steps that call for an LR back-off.
+        lr_backoff: factor on the learning rate after ``backoff_after`` suspect skips within ``skip_window``
+            steps (at most one back-off per ``skip_window`` steps).
+        backoff_after: suspect skips (their loss NaN/Inf, a spike or not given, with no sound step since)
+            within ``skip_window`` steps that call for an LR back-off.
         rollback_after: skips within ``skip_window`` steps that call for a rollback, counting only those
             whose loss was NaN/Inf or a spike (or not given), since the last step whose loss was healthy.
         skip_window: the window, in steps, over which skips are counted.
@@ -157,8 +167,8 @@ class RecoveryPolicy:
             at one step in six needs 3 to 6 rollbacks to one snapshot in ``benchmarks/soak.py``).
         max_skip_streak: skipped steps in a row before ``TrainingDiverged`` (training makes no progress);
             None: no limit.
-        lr_recover_after: real steps after a cut (back-off or rollback) before it is undone, one at a time;
-            None: cuts are kept for good.
+        lr_recover_after: real steps at a cut LR (back-off or rollback; skips in between do not reset the
+            count) before the LR scale grows back by one cut, capped at 1; None: cuts are kept for good.
         snapshot_every: least steps between two snapshots (kept at a flush, from good state only; 25: at
             every flush with the Guard's default ``log_every``, so that a rollback loses little); None: no
             snapshots (no memory for them), and a needed rollback raises ``TrainingDiverged``.
@@ -356,6 +366,75 @@ class TrainingState:
             self.scheduler.base_lrs = base_lrs
 
 
+class Action(str, Enum):
+    """What one step's evidence calls for (:func:`escalate`); its value is the event kind logged."""
+
+    NONE = "none"
+    LR_BACKOFF = "lr_backoff"
+    LR_RECOVER = "lr_recover"
+    ROLLBACK = "rollback"
+    STALL = "stall"
+
+
+class Evidence(NamedTuple):
+    """One step, as recovery sees it.
+
+    Attributes:
+        step: the optimizer step.
+        skipped: the step was skipped.
+        sound: the step shows the weights sound: its loss finite and not a spike, on weights that the last
+            real step made without any event (or a GradScaler overflow: no evidence either way).
+    """
+
+    step: int
+    skipped: bool
+    sound: bool
+
+
+class EscalationCounts(NamedTuple):
+    """The counters :func:`escalate` reads: suspect skips in the window since the last sound step, skips
+    in a row, the step of the last back-off, the LR cut in force and the real steps taken at it."""
+
+    suspect: int
+    skip_streak: int
+    last_backoff: int | None
+    lr_scale: float
+    real_steps_at_scale: int
+
+
+def lr_growth(policy: RecoveryPolicy) -> float:
+    """The factor by which the LR scale grows back, ``1 / min(lr_backoff, rollback_lr_factor)``: one
+    growth undoes one cut (capped at 1)."""
+    return 1.0 / min(policy.lr_backoff, policy.rollback_lr_factor)
+
+
+def escalate(policy: RecoveryPolicy, counts: EscalationCounts, evidence: Evidence) -> Action:
+    """The escalation rule, a pure function of the counters before this step and the step's evidence.
+
+    1. A real step: after ``lr_recover_after`` real steps at a scale below 1 (counted across interleaved
+       skips, as ``GradScaler`` counts its growth interval), grow the scale back (``LR_RECOVER``).
+    2. A skip: ``max_skip_streak`` in a row -> ``STALL``; one not ``sound`` joins the suspect skips;
+       ``rollback_after`` suspect skips within ``skip_window`` -> ``ROLLBACK``; ``backoff_after`` of them
+       -> ``LR_BACKOFF`` (at most once per ``skip_window``). A sound skip (a NaN batch on a healthy run, a
+       GradScaler overflow) clears the suspect count: the batch was at fault, not the weights or the LR.
+    """
+    p = policy
+    if not evidence.skipped:
+        due = p.lr_recover_after is not None and counts.real_steps_at_scale + 1 >= p.lr_recover_after
+        return Action.LR_RECOVER if counts.lr_scale < 1.0 and due else Action.NONE
+    if p.max_skip_streak is not None and counts.skip_streak + 1 >= p.max_skip_streak:
+        return Action.STALL
+    if evidence.sound:
+        return Action.NONE
+    suspect = counts.suspect + 1  # this skip too
+    if suspect >= p.rollback_after:
+        return Action.ROLLBACK
+    cooling = counts.last_backoff is not None and evidence.step - counts.last_backoff < p.skip_window
+    if suspect >= p.backoff_after and not cooling:
+        return Action.LR_BACKOFF
+    return Action.NONE
+
+
 class Recovery:
     """The host side of the Guard: escalation (back-off, rollback, give up), snapshots and their log.
 
@@ -373,13 +452,12 @@ class Recovery:
         self.candidate = Snapshot(policy.snapshot_dir, filename="gradguard_snapshot.candidate.pt")
         self.initial_lrs = group_lrs(state.optimizer)
         # escalation
-        self.skips: deque[int] = deque()  # steps of the skips within the window
-        self.suspect: deque[int] = deque()  # those whose loss did not vouch for the weights, since one did
+        self.suspect: deque[int] = deque()  # skips whose loss did not vouch for the weights, since one did
         self.skip_streak = 0  # skipped steps in a row
         self.clean_update = True  # the weights come from a real step without event (or a snapshot)
         self.last_backoff: int | None = None
-        self.clean_steps = 0  # real steps since the last LR change
-        self.cuts: list[float] = []  # outstanding LR factors, oldest first
+        self.lr_scale = 1.0  # the LR cut in force: the LR is the user's (or the schedule's) times this
+        self.clean_steps = 0  # real steps since lr_scale last changed (skips in between do not reset it)
         self.rollbacks = 0
         self.spent = 0  # rollbacks since the last snapshot was taken (the budget's use)
         self.lr_backoffs = 0
@@ -407,11 +485,13 @@ class Recovery:
             self.candidate.save(step, self.state.capture())
 
     def after_step(self, step: int, kinds: Sequence[str], responses: Responses, skipped: bool, now: int,
-                   loss_given: bool) -> bool:
+                   loss_given: bool, scaler_overflow: bool = False) -> bool:
         """One step's host decisions: ``"raise"`` / ``"rollback"`` responses, then the escalation rungs.
 
         ``loss_given``: the step had a loss (its events then say whether it was finite and at its level).
         ``now`` is the last step taken (the fused path decides at the flush, after later steps ran).
+        ``scaler_overflow``: a GradScaler's overflow (its non-finite gradients and nothing else): the scaler
+        halves its scale, that is its job; the skip is no evidence against the weights or the LR.
         Returns True when it rolled back. Raises :class:`GiveUp`.
         """
         for kind in kinds:
@@ -424,68 +504,61 @@ class Recovery:
         if not skipped:
             self.clean_update = not kinds
         loss_healthy = loss_given and not any(kind in ("nonfinite_loss", "loss_spike") for kind in kinds)
-        rung = self._observe(step, skipped, loss_healthy and self.clean_update)
-        if rung == "lr_backoff":
-            self._change_lr(step, "lr_backoff", self.policy.lr_backoff)
-            self.cuts.append(self.policy.lr_backoff)
-            self.lr_backoffs += 1
-        elif rung == "lr_recover":
-            self._change_lr(step, "lr_recover", 1.0 / self.cuts.pop())
-        elif rung == "rollback":
-            self.rollback(step, f"{len(self.suspect)} skipped steps within {self.policy.skip_window} with a NaN/Inf "
-                                "or spiking loss", now)
-            return True
-        elif rung == "stall":
-            raise GiveUp(f"{self.skip_streak} steps in a row were skipped (max_skip_streak="
-                         f"{self.policy.max_skip_streak}): training is not progressing", step)
-        return False
+        evidence = Evidence(step=step, skipped=skipped, sound=(loss_healthy and self.clean_update) or scaler_overflow)
+        while self.suspect and self.suspect[0] <= step - self.policy.skip_window:
+            self.suspect.popleft()  # out of the window
+        action = escalate(self.policy, self.counts(), evidence)
+        self._count(evidence)
+        return self._act(step, action, now)
 
-    def _observe(self, step: int, skipped: bool, sound: bool) -> str | None:
-        """Count one step; returns ``"stall"``, ``"rollback"``, ``"lr_backoff"``, ``"lr_recover"`` or None.
+    def counts(self) -> EscalationCounts:
+        """The counters :func:`escalate` reads (a copy)."""
+        return EscalationCounts(suspect=len(self.suspect), skip_streak=self.skip_streak,
+                                last_backoff=self.last_backoff, lr_scale=self.lr_scale,
+                                real_steps_at_scale=self.clean_steps)
 
-        All counts are over the skipped steps of the last ``skip_window`` steps. A rollback counts only the
-        suspect ones, since the last step that showed the weights ``sound``: its loss was finite and not a
-        spike, and the weights came from a real step without event. A back-off counts them all, and happens
-        at most once per window (while most steps are skipped the learning rate changes little, so cutting
-        it again and again would only compound); ``lr_recover_after`` real steps since the last cut (or recovery) undo
-        the last outstanding cut, as ``torch.amp.GradScaler`` grows its scale back.
-        """
-        p = self.policy
-        for window in (self.skips, self.suspect):
-            while window and window[0] <= step - p.skip_window:
-                window.popleft()
-        if sound:
+    def _count(self, evidence: Evidence) -> None:
+        """Advance the windows and counters by one step (what :func:`escalate` already judged)."""
+        if evidence.sound:
             self.suspect.clear()  # the weights gave a healthy loss: the skips so far were the batches' fault
-        if not skipped:
+        if not evidence.skipped:
             self.skip_streak = 0
             self.clean_steps += 1
-            if self.cuts and p.lr_recover_after is not None and self.clean_steps >= p.lr_recover_after:
-                self.clean_steps = 0
-                return "lr_recover"
-            return None
-        self.skips.append(step)
+            return
         self.skip_streak += 1
-        if p.max_skip_streak is not None and self.skip_streak >= p.max_skip_streak:
-            return "stall"
-        if not sound:
-            self.suspect.append(step)
-            if len(self.suspect) >= p.rollback_after:
-                return "rollback"
-        cooling = self.last_backoff is not None and step - self.last_backoff < p.skip_window
-        if len(self.skips) >= p.backoff_after and not cooling:
-            self.last_backoff = step
-            self.clean_steps = 0
-            return "lr_backoff"
-        return None
+        if not evidence.sound:
+            self.suspect.append(evidence.step)
 
-    def _change_lr(self, step: int, kind: str, factor: float) -> tuple[float, float]:
+    def _act(self, step: int, action: Action, now: int) -> bool:
+        """Carry out :func:`escalate`'s action: change the LR scale, roll back, or give up."""
+        p = self.policy
+        if action is Action.STALL:
+            raise GiveUp(f"{self.skip_streak} steps in a row were skipped (max_skip_streak="
+                         f"{p.max_skip_streak}): training is not progressing", step)
+        if action is Action.ROLLBACK:
+            self.rollback(step, f"{len(self.suspect)} skipped steps within {p.skip_window} with a NaN/Inf "
+                                "or spiking loss", now)
+            return True
+        if action is Action.LR_BACKOFF:
+            self.last_backoff = step
+            self._set_lr_scale(step, "lr_backoff", self.lr_scale * p.lr_backoff)
+            self.lr_backoffs += 1
+        elif action is Action.LR_RECOVER:
+            self._set_lr_scale(step, "lr_recover", min(1.0, self.lr_scale * lr_growth(p)))
+        return False
+
+    def _set_lr_scale(self, step: int, kind: str, scale: float) -> tuple[float, float]:
+        """Put the LR cut at ``scale`` (<= 1): every group's LR (and the scheduler's ``base_lrs``) is
+        multiplied by ``scale / lr_scale``; the count of real steps at this scale restarts."""
         optimizer = self.state.optimizer
         before = float(optimizer.param_groups[0]["lr"])
-        scale_lr_(optimizer, factor, self.state.scheduler)
+        scale_lr_(optimizer, scale / self.lr_scale, self.state.scheduler)
+        self.lr_scale = scale
+        self.clean_steps = 0
         after = float(optimizer.param_groups[0]["lr"])
         if kind != "rollback":
             self.note({"step": step, "kind": kind, "layer": None, "action": kind,
-                       "lr_before": before, "lr_after": after})
+                       "lr_before": before, "lr_after": after, "lr_scale": scale})
         return before, after
 
     def rollback(self, step: int, reason: str, now: int) -> None:
@@ -498,13 +571,10 @@ class Recovery:
                          f"({self.spent} of max_rollbacks={self.policy.max_rollbacks}): every rollback to the "
                          f"snapshot of step {self.snapshot.step} went bad again before a newer one was good", step)
         self.state.restore(self.snapshot.load())
-        before, after = self._change_lr(step, "rollback", self.policy.rollback_lr_factor)
-        self.cuts.append(self.policy.rollback_lr_factor)
+        before, after = self._set_lr_scale(step, "rollback", self.lr_scale * self.policy.rollback_lr_factor)
         self.rollbacks += 1
         self.spent += 1
-        self.skips.clear()
         self.suspect.clear()
-        self.clean_steps = 0
         self.healthy_steps = 0
         self.healthy_z.clear()
         self.restored_after = now
@@ -604,13 +674,12 @@ class Recovery:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "skips": list(self.skips),
             "suspect": list(self.suspect),
             "skip_streak": self.skip_streak,
             "clean_update": self.clean_update,
             "last_backoff": self.last_backoff,
             "clean_steps": self.clean_steps,
-            "cuts": list(self.cuts),
+            "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
             "spent": self.spent,
             "lr_backoffs": self.lr_backoffs,
@@ -623,13 +692,12 @@ class Recovery:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skips = deque(int(s) for s in state["skips"])
         self.suspect = deque(int(s) for s in state["suspect"])
         self.skip_streak = int(state["skip_streak"])
         self.clean_update = bool(state["clean_update"])
         self.last_backoff = None if state["last_backoff"] is None else int(state["last_backoff"])
         self.clean_steps = int(state["clean_steps"])
-        self.cuts = [float(c) for c in state["cuts"]]
+        self.lr_scale = float(state["lr_scale"])
         self.rollbacks = int(state["rollbacks"])
         self.spent = int(state["spent"])
         self.lr_backoffs = int(state["lr_backoffs"])
