@@ -89,15 +89,24 @@ from gradguard.forensics.watch import DataWatch
 from gradguard.history import History, StepRecord, history_row, to_record
 from gradguard.names import user_name
 from gradguard.precursor import weight_norm
-from gradguard.recover import GiveUp, Recovery, RecoveryPolicy, TrainingDiverged, TrainingState, clone_tree
+from gradguard.recover import (
+    GiveUp,
+    Recovery,
+    RecoveryPolicy,
+    TrainingDiverged,
+    TrainingState,
+    clone_tree,
+    nonfinite_flag,
+)
 from gradguard.sinks import Sink
 from gradguard.stats import GradStats, named_grad_stats
 
 __all__ = ["ACTIONS", "ALLOWED_ACTIONS", "Guard", "RecoveryPolicy", "TrainingDiverged"]
 
 _GROUPINGS = ("module", "param")
-#: The version of ``Guard.state_dict``'s layout; ``load_state_dict`` refuses others.
-STATE_FORMAT = "gradguard.Guard/3"
+#: The version of ``Guard.state_dict``'s layout; ``load_state_dict`` refuses others. 4: the recovery's LR cut
+#: is one ``lr_scale`` (was a list of cuts) and its pending loss-level reset is saved.
+STATE_FORMAT = "gradguard.Guard/4"
 _STATE_KEYS = ("format", "fingerprint", "detector", "clip", "step_count", "micro", "loss_sum", "counts",
                "recovery", "history")
 
@@ -316,7 +325,6 @@ class Guard:
         self._stepped_grads: list[tuple[Tensor, weakref.ref[Tensor], int]] = []
         self._dropped_records = 0  # records a sink failed to take (summary()["dropped_records"])
         self._failed_sinks: set[int] = set()  # sinks whose failure was warned already
-        self._rollbacks_seen = 0  # recovery.rollbacks at the last step (after a new one: the loss level moves)
         self.forensics = forensics
         self.data_watch = data_watch
         self._explained: dict[int, ForensicsRecord] = {}  # step -> its analysis, until its row is published
@@ -367,9 +375,9 @@ class Guard:
         self._micro = 0
         self.sync_gradients = True
         loss, self._loss_sum = self._loss_sum, None
-        if self.recovery.rollbacks != self._rollbacks_seen:  # the weights were replaced since the last step
+        if self.recovery.loss_level_due:  # the weights were replaced since the last step
             self.detector.set_loss_level(self.recovery.snapshot.loss)  # the restored weights' loss
-            self._rollbacks_seen = self.recovery.rollbacks
+            self.recovery.loss_level_due = False
         self.recovery.start(self.step_count, before_flush=(self.step_count + 1) % self.log_every == 0)
 
         # 1. measure
@@ -876,6 +884,45 @@ class Guard:
                 if tuple(value.shape) != tuple(model_state[key].shape):
                     raise ValueError(f"Guard.load_state_dict: the snapshot's {key!r} has shape "
                                      f"{tuple(value.shape)}, this model's {tuple(model_state[key].shape)}")
+            self._check_snapshot_optimizer(snapshot["optimizer"])
+            flag = nonfinite_flag(snapshot)
+            if flag is not None and bool(flag):  # load time: one host read
+                raise ValueError("Guard.load_state_dict: the snapshot holds NaN/Inf (weights or optimizer state): "
+                                 "a rollback would restore them; it is not a good snapshot")
+        self._check_detector_state(state["detector"])
+
+    def _check_snapshot_optimizer(self, saved: Any) -> None:
+        """The snapshot's optimizer state must be one this optimizer can load: the same groups, the same
+        number of parameters in each, the same hyperparameter keys (an Adam state has ``betas``, an SGD one
+        ``momentum``)."""
+        ours = self.optimizer.state_dict()["param_groups"]
+        theirs = saved.get("param_groups") if isinstance(saved, Mapping) else None
+        if not isinstance(theirs, list) or len(theirs) != len(ours):
+            raise ValueError(f"Guard.load_state_dict: the snapshot's optimizer state has "
+                             f"{len(theirs) if isinstance(theirs, list) else 'no'} parameter groups, this optimizer "
+                             f"{len(ours)}")
+        for i, (their_group, our_group) in enumerate(zip(theirs, ours)):
+            their_keys, our_keys = set(their_group) - {"params"}, set(our_group) - {"params"}
+            if their_keys != our_keys or len(their_group["params"]) != len(our_group["params"]):
+                raise ValueError(
+                    f"Guard.load_state_dict: the snapshot's optimizer group {i} is not of this optimizer "
+                    f"({type(self.optimizer).__name__}): its settings {sorted(their_keys ^ our_keys)[:6]} differ, "
+                    f"{len(their_group['params'])} parameters against {len(our_group['params'])}")
+
+    @staticmethod
+    def _check_detector_state(detector: Any) -> None:
+        """The detector's moving statistics must have one slot per scored value: total, loss, each layer."""
+        names = detector["layer_names"]
+        scores = detector["scores"]
+        if names is None:
+            return
+        width = 2 + len(names)
+        for key in ("seen", "mean", "var"):
+            value = scores.get(key)
+            if value is not None and (not isinstance(value, Tensor) or value.shape[-1] != width):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"Guard.load_state_dict: the detector's {key} has shape {shape}, but "
+                                 f"{len(names)} layers need {width} slots (total, loss, one per layer)")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a state from :meth:`state_dict`: checked first (:meth:`check_state_dict`), then applied all
@@ -898,5 +945,4 @@ class Guard:
         self._loss_sum = state["loss_sum"]
         self._counts = state["counts"]
         self.recovery.load_state_dict(state["recovery"])
-        self._rollbacks_seen = self.recovery.rollbacks
         self.history_buffer.load_state_dict(state["history"])

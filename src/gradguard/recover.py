@@ -465,6 +465,10 @@ class Recovery:
         self.healthy_steps = 0
         self.healthy_z: deque[float] = deque(maxlen=max(1, policy.snapshot_clean_steps))
         self.restored_after: int = -1  # records of steps <= this came from state a rollback abandoned
+        # a rollback replaced the weights: before the next step the Guard puts the detector's loss level at
+        # the restored weights' loss (Detector.set_loss_level); saved, so that a resume right after a
+        # rollback does it too
+        self.loss_level_due = False
         # the action log: events of host actions, by step, until the Guard attaches them to their records
         self.actions: dict[int, list[Event]] = {}
         self.recent: deque[Event] = deque(maxlen=20)
@@ -578,6 +582,7 @@ class Recovery:
         self.healthy_steps = 0
         self.healthy_z.clear()
         self.restored_after = now
+        self.loss_level_due = True
         self.clean_update = True  # the snapshot's weights gave a healthy step
         self.candidate.clear()  # taken from the state just abandoned
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
@@ -686,6 +691,7 @@ class Recovery:
             "healthy_steps": self.healthy_steps,
             "healthy_z": list(self.healthy_z),
             "restored_after": self.restored_after,
+            "loss_level_due": self.loss_level_due,
             "snapshot": self.snapshot.state_dict(),
             "actions": {step: list(events) for step, events in self.actions.items()},
             "initial_lrs": list(self.initial_lrs),
@@ -705,6 +711,7 @@ class Recovery:
         self.healthy_z.clear()
         self.healthy_z.extend(float(z) for z in state["healthy_z"])
         self.restored_after = int(state["restored_after"])
+        self.loss_level_due = bool(state["loss_level_due"])
         self.snapshot.load_state_dict(state["snapshot"])
         self.actions = {int(step): list(events) for step, events in state["actions"].items()}
         self.initial_lrs = [float(lr) for lr in state["initial_lrs"]]
