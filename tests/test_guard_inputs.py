@@ -199,7 +199,7 @@ def test_a_state_that_fails_while_applied_is_rolled_back():
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     state = _trained_guard(model, optimizer).state_dict()
-    state["recovery"]["skips"] = ["not a step"]  # passes the checks, fails when applied (after the detector)
+    state["recovery"]["suspect"] = ["not a step"]  # passes the checks, fails when applied (after the detector)
     twin = _model()
     guard = _trained_guard(twin, torch.optim.AdamW(twin.parameters(), lr=1e-2), steps=3)
     before = guard.state_dict()
