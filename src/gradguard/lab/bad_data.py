@@ -10,9 +10,9 @@ one. A fraction of the rows is corrupted, in four kinds, equally often:
 * ``"shuffled"``: the row's targets shuffled (labels that do not belong to their inputs): high;
 * ``"garbage"``: random bytes (a binary file in a text corpus): high.
 
-None of them spikes the batch's gradient norm at 1% (a batch of 32 holds one bad row about every third
-step, and it moves the batch's norm by a percent or two), so the detector and forensics never see them;
-:class:`gradguard.forensics.DataWatch` reads the per-sample losses and should. :func:`train_watched` trains
+At 1% a batch of 32 holds one bad row about every third step, and it moves the batch's gradient norm by a
+percent or two: the detector, which watches the whole batch, is not built to see it, and forensics runs
+only on the steps the detector flags; :class:`gradguard.forensics.DataWatch` reads the per-sample losses. :func:`train_watched` trains
 one run with a Guard and a watch and scores the watch: precision (flagged rows that are corrupted) and
 recall (corrupted rows seen after the watch's warm-up that it flagged), per kind.
 """

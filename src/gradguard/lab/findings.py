@@ -313,8 +313,8 @@ def faults_findings(rows: list[Row], records: list[Record]) -> list[str]:
         if row.get("watch_recall") is not None:
             lines.append(
                 f"{row['variant']}: 1% of the rows corrupted, the detector flagged "
-                f"{fmt(row.get('detector_flagged_steps'))} steps (mean over seeds): no step shows the bad rows, so "
-                f"forensics never runs; the data watch flagged {fmt(row.get('watch_flagged'))} rows, precision "
+                f"{fmt(row.get('detector_flagged_steps'))} steps (mean over seeds; forensics runs on those only); "
+                f"the data watch flagged {fmt(row.get('watch_flagged'))} rows, precision "
                 f"{pct(row.get('watch_precision'))} and recall {pct(row['watch_recall'])} of the "
                 f"{fmt(row.get('watch_corrupted_seen'))} corrupted rows seen after its warm-up (means over seeds)."
             )

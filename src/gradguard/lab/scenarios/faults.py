@@ -15,8 +15,8 @@ it, which forensics should report (``reproducible`` False).
 
 ``silent bad data`` is the fault no step shows: 1% of the rows of a character model's corpus (Python
 source) are corrupted (a repeated character, padding only, shuffled targets, random bytes;
-``gradguard.lab.bad_data``), which moves a batch's gradient norm by a percent or two, so the detector flags
-no step and forensics never runs. The Guard runs with a data watch (``gg.forensics.DataWatch``) fed the
+``gradguard.lab.bad_data``), which moves a batch's gradient norm by a percent or two: the detector, which
+watches the whole batch, is not built to see it, and forensics runs only on the steps it flags. The Guard runs with a data watch (``gg.forensics.DataWatch``) fed the
 per-sample losses; the rows it flags are scored against the corrupted ones (precision, and recall over the
 corrupted rows seen after its warm-up), beside the number of steps the detector flagged.
 """
