@@ -304,7 +304,7 @@ def test_rollback_from_disk_snapshot(tmp_path):
     for i in range(3, 5):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
-    assert (tmp_path / "gradguard_snapshot.pt").exists() and guard.recovery.snapshot.step == 3
+    assert (tmp_path / "gradguard_snapshot.step3.pt").exists() and guard.recovery.snapshot.step == 3
     optimizer.zero_grad()
     with torch.no_grad():
         model[0].bias.fill_(math.inf)

@@ -68,7 +68,9 @@ optimizer.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
 import warnings
 import weakref
@@ -296,14 +298,16 @@ class Guard:
         self.norm_type = float(norm_type)
         self.fused = _fused_amp_capable(optimizer)
         self.process_group = gg_dist.process_group_or_none(process_group)
-        self.recovery = Recovery(recovery if recovery is not None else RecoveryPolicy(),
-                                 TrainingState(model, optimizer, scheduler,
-                                               [p for _, p in _held_outside(model, optimizer)]))
         self._optimizer_step = optimizer_step
         # the model's parameters, then those the optimizer holds outside the model (an uncertainty-weighted
         # loss's weights): measured, checked and restored with the model's
         self._named: list[tuple[str, Tensor]] = list(model.named_parameters()) + _held_outside(model, optimizer)
         self._param_names = {id(p): name for name, p in self._named}
+        rank = "" if self.process_group is None else f".rank{torch.distributed.get_rank(self.process_group)}"
+        self.recovery = Recovery(recovery if recovery is not None else RecoveryPolicy(),
+                                 TrainingState(model, optimizer, scheduler,
+                                               [p for _, p in _held_outside(model, optimizer)]),
+                                 fingerprint=self._run_fingerprint(rank), name_suffix=rank)
         self._has_dtensor = any(gg_dist._is_dtensor(p) for _, p in self._named)
         self._ceiling = clip.max_norm if isinstance(clip, GlobalNorm) else math.inf
         self._bit_weights: dict[torch.device, Tensor] = {}
@@ -817,6 +821,12 @@ class Guard:
             "groups": self.groups,
             "log_every": self.log_every,
         }
+
+    def _run_fingerprint(self, rank: str) -> str:
+        """A short hash of :meth:`_fingerprint` and the rank, written into each snapshot file: a file of
+        another model, optimizer or rank is never restored."""
+        text = json.dumps([self._fingerprint(), rank], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
         """Detector, clipper, counters, recovery (policy state, snapshot, action log) and unflushed history:

@@ -73,8 +73,13 @@ step) two copies exist, as while a snapshot is written.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -238,75 +243,182 @@ def nonfinite_flag(tree: Any) -> Tensor | None:
     return ~torch.isfinite(norms).all()
 
 
+#: The layout of a snapshot file: one JSON header line, then the payload (``torch.save`` bytes). 1: the first.
+SNAPSHOT_FORMAT = "gradguard.Snapshot/1"
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot file that cannot be trusted: missing, truncated, corrupted, of another run or step."""
+
+
 class Snapshot:
-    """The last good training state, in memory or in one file of ``directory``.
+    """The last good training state, in memory or in a file of ``directory``.
 
     ``save`` clones (memory) or writes (disk); ``load`` returns a fresh copy each time, because
     ``optimizer.load_state_dict`` keeps the tensors it is given and would otherwise mutate the snapshot.
+
+    **A file proves itself.** It starts with one JSON line, ``{"format", "step", "fingerprint", "sha256",
+    "size"}`` (the Guard's fingerprint of the run: parameter names, shapes, optimizer kind, rank), followed
+    by the payload. It is written to ``<file>.partial``, read back and checked, then renamed (``os.replace``:
+    a crash never leaves half a snapshot under the final name). Before a restore it is checked again: the
+    format, the step and checksum this object expects, the fingerprint and the payload's SHA-256; any
+    difference raises :class:`SnapshotError` naming the file, the value expected and the value found. Files
+    are named by step (``<prefix>.step<N>.pt``), so that a run resumed from an older checkpoint looks for
+    its own snapshot and never restores a later run's; the previous good file is kept as a fallback
+    (``previous``), older ones are removed.
     """
 
-    FILENAME = "gradguard_snapshot.pt"
+    PREFIX = "gradguard_snapshot"
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None, filename: str = FILENAME):
+    def __init__(self, directory: str | os.PathLike[str] | None = None, prefix: str = PREFIX,
+                 fingerprint: str = ""):
         self.directory = None if directory is None else os.fspath(directory)
-        self.filename = filename
+        self.prefix = prefix
+        self.fingerprint = fingerprint
         self.step: int | None = None
         self.loss: float | None = None  # the loss of the step that ran on these weights, once flushed
+        self.checksum: str | None = None  # the payload's SHA-256 (disk)
+        #: the older good file kept as a fallback: ``(step, checksum)`` (disk)
+        self.previous: tuple[int, str] | None = None
         #: device bool: whether any floating tensor saved (weights, buffers, optimizer state) holds NaN/Inf
         self.nonfinite: Tensor | None = None
         self._state: dict[str, Any] | None = None
 
+    def file(self, step: int) -> str:
+        assert self.directory is not None
+        return os.path.join(self.directory, f"{self.prefix}.step{step}.pt")
+
     @property
     def path(self) -> str | None:
-        return None if self.directory is None else os.path.join(self.directory, self.filename)
+        return None if self.directory is None or self.step is None else self.file(self.step)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         self.nonfinite = nonfinite_flag(state)  # read by the Guard with its next flush, never on its own
         if self.directory is None:
             self._state = clone_tree(state)
         else:
-            os.makedirs(self.directory, exist_ok=True)
-            assert self.path is not None
-            partial = self.path + ".partial"
-            torch.save(state, partial)
-            os.replace(partial, self.path)  # atomic: a crash never leaves half a snapshot
+            self.checksum = self._write(step, state)
         self.step, self.loss = step, None
 
+    def _write(self, step: int, state: dict[str, Any]) -> str:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        checksum = hashlib.sha256(payload).hexdigest()
+        header = {"format": SNAPSHOT_FORMAT, "step": step, "fingerprint": self.fingerprint, "sha256": checksum,
+                  "size": len(payload)}
+        os.makedirs(self.directory or ".", exist_ok=True)
+        final = self.file(step)
+        partial = f"{final}.{os.getpid()}.partial"
+        with open(partial, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        self._read(partial, step, checksum)  # verified after it is written
+        os.replace(partial, final)  # atomic: a crash never leaves half a snapshot under the final name
+        return checksum
+
+    def _read(self, path: str, step: int, checksum: str | None) -> dict[str, Any]:
+        """The payload of ``path``, after checking its header and checksum; raises :class:`SnapshotError`."""
+        try:
+            with open(path, "rb") as f:
+                head = f.readline()
+                payload = f.read()
+            header = json.loads(head)
+        except (OSError, ValueError) as error:
+            raise SnapshotError(f"Snapshot: cannot read {path!r}: {error}") from error
+        expected = {"format": SNAPSHOT_FORMAT, "step": step, "fingerprint": self.fingerprint,
+                    "size": len(payload)}
+        if checksum is not None:
+            expected["sha256"] = checksum
+        for key, value in expected.items():
+            if not isinstance(header, dict) or header.get(key) != value:
+                found = header.get(key) if isinstance(header, dict) else header
+                raise SnapshotError(f"Snapshot: {path!r} has {key} {found!r}, expected {value!r}")
+        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+            raise SnapshotError(f"Snapshot: {path!r} is corrupted: its payload's sha256 is not the "
+                                f"{header['sha256']!r} its header holds")
+        try:
+            state: dict[str, Any] = torch.load(io.BytesIO(payload), weights_only=True)
+        except Exception as error:
+            raise SnapshotError(f"Snapshot: {path!r} holds no loadable state: {error}") from error
+        return state
+
     def load(self) -> dict[str, Any]:
+        """A fresh copy of the state; a file is checked first (:class:`SnapshotError` when it fails)."""
         if self.step is None:
             raise RuntimeError("Snapshot: nothing saved yet")
         if self.directory is None:
             assert self._state is not None
             return clone_tree(self._state)
-        assert self.path is not None
-        state: dict[str, Any] = torch.load(self.path, weights_only=True)
-        return state
+        return self._read(self.file(self.step), self.step, self.checksum)
+
+    def fall_back(self) -> bool:
+        """Drop the current file (it failed its check) for the previous good one; False when there is none."""
+        if self.directory is None or self.previous is None:
+            return False
+        self._remove(self.step)
+        (self.step, self.checksum), self.previous = self.previous, None
+        self.loss = None
+        return True
+
+    def verify(self) -> None:
+        """Check the file(s) this object expects (after a resume); drop what fails, with a warning."""
+        if self.directory is None:
+            return
+        if self.previous is not None:
+            try:
+                self._read(self.file(self.previous[0]), *self.previous)
+            except SnapshotError as error:
+                warnings.warn(f"gradguard: the fallback snapshot is not usable ({error}); it is dropped",
+                              RuntimeWarning, stacklevel=3)
+                self.previous = None
+        if self.step is not None:
+            try:
+                self.load()
+            except SnapshotError as error:
+                if not self.fall_back():
+                    warnings.warn(f"gradguard: the checkpoint's snapshot is not usable ({error}); a new one "
+                                  "is taken of the weights as training resumes", RuntimeWarning, stacklevel=3)
+                    self.step, self.checksum, self.loss = None, None, None
 
     def take(self, other: Snapshot) -> None:
-        """Hold ``other``'s state from now on (a file is renamed, atomically); ``other`` is left empty."""
+        """Hold ``other``'s state from now on; ``other`` is left empty. On disk this snapshot's file becomes
+        the fallback (``previous``) and the one before it is removed."""
         if other.step is None:
             raise RuntimeError("Snapshot: nothing to take")
         if self.directory is None:
             self._state, other._state = other._state, None
         else:
-            assert self.path is not None and other.path is not None
-            os.replace(other.path, self.path)
+            if self.previous is not None:
+                self._remove(self.previous[0])
+            self.previous = None if self.step is None or self.checksum is None else (self.step, self.checksum)
+            self.checksum, other.checksum = other.checksum, None
         self.step, other.step = other.step, None
         self.loss, other.loss = other.loss, None
         self.nonfinite, other.nonfinite = other.nonfinite, None
 
+    def _remove(self, step: int | None) -> None:
+        if self.directory is not None and step is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.file(step))
+
     def clear(self) -> None:
-        if self.directory is not None and self.path is not None and os.path.exists(self.path):
-            os.remove(self.path)
-        self.step, self.loss, self._state, self.nonfinite = None, None, None, None
+        self._remove(self.step)
+        self.step, self.loss, self._state, self.nonfinite, self.checksum = None, None, None, None, None
 
     def state_dict(self) -> dict[str, Any]:
-        # a memory snapshot travels with the checkpoint; a disk snapshot stays in its file
-        return {"step": self.step, "loss": self.loss, "state": self._state if self.directory is None else None}
+        # a memory snapshot travels with the checkpoint; a disk snapshot stays in its file, named by its
+        # step and checked against its checksum when restored
+        return {"step": self.step, "loss": self.loss, "state": self._state if self.directory is None else None,
+                "checksum": self.checksum, "previous": None if self.previous is None else list(self.previous)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = None if state["step"] is None else int(state["step"])
         self.loss = state.get("loss")
+        self.checksum = state.get("checksum")
+        previous = state.get("previous")
+        self.previous = None if previous is None else (int(previous[0]), str(previous[1]))
         if self.directory is None:
             self._state = None if state["state"] is None else clone_tree(state["state"])
 
@@ -444,12 +556,15 @@ class Recovery:
     :meth:`diverged` then restores the last good snapshot and builds the :class:`TrainingDiverged`.
     """
 
-    def __init__(self, policy: RecoveryPolicy, state: TrainingState):
+    def __init__(self, policy: RecoveryPolicy, state: TrainingState, fingerprint: str = "", name_suffix: str = ""):
+        """``fingerprint``: the run's (written into and checked against each snapshot file); ``name_suffix``:
+        added to the files' names (``.rank<r>`` for the ranks of a distributed run sharing one folder)."""
         self.policy = policy
         self.state = state
-        self.snapshot = Snapshot(policy.snapshot_dir)
+        self.snapshot = Snapshot(policy.snapshot_dir, prefix=f"{Snapshot.PREFIX}{name_suffix}", fingerprint=fingerprint)
         # the state as the last step before a flush began, kept if the flush finds that step healthy
-        self.candidate = Snapshot(policy.snapshot_dir, filename="gradguard_snapshot.candidate.pt")
+        self.candidate = Snapshot(policy.snapshot_dir, prefix=f"{Snapshot.PREFIX}{name_suffix}",
+                                  fingerprint=fingerprint)
         self.initial_lrs = group_lrs(state.optimizer)
         # escalation
         self.suspect: deque[int] = deque()  # skips whose loss did not vouch for the weights, since one did
@@ -574,7 +689,7 @@ class Recovery:
             raise GiveUp(f"{reason} at step {step} called for a rollback, and the rollback budget is spent "
                          f"({self.spent} of max_rollbacks={self.policy.max_rollbacks}): every rollback to the "
                          f"snapshot of step {self.snapshot.step} went bad again before a newer one was good", step)
-        self.state.restore(self.snapshot.load())
+        self.state.restore(self._checked_snapshot(step, reason))
         before, after = self._set_lr_scale(step, "rollback", self.lr_scale * self.policy.rollback_lr_factor)
         self.rollbacks += 1
         self.spent += 1
@@ -587,6 +702,21 @@ class Recovery:
         self.candidate.clear()  # taken from the state just abandoned
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
                    "to_step": self.snapshot.step, "lr_before": before, "lr_after": after})
+
+    def _checked_snapshot(self, step: int, reason: str) -> dict[str, Any]:
+        """The snapshot's state, its file checked first; a file that fails gives way to the older good one,
+        and with none left the run gives up (the weights are not touched)."""
+        while True:
+            try:
+                return self.snapshot.load()
+            except SnapshotError as error:
+                failed = str(error)
+                if not self.snapshot.fall_back():
+                    self.snapshot.step = None
+                    raise GiveUp(f"{reason} at step {step} called for a rollback, and no snapshot file can be "
+                                 f"trusted ({failed})", step) from None
+                self.note({"step": step, "kind": "snapshot_fallback", "layer": None, "action": "rollback",
+                           "reason": failed, "to_step": self.snapshot.step})
 
     def note(self, event: Event) -> None:
         """Log a host action (attached to its step's record by the Guard)."""
@@ -647,10 +777,11 @@ class Recovery:
 
     def diverged(self, give_up: GiveUp, summary: dict[str, int]) -> TrainingDiverged:
         """Put the last good snapshot back into the model and optimizer; the exception that says so."""
-        restored = self.snapshot.step
         self.candidate.clear()
-        if restored is not None:
-            self.state.restore(self.snapshot.load())
+        if self.snapshot.step is not None:
+            with contextlib.suppress(GiveUp):
+                self.state.restore(self._checked_snapshot(give_up.step, "giving up"))
+        restored = self.snapshot.step
         lines = [f"gradguard: training diverged at step {give_up.step}: {give_up.reason}."]
         if self.recent:
             lines.append("What happened (latest events):")
@@ -670,7 +801,8 @@ class Recovery:
         if restored is not None:
             lines.append(f"The model and optimizer now hold the last good snapshot, of step {restored}.")
         else:
-            lines.append("There is no snapshot (snapshot_every=None): the model and optimizer were left as they are.")
+            lines.append("There is no snapshot to restore (snapshot_every=None, or no file could be trusted): the "
+                         "model and optimizer were left as they are.")
         lines.append("Try a lower learning rate, gradient clipping (gg.clip.GlobalNorm), a better-scaled init "
                      "(gg.init.auto_), or gg.doctor(model, batch, loss_fn) to find the layer.")
         return TrainingDiverged("\n".join(lines), give_up.step, list(self.recent), summary, restored)
@@ -713,5 +845,6 @@ class Recovery:
         self.restored_after = int(state["restored_after"])
         self.loss_level_due = bool(state["loss_level_due"])
         self.snapshot.load_state_dict(state["snapshot"])
+        self.snapshot.verify()  # a resumed run restores its checkpoint's snapshot file, never another's
         self.actions = {int(step): list(events) for step, events in state["actions"].items()}
         self.initial_lrs = [float(lr) for lr in state["initial_lrs"]]
