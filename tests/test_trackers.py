@@ -307,6 +307,7 @@ def test_mlflow_sends_at_most_1000_metrics_a_request(store: dict[str, Any]) -> N
     records = [{"step": s, "loss": 1.0, "total_norm": 2.0, "action": "step", "coef": 1.0, "clip_threshold": None,
                 "skipped": False, "clipped": False, "lr": 0.1, "events": [], "layer_norms": layers}
                for s in range(60)]
+    records[7]["total_norm"] = math.inf  # an fp16 overflow's norm: MLflow keeps it
     sink = gg.sinks.MLflow(tracking_uri=store["mlflow_uri"], experiment=store["experiment"],
                            layers=gg.sinks.Layers(top_k=40), report=False)
     with warnings.catch_warnings():
@@ -316,6 +317,8 @@ def test_mlflow_sends_at_most_1000_metrics_a_request(store: dict[str, Any]) -> N
     client = MlflowClient(store["mlflow_uri"])
     assert len(client.get_metric_history(sink.run_id, "gradguard_layers/block.39")) == 60
     assert client.get_metric_history(sink.run_id, "gradguard/layer_norm_p50")[0].value == pytest.approx(20.5)
+    norms = {m.step: m.value for m in client.get_metric_history(sink.run_id, "gradguard/total_norm")}
+    assert norms[7] > 1e308 and norms[6] == 2.0
 
 
 def test_an_unreachable_mlflow_store_warns_and_training_goes_on(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ every layer look poisoned (and it is one more pass over the gradients). So when 
 callback builds a Guard over the wrapped torch optimizer (and accelerate's ``GradScaler``, when there is
 one) and takes that norm call for itself: there ``guard.step`` sees the gradients as the backward pass left
 them, measures, clips, and steps or skips; the Trainer's ``optimizer.step()`` that follows does nothing
-more. The Trainer then logs no ``grad_norm`` of its own (``gradguard/total_norm`` is the norm). Where the
+more. The Trainer then has no ``grad_norm`` of its own: the callback logs the Guard's (below). Where the
 Trainer makes no such call (older versions), ``guard.step`` runs at ``optimizer.step()``. A skipped step
 is reported to the Trainer the way accelerate reports an fp16 overflow (``optimizer_step_was_skipped``), so
 the LR scheduler is not advanced. The loss is taken from the model's output (``output.loss``) with a
