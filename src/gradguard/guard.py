@@ -303,6 +303,8 @@ class Guard:
         # loss's weights): measured, checked and restored with the model's
         self._named: list[tuple[str, Tensor]] = list(model.named_parameters()) + _held_outside(model, optimizer)
         self._param_names = {id(p): name for name, p in self._named}
+        self._layout = self._param_layout()  # what the per-step check compares (parameters changed mid-run)
+        self._model_param_count = sum(1 for _ in model.parameters())
         rank = "" if self.process_group is None else f".rank{torch.distributed.get_rank(self.process_group)}"
         self.recovery = Recovery(recovery if recovery is not None else RecoveryPolicy(),
                                  TrainingState(model, optimizer, scheduler,
@@ -379,6 +381,8 @@ class Guard:
         self._micro = 0
         self.sync_gradients = True
         loss, self._loss_sum = self._loss_sum, None
+        if self._param_layout() != self._layout:  # add_param_group since the last step (a host-side check)
+            self._parameters_changed()
         if self.recovery.loss_level_due:  # the weights were replaced since the last step
             self.detector.set_loss_level(self.recovery.snapshot.loss)  # the restored weights' loss
             self.recovery.loss_level_due = False
@@ -425,6 +429,25 @@ class Guard:
         if self.step_count % self.log_every == 0:
             self.flush()
         return out.stepped
+
+    def _param_layout(self) -> tuple[int, ...]:
+        """The number of parameters in each of the optimizer's groups: O(groups), checked every step."""
+        return tuple(len(group["params"]) for group in self.optimizer.param_groups)
+
+    def _parameters_changed(self) -> None:
+        """Parameters were added mid-run (``optimizer.add_param_group``, gradual unfreezing; or a module added
+        to the model, noticed at a flush): measure and check them from now on, and start the snapshots
+        afresh from the state as this step begins (the old snapshot cannot be loaded into the new optimizer:
+        a rollback never crosses the change). The rollback budget starts afresh with it."""
+        before = {name for name, _ in self._named}
+        self._named = list(self.model.named_parameters()) + _held_outside(self.model, self.optimizer)
+        self._param_names = {id(p): name for name, p in self._named}
+        self._has_dtensor = any(gg_dist._is_dtensor(p) for _, p in self._named)
+        self._layout = self._param_layout()
+        self._model_param_count = sum(1 for _ in self.model.parameters())
+        self.recovery.state.outside = [p for _, p in _held_outside(self.model, self.optimizer)]
+        added = [user_name(name) for name, _ in self._named if name not in before]
+        self.recovery.parameters_changed(self.step_count, added)
 
     def _scaler_overflow(self, kinds: Sequence[str]) -> bool:
         """A step whose only event is a non-finite gradient, under a GradScaler: the scaler's overflow (it
@@ -687,6 +710,8 @@ class Guard:
             self._in_flush = False
         if diverged is not None:
             raise diverged from None
+        if sum(1 for _ in self.model.parameters()) != self._model_param_count:  # a module added: measure it
+            self._parameters_changed()
         return records
 
     def _all_ranks_finite(self, bad_name: str | None, candidate_bad: bool) -> tuple[bool, str | None, bool]:

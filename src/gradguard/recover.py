@@ -703,6 +703,19 @@ class Recovery:
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
                    "to_step": self.snapshot.step, "lr_before": before, "lr_after": after})
 
+    def parameters_changed(self, step: int, added: Sequence[str]) -> None:
+        """The model's or the optimizer's parameters changed before ``step``: the snapshots of the old set
+        are dropped, and :meth:`start` takes a new first one of the state as this step begins (it cannot be
+        restored into the new optimizer, so no rollback crosses the change); a fresh rollback budget."""
+        if self.snapshot.previous is not None:
+            self.snapshot._remove(self.snapshot.previous[0])
+            self.snapshot.previous = None
+        self.snapshot.clear()
+        self.candidate.clear()
+        self.spent = 0
+        self.note({"step": step, "kind": "params_changed", "layer": None, "action": "snapshot",
+                   "reason": f"parameters added: {', '.join(added[:5]) or '?'}{', ...' if len(added) > 5 else ''}"})
+
     def _checked_snapshot(self, step: int, reason: str) -> dict[str, Any]:
         """The snapshot's state, its file checked first; a file that fails gives way to the older good one,
         and with none left the run gives up (the weights are not touched)."""
