@@ -1,6 +1,6 @@
 """Trackers against the real libraries: W&B in offline mode (its run file read back), MLflow on a local
 SQLite store (read back through MlflowClient), and the framework loggers (HF Trainer with
-report_to=["mlflow"], Lightning with MLFlowLogger), and the two tracker examples.
+report_to=["mlflow"], Lightning with MLFlowLogger), the two tracker examples, and DDP (rank 0 logs).
 
 One guarded run (the module's ``run`` fixture) writes to W&B, MLflow and JSON Lines at once; its faults,
 each at a known step and layer: step 12 one sample scaled by 1e3 (a spike; forensics names sample 3),
@@ -460,3 +460,45 @@ def test_mlflow_example_holds_the_skipped_and_the_clipped_step(store: dict[str, 
     assert [s for s, v in clipped.items() if v] == [40] == [r["step"] for r in guard.history if r["clipped"]]
     assert {f.path for f in client.list_artifacts(tracker.run_id, "gradguard")} == {
         "gradguard/events.json", "gradguard/report.html", "gradguard/run.jsonl"}
+
+
+# --- DDP: rank 0 logs ------------------------------------------------------------------------------
+
+
+def ddp_to_mlflow(rank: int) -> dict[str, Any]:
+    """2 gloo ranks under DDP, each with an MLflow sink; a NaN gradient in layer "2" on rank 1 only at step 5."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    fault = {"on": False}
+    net[2].weight.register_hook(lambda g: g * math.nan if fault["on"] and rank == 1 else g)
+    model = nn.parallel.DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sink = gg.sinks.MLflow(tracking_uri=os.environ["GRADGUARD_TEST_MLFLOW"], experiment="ddp", run_name="ddp")
+    guard = gg.Guard(model, optimizer, log_every=4, layer_every=1, sinks=[sink])
+    g = torch.Generator().manual_seed(rank)
+    for step in range(10):
+        fault["on"] = step == 5
+        x = torch.randn(8, 8, generator=g)
+        model(x).pow(2).mean().backward()
+        guard.step()
+        optimizer.zero_grad(set_to_none=True)
+    guard.close()
+    return {"active": sink.active, "run_id": sink.run_id, "failures": sink.failures}
+
+
+def test_under_ddp_only_rank_0_logs_and_the_nan_of_rank_1_is_there(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_stacks_matrix import run_distributed
+
+    # forked ranks: a file store (no SQLite connection crosses the fork), allowed for this test
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("GRADGUARD_TEST_MLFLOW", str(tmp_path / "mlruns"))
+    rank0, rank1 = (r["ddp"] for r in run_distributed((("ddp", ddp_to_mlflow),), str(tmp_path)))
+    assert rank0["active"] and rank0["failures"] == 0 and rank0["run_id"]
+    assert not rank1["active"] and rank1["run_id"] is None
+    client = MlflowClient(str(tmp_path / "mlruns"))
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    skipped = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "gradguard/skipped")}
+    assert sorted(skipped) == list(range(10)) and [s for s, v in skipped.items() if v] == [5]
+    events = client.get_metric_history(run.info.run_id, "gradguard_events/nonfinite_grad/2")
+    assert [(m.step, m.value) for m in events] == [(5, 1.0)]
