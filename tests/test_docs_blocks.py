@@ -41,8 +41,7 @@ PAGES = sorted(
     [ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").rglob("*.md")],
     key=lambda p: str(p.relative_to(ROOT)),
 )
-# The README joins when it becomes the short front page (issue 22); today's reference README moves to docs/.
-PAGES = [p for p in PAGES if p.exists() and p.name != "README.md"]
+PAGES = [p for p in PAGES if p.exists()]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)[^\n]*$")
 DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(?P<verb>skip|setup|output)\b\s*(?P<arg>.*?)\s*-->")
 INCLUDE = re.compile(r'^--8<--\s+"(?P<path>[^":]+)(?::(?P<part>[\w-]+))?"\s*$')
@@ -286,5 +285,6 @@ def test_the_runner_finds_blocks_and_fails_on_a_broken_one(tmp_path: Path) -> No
 
 def test_pages_cover_the_docs_tree() -> None:
     """The runner reads every page the site builds from (docs/**/*.md) and the README."""
+    assert ROOT / "README.md" in PAGES
     assert len([p for p in PAGES if "docs" in p.parts]) >= 20
     assert os.path.isfile(ROOT / "mkdocs.yml")
