@@ -1,6 +1,6 @@
-"""The detector's statistics are robust to any single step (issue 17, items 1 and 2): a zero or tiny gradient
-norm, a spike or an outlier loss during the warm-up moves its level and spread by a bounded amount, and an
-outlier is flagged during the warm-up as it is later in the run."""
+"""The detector's and the clip strategies' statistics are robust to any single step (issue 17, items 1 and 10): a
+zero or tiny gradient norm or a spike moves the level and spread by a bounded amount, and a step the Guard
+skipped teaches ZClip nothing."""
 
 from __future__ import annotations
 
@@ -58,3 +58,48 @@ def test_no_single_step_moves_the_level_and_spread_by_more_than_a_bound() -> Non
         assert shift <= (1 - detector.alpha) * detector.z_thresh * float(std[0]) + 1e-6, value
         growth = float(detector.scores.std()[0] / std[0])
         assert growth <= math.sqrt(detector.alpha * (1 + (1 - detector.alpha) * detector.z_thresh**2)) + 1e-6, value
+
+
+@pytest.mark.parametrize("at", [10, 24, 40])  # in the warm-up, at its last step, after it
+def test_a_step_the_guard_skips_teaches_zclip_nothing(at: int) -> None:
+    """Guard + ZClip: a step skipped for its loss (an LR burst's wrecked weights: norm x300) leaves ZClip's
+    statistics as they were (17.10: they learned mu 13 and sigma 57 and the pair ended 1e4x the clean loss)."""
+    def run(skip_at: int | None) -> gg.clip.ZClip:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        zclip = gg.clip.ZClip(max_grad_norm=None)
+        guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.01), clip=zclip)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(max(at + 5, 30)):
+            x = torch.randn(32, 4, generator=gen)
+            loss = model(x).square().mean() + 1.0
+            if step == skip_at:
+                loss = loss * 300.0  # a loss spike, with gradients 300x: skipped
+            loss.backward()
+            guard.step(loss)
+            guard.optimizer.zero_grad()
+        assert guard.summary()["skipped"] == (skip_at is not None)
+        return zclip
+
+    plain, skipped = run(None), run(at)
+    assert skipped._mean is not None and plain._mean is not None
+    # the skipped step's norm is not in the statistics: they match a run whose step was a plain one to 2x
+    assert float(skipped._mean) < 2 * float(plain._mean)
+    assert float(skipped._var) < 4 * float(plain._var) + 1e-12
+
+
+def test_forget_last_restores_zclip_and_autoclip_state_exactly() -> None:
+    model = nn.Linear(4, 2)
+    for clipper in (gg.clip.ZClip(warmup_steps=3), gg.clip.AutoClip(history=8)):
+        for step in range(6):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 1.0 + 0.1 * step)
+            before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in clipper.state_dict().items()}
+            clipper.coefficient(gg.grad_stats(model))
+            clipper.forget_last(torch.tensor(True))
+            after = clipper.state_dict()
+            for key, value in before.items():
+                if isinstance(value, torch.Tensor) and isinstance(after[key], torch.Tensor):
+                    assert torch.equal(value.nan_to_num(-1.0), after[key].nan_to_num(-1.0)), (clipper, step, key)
+            clipper.coefficient(gg.grad_stats(model))  # then learn it for real
+            clipper.forget_last(torch.tensor(False))

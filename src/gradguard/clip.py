@@ -156,6 +156,13 @@ class ScaleClipper(Clipper):
         scale_grads_(stats.grads, coef)
         return ClipResult(stats.total_norm, coef, coef < 1.0)
 
+    def forget_last(self, skipped: Tensor) -> None:
+        """Undo what the last :meth:`coefficient` call learned where ``skipped`` (0-d bool device tensor) is True:
+        the Guard calls it after deciding, so that a step it skipped (a loss spike: the weights were bad; a
+        non-finite gradient) does not teach the strategy the norms of bad weights. No host read. The default
+        learns nothing to undo."""
+        del skipped
+
 
 class GlobalNorm(ScaleClipper):
     """Scale all gradients so that their total norm is at most ``max_norm`` (Pascanu et al. 2013).
@@ -312,6 +319,14 @@ class AutoClip(ScaleClipper):
         self.history = history
         self._norms: Tensor | None = None  # NaN marks an empty slot; nanquantile skips them
         self._count = 0
+        self._last_slot: int | None = None  # forget_last's undo
+
+    def forget_last(self, skipped: Tensor) -> None:
+        """A skipped step's norm leaves the history (its slot NaN, as an empty one; no host read)."""
+        if self._last_slot is None or self._norms is None:
+            return
+        i, self._last_slot = self._last_slot, None
+        self._norms[i] = torch.where(skipped.to(self._norms.device), math.nan, self._norms[i])
 
     def coefficient(self, stats: GradStats) -> Tensor:
         norm = stats.total_norm
@@ -320,6 +335,7 @@ class AutoClip(ScaleClipper):
         elif self._norms.dtype != norm.dtype:  # float64 gradients appeared: keep their range
             self._norms = self._norms.to(torch.promote_types(self._norms.dtype, norm.dtype))
         self._norms[self._count % self.history] = torch.where(stats.finite, norm, math.nan)
+        self._last_slot = self._count % self.history
         self._count += 1
         threshold = torch.nanquantile(self._norms, self.percentile / 100.0)
         coef = _norm_clip_coef(norm, threshold)
@@ -394,6 +410,7 @@ class ZClip(ScaleClipper):
         self._warmup: Tensor | None = None
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
+        self._before: tuple[int, Tensor | None, Tensor | None] | None = None  # forget_last's undo
 
     @staticmethod
     def _state_dtype(device: torch.device) -> torch.dtype:
@@ -409,6 +426,9 @@ class ZClip(ScaleClipper):
         device = stats.total_norm.device
         dtype = self._state_dtype(device)
         norm = stats.total_norm.to(dtype)
+        self._before = (self._step, self._mean, self._var)
+        if self._step == self.warmup_steps:
+            self._warmup = None  # kept one step longer: forget_last may clear the warm-up's last norm
         if self._step < self.warmup_steps:
             coef = self._warmup_step(norm, stats.finite)
         else:
@@ -422,12 +442,38 @@ class ZClip(ScaleClipper):
             self._warmup = torch.full((self.warmup_steps,), math.nan, dtype=norm.dtype, device=norm.device)
         self._warmup[self._step] = torch.where(finite, norm, math.nan)
         if self._step + 1 == self.warmup_steps:
-            self._mean = torch.nanmean(self._warmup)
-            self._var = torch.nanmean((self._warmup - self._mean) ** 2)
-            self._warmup = None
+            self._end_warmup()
         if self.max_grad_norm is None:
             return torch.ones_like(norm)
         return _norm_clip_coef(norm, self.max_grad_norm)  # the package calls clip_grad_norm_ here
+
+    def _end_warmup(self) -> None:
+        """The moments start as the mean and variance of the finite warm-up norms (NaN: none)."""
+        assert self._warmup is not None
+        self._mean = torch.nanmean(self._warmup)
+        self._var = torch.nanmean((self._warmup - self._mean) ** 2)
+
+    def forget_last(self, skipped: Tensor) -> None:
+        """A skipped step's norm leaves no trace: its warm-up slot is cleared (NaN), or the moments go back to
+        what they were before it (``torch.where``, no host read). Found on the soak: an LR burst's skipped
+        steps at the end of the warm-up (norms 300x the run's) set ``mu`` to 13 and ``sigma`` to 57, and
+        Guard + ZClip ended 1e4x above the clean loss where the Guard alone ended at 1.0x."""
+        if self._before is None:
+            return
+        step, mean, var = self._before
+        self._before = None
+        if step < self.warmup_steps:
+            assert self._warmup is not None or self._mean is not None
+            warmup = self._warmup
+            if warmup is not None:
+                warmup[step] = torch.where(skipped.to(warmup.device), math.nan, warmup[step])
+                if step + 1 == self.warmup_steps:
+                    self._end_warmup()
+            return
+        assert mean is not None and var is not None and self._mean is not None and self._var is not None
+        keep = skipped.to(mean.device)
+        self._mean = torch.where(keep, mean, self._mean)
+        self._var = torch.where(keep, var, self._var)
 
     def _adaptive_step(self, norm: Tensor, finite: Tensor) -> Tensor:
         mean, var = self._mean, self._var

@@ -397,6 +397,9 @@ class Guard:
         # 2. detect and decide: one pure function of device tensors (device_step.py; compiled with compile=True)
         # (distributed: every input is global already, so every rank takes the same decision; dist.py)
         out = self._device_step(stats, loss, weights, clip_coef)
+        if clip_coef is not None:  # a skipped step teaches the clip strategy nothing (ScaleClipper.forget_last)
+            assert isinstance(self.clip, ScaleClipper)
+            self.clip.forget_last(out.skip)
         verdict = out.detector.verdict
         decision = Decision(skip=out.skip, coef=out.coef, ceiling=out.ceiling, flags=verdict.flags,
                             responses=self.responses)
