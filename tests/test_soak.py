@@ -47,3 +47,34 @@ def test_without_the_guard_the_faults_leave_nan_weights(soak) -> None:
     rows, _ = soak.soak(4, steps=120, workers=1, configs=("no Guard", "clip_grad_norm_"))
     assert rows["no Guard"]["silent_nan"] >= 3
     assert rows["clip_grad_norm_"]["silent_nan"] >= 3
+
+
+def test_every_family_is_seeded_and_holds_its_faults(soak) -> None:
+    expected = {"zero_grad": {"zero_grad", "grad_x1000"}, "warmup_outlier": {"scaled_batch"},
+                "periodic_nan": {"nan_grad"}, "scaler_overflow": {"overflow"}, "idle_state": {"idle_state"},
+                "failing_sink": {"delete_log"}, "add_param_group": {"add_param_group"}, "resume": {"resume"}}
+    for family in soak.FAMILIES:
+        schedule = soak.make_family_schedule(family, 3, 300, 6)
+        again = soak.make_family_schedule(family, 3, 300, 6)
+        assert [f.__dict__ for f in schedule.faults] == [f.__dict__ for f in again.faults]
+        kinds = {f.kind for f in schedule.faults}
+        assert expected.get(family, set()) <= kinds, (family, kinds)
+        assert all(f.step < schedule.steps for f in schedule.faults)
+    assert soak.make_family_schedule("periodic_nan", 0, 300, 6).steps >= 1000
+    warmup = soak.make_family_schedule("warmup_outlier", 5, 300, 6)
+    assert all(f.step < 25 for f in warmup.faults)
+
+
+def test_the_families_small_version_meets_its_targets(soak, capsys) -> None:
+    """A small families run (AdamW, 150 steps): the Guard's configurations end finite, without an exception,
+    and a run resumed from a checkpoint ends bitwise equal to the uninterrupted one."""
+    rows, results = soak.soak_families(("zero_grad", "resume"), ("AdamW",), 1, steps=150, workers=1)
+    for (optimizer, family, config), row in rows.items():
+        if config in soak.GUARD_CONFIGS:
+            assert row["nonfinite_end"] == 0 and row["errors"] == 0, (optimizer, family, config, row)
+            if family == "resume":
+                assert row["resumed_equal"] == "1/1", (config, row)
+    assert rows[("AdamW", "zero_grad", "no Guard")]["runs"] == 1  # the unguarded baselines run too
+    soak.print_families(rows, results, "test", 0.0, 1)
+    out = capsys.readouterr().out
+    assert "| AdamW | resume | Guard (defaults) |" in out and "OLMo-core SkipStepAdamW" in out
