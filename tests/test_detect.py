@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.detect import STEP_KINDS, Detector, MovingZScore, nonfinite_layer
+from gradguard.detect import DETECTOR_KINDS, Detector, MovingZScore, nonfinite_layer
 
 
 def _model() -> nn.Module:
@@ -25,7 +25,7 @@ def _stats_with(model: nn.Module, scales: tuple[float, float], noise: torch.Gene
 
 
 def _flags(verdict) -> dict[str, bool]:
-    return {kind: bool(verdict.flags[i]) for i, kind in enumerate(STEP_KINDS)}
+    return {kind: bool(verdict.flags[i]) for i, kind in enumerate(DETECTOR_KINDS)}
 
 
 def test_moving_zscore_starts_from_warmup_moments_then_follows_the_ema():

@@ -11,6 +11,7 @@ from gradguard import (
     qk_norm,
     regularize,
     sinks,
+    update_size,
 )
 from gradguard.clip import ClipResult
 from gradguard.explain import DoctorReport, doctor, locate_nonfinite, suggest_clip_threshold
@@ -43,5 +44,6 @@ __all__ = [
     "regularize",
     "sinks",
     "suggest_clip_threshold",
+    "update_size",
 ]
 __version__ = "0.1.0"

@@ -46,6 +46,8 @@ ALLOWED_ACTIONS: dict[str, tuple[str, ...]] = {
     "loss_spike": ("log", "clip", "skip", "rollback", "raise"),
     "growth": ("log", "clip", "skip", "rollback", "raise"),
     "precursor": ("log", "skip", "rollback", "raise"),
+    "update_jump": ("log", "skip", "rollback", "raise"),
+    "update_size": ("log", "skip", "rollback", "raise"),
     "nonfinite_param": ("rollback", "raise"),
 }
 #: The response to each kind when none is given.
@@ -56,6 +58,8 @@ DEFAULT_RESPONSES: dict[str, str] = {
     "loss_spike": "skip",
     "growth": "clip",
     "precursor": "log",
+    "update_jump": "skip",
+    "update_size": "log",
     "nonfinite_param": "rollback",
 }
 _NORM_EPS = 1e-6  # as clip_grad_norm_

@@ -19,6 +19,11 @@ Kinds of event (``EVENT_KINDS``):
   (when the caller passes it, as the Guard does), or the smoothed log of the total norm climbed ``ratio``
   times above its slowly rising floor (:class:`gradguard.precursor.Precursor`): an early warning, tens of
   steps before a run at a too-high learning rate diverges. Raised once per climb.
+* ``update_jump`` and ``update_size`` (``UPDATE_KINDS``): the optimizer's step relative to the weights,
+  ``||dW|| / ||W||`` (:mod:`gradguard.update_size`): a step about to be taken ``jump`` times its usual size (an LR
+  burst, caught at its first step), and a layer's measured update size climbing (an early warning). The Guard
+  judges them in its step, after the detector (they need the learning rate and the weights); the state is kept
+  by the detector (``Detector.update_size``).
 * ``nonfinite_param``: a parameter holds NaN or Inf after a step. It needs a pass over the weights, so the
   Guard checks it when it flushes its history (:func:`nonfinite_layer`), not every step.
 
@@ -54,9 +59,14 @@ from torch import Tensor
 
 from gradguard.precursor import Precursor, PrecursorStep, PrecursorTensors, precursor_step
 from gradguard.stats import GradStats, is_finite, per_tensor_norms
+from gradguard.update_size import UpdateSize
 
-#: Events one guarded step can raise, in the order of :attr:`Verdict.flags`.
-STEP_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "growth", "precursor")
+#: Events the detector raises from a step's gradients and loss, in the order of :attr:`Verdict.flags`.
+DETECTOR_KINDS = ("nonfinite_grad", "nonfinite_loss", "grad_spike", "loss_spike", "growth", "precursor")
+#: Events of the update size (``gradguard.update_size``), judged in the same step, after the detector's.
+UPDATE_KINDS = ("update_jump", "update_size")
+#: Events one guarded step can raise, in the order of the step's flags.
+STEP_KINDS = (*DETECTOR_KINDS, *UPDATE_KINDS)
 #: All kinds of event, the parameter check (at flush time) included.
 EVENT_KINDS = (*STEP_KINDS, "nonfinite_param")
 #: Finite values a warm-up score needs (a spike at the fourth step of a run is scored).
@@ -78,7 +88,8 @@ class Verdict(NamedTuple):
     """What the detector saw at one step; all device tensors.
 
     Attributes:
-        flags: bool tensor, one entry per kind of ``STEP_KINDS``.
+        flags: bool tensor, one entry per kind of ``DETECTOR_KINDS`` (the Guard's step appends those of
+            ``UPDATE_KINDS``: one per kind of ``STEP_KINDS``).
         grad_z: 0-d, z-score of the log total norm (robust during warm-up; NaN before the
             fourth finite norm, or while no finite norm was seen).
         loss_z: 0-d, z-score of the log loss (the same; 0 when no loss is given).
@@ -398,6 +409,9 @@ class Detector:
             (0.5: with ``z_thresh=4`` a spike is a value more than e^2 = 7.4 times the median so far; early
             training moves fast).
         precursor: the early-warning signal (default ``Precursor()``, see ``gradguard.precursor``).
+        update_size: the optimizer's step relative to the weights (default ``UpdateSize()``, see
+            ``gradguard.update_size``; None: off). The Guard runs it in its step, after the detector: it needs
+            the learning rate and the weights, which the detector does not see; its state is kept here.
 
     A gradient-norm spike teaches the moving average only its threshold value (the clipped value, as in
     ZClip), so one spike barely moves the baseline while a lasting change of scale is learned within some
@@ -418,6 +432,7 @@ class Detector:
         sigma_floor: float = 0.1,
         warmup_sigma_floor: float = 0.5,
         precursor: Precursor | None = None,
+        update_size: UpdateSize | None | str = "default",
     ):
         _check_detector_args(alpha, z_thresh, warmup_steps, growth_window, growth_factor, sigma_floor)
         if isinstance(warmup_sigma_floor, bool) or not isinstance(warmup_sigma_floor, (int, float)) or not (
@@ -434,6 +449,12 @@ class Detector:
         self.scores = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
         self.growth = GrowthWindow(growth_window, growth_factor)
         self.precursor = precursor if precursor is not None else Precursor()
+        if isinstance(update_size, str) and update_size == "default":
+            update_size = UpdateSize()
+        if update_size is not None and not isinstance(update_size, UpdateSize):
+            raise ValueError(f"Detector: update_size must be a gradguard.update_size.UpdateSize or None, "
+                             f"got {update_size!r}")
+        self.update_size: UpdateSize | None = update_size
         self._layer_names: list[str] | None = None
         self._constants: dict[tuple[torch.device, int], DetectorConstants] = {}
         self._configs: dict[tuple[Any, ...], DetectorStep] = {}
@@ -450,7 +471,7 @@ class Detector:
                 loss_slot=vector(False, True, False, dtype=torch.bool),
                 scored=vector(True, True, False, dtype=torch.bool),
                 no_loss=torch.full((1,), math.nan, device=device),
-                without_loss=torch.tensor([k not in ("nonfinite_loss", "loss_spike") for k in STEP_KINDS],
+                without_loss=torch.tensor([k not in ("nonfinite_loss", "loss_spike") for k in DETECTOR_KINDS],
                                           device=device),
                 zeros=torch.zeros(2 + layers, device=device),
                 inf=torch.full((2 + layers,), math.inf, device=device),
@@ -542,6 +563,7 @@ class Detector:
             "layer_names": None if self._layer_names is None else list(self._layer_names),
             "growth": self.growth.state_dict(),
             "precursor": self.precursor.state_dict(),
+            "update_size": None if self.update_size is None else self.update_size.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -550,6 +572,8 @@ class Detector:
         self.growth.load_state_dict(state["growth"])
         if "precursor" in state:  # a state saved before the precursor existed starts it afresh
             self.precursor.load_state_dict(state["precursor"])
+        if self.update_size is not None and state.get("update_size") is not None:
+            self.update_size.load_state_dict(state["update_size"])
 
 
 def nonfinite_layer(named_params: list[tuple[str, Tensor]]) -> Tensor:

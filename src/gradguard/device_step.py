@@ -4,11 +4,12 @@ Between the gradients' norms and the optimizer step, the Guard does nothing but 
 arithmetic on a few short vectors (``[||g||, loss, ||g_layer|| ...]``, the event flags, one history row)::
 
     out = device_step(stats.total_norm, stats.finite, stats.norms, loss, state, weight_norm, clip_coef,
-                      counts, constants, code_weights, responses, config)
+                      counts, update, constants, code_weights, responses, config)
     out.skip, out.coef        # the decision (gradguard.decide)
     out.codes[0]              # [skip, coef < 1, flag per kind] as one integer: the plain path's one host read
     out.row                   # the step's history row (gradguard.history.FIELDS)
     out.detector.state        # the detector's new state (Detector.commit keeps it)
+    out.update_state          # the update size's new state (UpdateSize.keep keeps it)
 
 Run eagerly, that is about 80 small kernels per step (``benchmarks/bench_guard.py --ops`` lists them):
 each costs a few microseconds on a CPU and a kernel launch on a GPU, whatever the model's size. With
@@ -43,8 +44,15 @@ from gradguard.detect import (
     pack,
 )
 from gradguard.history import history_row
+from gradguard.update_size import (
+    UpdateMeasurement,
+    UpdateSizeStep,
+    UpdateSizeTensors,
+    UpdateSizeVerdict,
+    update_size_step,
+)
 
-__all__ = ["DeviceStep", "StepConfig", "StepOutput", "device_step"]
+__all__ = ["DeviceStep", "StepConfig", "StepOutput", "UpdateInputs", "device_step"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,15 @@ class StepConfig:
     ceiling: float  # GlobalNorm's max_norm (inf: none)
     record: bool  # build the history row here (False: a per-layer clip strategy changes it after the step)
     fused: bool  # the optimizer takes grad_scale: compute 1 / coef
+    update: UpdateSizeStep | None = None  # the update size's step (None: no update-size signal)
+
+
+class UpdateInputs(NamedTuple):
+    """What the update-size signal reads at one step (``gradguard.update_size``), device tensors."""
+
+    state: UpdateSizeTensors
+    log_lr: Tensor  # 0-d: log of the learning rate of the step about to be taken
+    measurement: UpdateMeasurement | None  # the last sampled step's update, or None
 
 
 class StepOutput(NamedTuple):
@@ -69,13 +86,16 @@ class StepOutput(NamedTuple):
     codes: Tensor  # [all bits as one integer, the flags' bits as one integer], exact in float32
     stepped: Tensor  # 0-d bool: not skip (what Guard.step returns)
     row: Tensor | None  # the history row
+    update: UpdateSizeVerdict | None  # the update size's verdict (None: no update-size signal)
+    update_state: UpdateSizeTensors | None  # its new state
     counts: Tensor | None  # [skipped, clipped] so far, this step included
     grad_scale: Tensor | None  # 1 / coef, float32, for a fused optimizer
 
 
 def device_step(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor | None, state: DetectorTensors,
-                weight_norm: Tensor | None, clip_coef: Tensor | None, counts: Tensor | None, c: DetectorConstants,
-                code_weights: Tensor, responses: Responses, config: StepConfig) -> StepOutput:
+                weight_norm: Tensor | None, clip_coef: Tensor | None, counts: Tensor | None,
+                update: UpdateInputs | None, c: DetectorConstants, code_weights: Tensor, responses: Responses,
+                config: StepConfig) -> StepOutput:
     """One guarded step's device arithmetic (the module docstring): :func:`gradguard.detect.detector_step`,
     :func:`gradguard.decide.decide`, :func:`gradguard.history.history_row`. Pure: no host read, inputs
     unchanged.
@@ -90,6 +110,7 @@ def device_step(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor 
         weight_norm: the weights' norm on the steps the precursor samples it, else None.
         clip_coef: a scale clip strategy's coefficient (AutoClip, ZClip), or None.
         counts: ``[skipped, clipped]`` before this step (None: none yet).
+        update: the update-size signal's inputs (None: off): its flags follow the detector's.
         c: the detector's constants.
         code_weights: the ``(2, 2 + len(STEP_KINDS))`` weights of the codes.
         responses: the action per kind of event.
@@ -97,19 +118,28 @@ def device_step(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor 
     """
     u = pack(total_norm, loss, norms, c)
     detected = detector_step(u, state, weight_norm, c, config.detector)
-    decision = decide(total_norm, finite, detected.verdict, clip_coef, responses, config.ceiling)
+    verdict, update_verdict, update_state = detected.verdict, None, None
+    if update is not None and config.update is not None:
+        update_state, update_verdict = update_size_step(update.state, update.log_lr, update.measurement,
+                                                        config.update)
+        update_flags = torch.stack([update_verdict.jump, update_verdict.raised])
+    else:
+        update_flags = c.zeros[:2].bool()  # (the constants' zeros have at least the two packed slots)
+    verdict = verdict._replace(flags=torch.cat([verdict.flags, update_flags]))
+    detected = detected._replace(verdict=verdict)
+    decision = decide(total_norm, finite, verdict, clip_coef, responses, config.ceiling)
     flags = torch.cat([decision.skip.reshape(1), (decision.coef < 1.0).reshape(1), decision.flags])
     bits = flags.float()
     codes = code_weights @ bits
     row = new_counts = None
     if config.record:
         row, step_counts = history_row(u[LOSS], detected.verdict, total_norm, decision.coef, decision.ceiling,
-                                       decision.skip, flags, bits, codes, None)
+                                       decision.skip, flags, bits, codes, None, update_verdict)
         new_counts = step_counts if counts is None else counts + step_counts
     grad_scale = decision.coef.float().reciprocal() if config.fused else None
     return StepOutput(detector=detected, skip=decision.skip, coef=decision.coef, ceiling=decision.ceiling,
                       flags=flags, bits=bits, codes=codes, stepped=decision.skip.logical_not(), row=row,
-                      counts=new_counts, grad_scale=grad_scale)
+                      counts=new_counts, grad_scale=grad_scale, update=update_verdict, update_state=update_state)
 
 
 class DeviceStep:
@@ -159,12 +189,14 @@ class DeviceStep:
 
 
 def _kind_of_call(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor | None, state: DetectorTensors,
-                  weight_norm: Tensor | None, clip_coef: Tensor | None, counts: Tensor | None, *rest: Any) -> tuple:
+                  weight_norm: Tensor | None, clip_coef: Tensor | None, counts: Tensor | None,
+                  update: UpdateInputs | None, *rest: Any) -> tuple:
     """What tells two calls of :func:`device_step` (same arguments) apart for ``torch.compile``: the step's
     configuration, the norms' dtype, device and number, which optional inputs are given."""
     config = rest[-1]
+    update_layers = None if update is None else update.state.layer_smoothed.shape
     return (config, total_norm.dtype, total_norm.device, norms.shape,
-            loss is None, weight_norm is None, clip_coef is None, counts is None)
+            loss is None, weight_norm is None, clip_coef is None, counts is None, update_layers)
 
 
 def code_weights(n_kinds: int, device: torch.device) -> Tensor:

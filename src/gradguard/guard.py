@@ -85,7 +85,7 @@ from gradguard import dist as gg_dist
 from gradguard.clip import Clipper, ClipResult, GlobalNorm, ScaleClipper, default_clip, scale_grads_
 from gradguard.decide import ACTIONS, ALLOWED_ACTIONS, Decision, Responses
 from gradguard.detect import STEP_KINDS, Detector, DetectorStep, kinds_of, nonfinite_layer
-from gradguard.device_step import DeviceStep, StepConfig, StepOutput, code_weights
+from gradguard.device_step import DeviceStep, StepConfig, StepOutput, UpdateInputs, code_weights
 from gradguard.forensics import ANALYSED_KINDS, BadSample, Forensics, ForensicsRecord
 from gradguard.forensics.watch import DataWatch
 from gradguard.history import History, StepRecord, history_row, to_record
@@ -102,6 +102,7 @@ from gradguard.recover import (
 )
 from gradguard.sinks import Sink
 from gradguard.stats import GradStats, named_grad_stats
+from gradguard.update_size import UpdateSizeStep, log_lr
 
 __all__ = ["ACTIONS", "ALLOWED_ACTIONS", "Guard", "RecoveryPolicy", "TrainingDiverged"]
 
@@ -314,7 +315,11 @@ class Guard:
         self._ceiling = clip.max_norm if isinstance(clip, GlobalNorm) else math.inf
         self._bit_weights: dict[torch.device, Tensor] = {}
         self._step_fn = DeviceStep(compile)
-        self._step_configs: dict[DetectorStep, StepConfig] = {}
+        self._step_configs: dict[tuple[DetectorStep, UpdateSizeStep | None], StepConfig] = {}
+        # the update size (gradguard.update_size): off under FSDP2, whose sharded weights it does not copy
+        self._update_size = None if self._has_dtensor else self.detector.update_size
+        self._update_config: UpdateSizeStep | None = None
+        self._layer_indexes: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
         self.history_buffer = History(capacity=self.log_every, layer_every=self.layer_every)
         self._history: deque[StepRecord] = deque(maxlen=self.MAX_HISTORY)
@@ -386,6 +391,8 @@ class Guard:
         if self.recovery.loss_level_due:  # the weights were replaced since the last step
             self.detector.set_loss_level(self.recovery.snapshot.loss)  # the restored weights' loss
             self.recovery.loss_level_due = False
+            if self._update_size is not None:
+                self._update_size.drop_copy()  # a copy of weights that are gone measures no update
         self.recovery.start(self.step_count, before_flush=(self.step_count + 1) % self.log_every == 0)
 
         # 1. measure
@@ -394,9 +401,11 @@ class Guard:
         # GlobalNorm's coefficient is decide's static ceiling (the same kernels); other scale strategies' own
         clip_coef = self.clip.coefficient(stats) if isinstance(self.clip, ScaleClipper) and not isinstance(
             self.clip, GlobalNorm) else None
+        # the update size: the last sampled step's update, measured now, before this step's (update_size.py)
+        update = self._update_inputs(stats)
         # 2. detect and decide: one pure function of device tensors (device_step.py; compiled with compile=True)
         # (distributed: every input is global already, so every rank takes the same decision; dist.py)
-        out = self._device_step(stats, loss, weights, clip_coef)
+        out = self._device_step(stats, loss, weights, clip_coef, update)
         if clip_coef is not None:  # a skipped step teaches the clip strategy nothing (ScaleClipper.forget_last)
             assert isinstance(self.clip, ScaleClipper)
             self.clip.forget_last(out.skip)
@@ -408,13 +417,18 @@ class Guard:
         if self.forensics is not None:
             code = int(out.codes[0])
             self._explain(stats, loss, kinds_of(code >> 2))
-        # 3. apply
+        # 3. apply (on a sampled step, the weights are copied first: the update is measured at the next step)
+        if update is not None and self._update_size is not None and self._update_size.samples_now:
+            self._update_size.copy_before_step(stats.params, self._layer_index(stats), len(stats.names),
+                                               update.log_lr)
         if self.fused:
             kinds, in_place = None, self._apply_fused(decision, stats, out)
         else:
             kinds, in_place = self._apply_eager(decision, stats, out.codes, code)
         if self.scaler is not None:
             self.scaler.update()
+        if self._update_size is not None:
+            self._update_size.stepped(out.stepped)
         # 4. record; the host side of the step (plain optimizers: now; fused: at the flush)
         self._record(stats, loss, out, in_place)
         if kinds is not None:
@@ -509,22 +523,48 @@ class Guard:
             stats, loss = gg_dist.all_reduce_stats(stats, loss, self.process_group, sharded)
         return stats, loss
 
+    def _update_inputs(self, stats: GradStats) -> UpdateInputs | None:
+        """The update size's inputs for this step: its state, the learning rate about to be used, the last sampled
+        step's update (measured now, from the transient copy); None when the signal is off."""
+        sizes = self._update_size
+        if sizes is None or not stats.names:
+            return None
+        measurement = sizes.measure()
+        device = stats.total_norm.device
+        state, config = sizes.begin(len(stats.names), device, measurement is not None)
+        self._update_config = config
+        return UpdateInputs(state=state, log_lr=log_lr(self.optimizer.param_groups[0]["lr"], device),
+                            measurement=measurement)
+
+    def _layer_index(self, stats: GradStats) -> Tensor:
+        """The layer of each parameter of ``stats``, as a device tensor (made once per layout)."""
+        key = (tuple(stats.group_index), stats.total_norm.device)
+        if key not in self._layer_indexes:
+            self._layer_indexes = {key: torch.tensor(stats.group_index, dtype=torch.int64,
+                                                     device=stats.total_norm.device)}
+        return self._layer_indexes[key]
+
     def _device_step(self, stats: GradStats, loss: Tensor | None, weights: Tensor | None,
-                     clip_coef: Tensor | None) -> StepOutput:
-        """Detect, decide and build the history row (``gradguard.device_step``), then keep the detector's state."""
+                     clip_coef: Tensor | None, update: UpdateInputs | None) -> StepOutput:
+        """Detect, decide and build the history row (``gradguard.device_step``), then keep the detector's state
+        (and the update size's)."""
         state, constants, detector_config = self.detector.begin(stats, loss is not None, weights is not None)
-        config = self._step_configs.get(detector_config)
+        update_config = self._update_config if update is not None else None
+        config = self._step_configs.get((detector_config, update_config))
         if config is None:  # one object per kind of step: a compiled step sees the same one
             config = StepConfig(detector=detector_config, ceiling=self._ceiling,
-                                record=self.clip is None or isinstance(self.clip, ScaleClipper), fused=self.fused)
-            self._step_configs[detector_config] = config
+                                record=self.clip is None or isinstance(self.clip, ScaleClipper), fused=self.fused,
+                                update=update_config)
+            self._step_configs[(detector_config, update_config)] = config
         steady = detector_config.ema and detector_config.growth_full and detector_config.precursor.warm and not (
             detector_config.precursor.first_update)
         device = stats.total_norm.device
         out = self._step_fn(stats.total_norm, stats.finite, stats.norms, loss, state, weights, clip_coef,
-                            self._counts, constants, self._code_weights(device), self.responses, config,
+                            self._counts, update, constants, self._code_weights(device), self.responses, config,
                             steady=steady)
         self.detector.commit(out.detector, detector_config)
+        if self._update_size is not None and update_config is not None and out.update_state is not None:
+            self._update_size.keep(out.update_state, update_config)
         return out
 
     def _call_optimizer_step(self) -> None:
@@ -622,7 +662,8 @@ class Guard:
             device = stats.total_norm.device
             recorded_loss = self.responses.constant(math.nan, torch.float32, device) if loss is None else loss
             row, step_counts = history_row(recorded_loss, out.detector.verdict, stats.total_norm, out.coef,
-                                           out.ceiling, out.skip, out.flags, out.bits, out.codes, in_place)
+                                           out.ceiling, out.skip, out.flags, out.bits, out.codes, in_place,
+                                           out.update)
             counts = step_counts if self._counts is None else self._counts + step_counts
         assert counts is not None
         self._counts = counts

@@ -27,7 +27,9 @@ Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own a
 ``"lr_recover"`` and ``"rollback"``, and ``"data_outlier"`` (``gradguard.forensics.DataWatch``: samples,
 scores, losses; action ``"log"``). Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
-factor); ``precursor``: total_norm (``gradguard.precursor``); ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
+factor); ``precursor``: total_norm (``gradguard.precursor``); ``update_jump``: ratio (the step's predicted
+``||dW|| / ||W||``), usual, advice (``gradguard.update_size``); ``update_size``: ratio (the layer's smoothed
+update size), advice; ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
 lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. With ``gg.Forensics``, the events
 of kinds ``nonfinite_grad``, ``nonfinite_loss``, ``grad_spike`` and ``loss_spike`` also hold ``forensics``:
 ``{"layer", "samples", "scores", "reproducible", "origin", "bundle", ...}`` (``gradguard.forensics``). ``action`` is what was done about
@@ -48,6 +50,7 @@ from torch import Tensor
 
 from gradguard.decide import Responses
 from gradguard.detect import Verdict, kinds_of
+from gradguard.update_size import UpdateSizeVerdict
 
 
 class _EventKeys(TypedDict):
@@ -74,6 +77,9 @@ class Event(_EventKeys, total=False):
     samples: list[Any]  # data_outlier: the flagged samples' ids (gradguard.forensics.DataWatch)
     scores: list[float]  # data_outlier: their robust z within the batch (< 0: suspiciously low loss)
     losses: list[float]  # data_outlier: their losses
+    ratio: float
+    usual: float
+    advice: str
 
 
 class _StepKeys(TypedDict):
@@ -109,6 +115,10 @@ FIELDS = (
     "spike_threshold",
     "growth_rate",
     "layer",
+    "update_ratio",  # the predicted ||dW|| / ||W|| of the step (gradguard.update_size; NaN: none)
+    "update_usual",  # its usual size
+    "update_layer",  # the layer whose measured update size is furthest past its thresholds
+    "update_layer_ratio",  # that layer's smoothed update size
 )
 COLUMN = {name: i for i, name in enumerate(FIELDS)}
 
@@ -118,14 +128,16 @@ def _float_or_none(x: float) -> float | None:
 
 
 def history_row(loss: Tensor, verdict: Verdict, total_norm: Tensor, coef: Tensor, ceiling: Tensor, skip: Tensor,
-                flags: Tensor, bits: Tensor, codes: Tensor, in_place: Tensor | None) -> tuple[Tensor, Tensor]:
+                flags: Tensor, bits: Tensor, codes: Tensor, in_place: Tensor | None,
+                update: UpdateSizeVerdict | None = None) -> tuple[Tensor, Tensor]:
     """One step's row of ``FIELDS`` (one ``stack``) and its ``[skipped, clipped]`` as floats, from the step's
     device tensors; a pure function. The row is float32, or float64 when the norms are (a float64 gradient
     of 1e100 has a finite norm, recorded as such).
 
     ``loss`` is the step's loss (NaN when none was given); ``flags`` are ``[skip, coef < 1, flag per kind]``,
     ``bits`` the same as floats and ``codes`` their two codes (the flags' own code second); ``in_place`` is the
-    coefficient of a per-layer / per-element clip strategy that clipped the gradients itself, or None."""
+    coefficient of a per-layer / per-element clip strategy that clipped the gradients itself, or None;
+    ``update`` the update size's verdict, or None (its columns are then NaN)."""
     dtype = torch.float64 if total_norm.dtype == torch.float64 else torch.float32
     total = total_norm.to(dtype)
     skipped, clipped, was_clipped = bits[0], bits[1], flags[1]  # coef < 1 only on a real step
@@ -150,6 +162,12 @@ def history_row(loss: Tensor, verdict: Verdict, total_norm: Tensor, coef: Tensor
         "growth_rate": verdict.growth_rate,
         "layer": verdict.layer,
     }
+    if update is None:
+        nan = torch.full((), math.nan, dtype=dtype, device=total.device)
+        values.update(update_ratio=nan, update_usual=nan, update_layer=nan, update_layer_ratio=nan)
+    else:
+        values.update(update_ratio=update.predicted, update_usual=update.usual, update_layer=update.layer,
+                      update_layer_ratio=update.layer_ratio)
     return torch.stack([values[name].to(dtype) for name in FIELDS]), counts
 
 
@@ -308,6 +326,20 @@ def to_record(row: dict[str, Any], responses: Responses) -> StepRecord:
             event["z"] = row["loss_z"]
         if kind == "growth":
             event["rate"] = row["growth_rate"]
+        if kind == "update_jump":
+            event["layer"] = None  # the whole step: its learning rate
+            event["ratio"], event["usual"] = row["update_ratio"], row["update_usual"]
+            event["advice"] = (f"this step would move the weights {row['update_ratio']:.3g} of their norm, "
+                               f"{row['update_ratio'] / row['update_usual']:.3g} times the usual "
+                               f"{row['update_usual']:.3g}: the learning rate jumped (a burst, a schedule's "
+                               "restart); the step is not taken while it lasts")
+        if kind == "update_size":
+            update_layer = int(row["update_layer"]) if math.isfinite(row["update_layer"]) else -1
+            event["layer"] = names[update_layer] if 0 <= update_layer < len(names) else None
+            event["ratio"] = row["update_layer_ratio"]
+            event["advice"] = (f"each step moves {event['layer']} by {row['update_layer_ratio']:.3g} of its norm, "
+                               "far above its usual: the learning rate is too large for these weights; lower it "
+                               "(or warm up longer) before the run diverges")
         events.append(event)
     clipped = bool(row["clipped"])
     record: StepRecord = {
