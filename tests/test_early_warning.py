@@ -1,0 +1,39 @@
+"""The early warning on two of ``benchmarks/early_warning.py``'s families, at the library's defaults: a healthy MLP
+(SGD with momentum, constant LR) raises nothing, and the same MLP with its LR raised slowly is warned by the update
+size at least 20 steps (and 10% of the way) before it diverges (``python benchmarks/early_warning.py`` is the full
+table)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "early_warning.py"
+
+
+@pytest.fixture(scope="module")
+def early_warning():
+    spec = importlib.util.spec_from_file_location("early_warning", PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["early_warning"] = module  # the dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["early_warning"]
+
+
+def test_a_healthy_family_raises_nothing_and_a_late_diverging_one_is_warned_in_time(early_warning):
+    healthy, diverging = early_warning.families(quick=True)
+    assert healthy.healthy and not diverging.healthy
+    calm, _ = early_warning.run(healthy, 2)
+    assert calm.diverged is None
+    for signal in early_warning.GRIDS:  # each signal at the library's default
+        assert early_warning.first_warning(calm, signal, early_warning.GRIDS[signal][0]) is None, signal
+    ramp, _ = early_warning.run(diverging, 2)
+    assert ramp.diverged is not None and ramp.diverged > 100
+    warned = early_warning.first_warning(ramp, "update size", early_warning.GRIDS["update size"][0])
+    lead = early_warning.in_time(ramp, warned)
+    assert lead is not None and lead >= 20, (warned, ramp.diverged)
