@@ -57,6 +57,8 @@ equal; loss ratio p90 <= 1.1 for the defaults and max <= 2 for every Guard confi
 
     python benchmarks/soak.py --schedules 500 [--steps 300] [--workers 2]
     python benchmarks/soak.py --families all --optimizers all --schedules 20    # the families x configurations table
+    python benchmarks/soak.py --family lr_burst --optimizer AdamW --configs "Guard (defaults)" \
+        "Guard (update size off)" "no Guard"     # the LR bursts alone, with and without gradguard.update_size
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ from torch import nn
 import gradguard as gg
 
 CONFIGS = ("Guard (defaults)", "Guard + ZClip", "no Guard", "clip_grad_norm_")
+#: the Guard's defaults without ``gradguard.update_size`` (which skips an LR burst from its first step): by --configs
+NO_UPDATE_SIZE = "Guard (update size off)"
 GUARD_CONFIGS = ("Guard (defaults)", "Guard + ZClip")
 OLMO = "OLMo-core SkipStepAdamW + clip 1.0"
 SINGLE_FAULTS = ("nan_grad", "inf_grad", "nan_loss", "scaled_batch", "lr_burst", "nan_weight")
@@ -128,8 +132,9 @@ def _fault(rng: random.Random, step: int, kind: str, n_params: int) -> Fault:
                  power=rng.randint(2, 6), length=rng.randint(5, 20))
 
 
-def make_schedule(seed: int, steps: int, n_params: int) -> Schedule:
-    """1 to 6 single faults at random steps, and in one schedule of four a dense window of 50 steps.
+def make_schedule(seed: int, steps: int, n_params: int, kinds: tuple[str, ...] = SINGLE_FAULTS) -> Schedule:
+    """1 to 6 single faults at random steps (of ``kinds``), and in one schedule of four a dense window of 50 steps
+    (only when ``kinds`` are all the single faults).
 
     Faults land in ``[2, steps - TAIL)``: the last ``TAIL`` steps are clean, so that the final loss says
     whether the run recovered, not whether a fault fell on its last step."""
@@ -137,8 +142,8 @@ def make_schedule(seed: int, steps: int, n_params: int) -> Schedule:
     schedule = Schedule(seed, steps)
     last = steps - TAIL
     for _ in range(rng.randint(1, 6)):
-        schedule.faults.append(_fault(rng, rng.randrange(2, last), rng.choice(SINGLE_FAULTS), n_params))
-    if rng.random() < 0.25:
+        schedule.faults.append(_fault(rng, rng.randrange(2, last), rng.choice(kinds), n_params))
+    if rng.random() < 0.25 and kinds == SINGLE_FAULTS:
         start = rng.randrange(2, last - DENSE_WINDOW + 1)
         for step in range(start, start + DENSE_WINDOW):
             schedule.faults.append(_fault(rng, step, rng.choice(SINGLE_FAULTS), n_params))
@@ -150,6 +155,8 @@ def make_family_schedule(family: str, seed: int, steps: int, n_params: int) -> S
     """A schedule of ``family`` (the module docstring), seeded; ``random`` is :func:`make_schedule`."""
     if family == "random":
         return make_schedule(seed, steps, n_params)
+    if family == "lr_burst":  # the random schedules' LR bursts alone (--family lr_burst)
+        return make_schedule(seed, steps, n_params, ("lr_burst",))
     rng = random.Random(f"{family}:{seed}")
     last = steps - TAIL
     faults: list[Fault] = []
@@ -299,7 +306,7 @@ def _scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 def _make_guard(config: str, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule | None,
                 workdir: str, scaler: Any) -> gg.Guard | None:
-    if config not in GUARD_CONFIGS:
+    if config not in (*GUARD_CONFIGS, NO_UPDATE_SIZE):
         return None
     family = schedule.family if schedule else "random"
     sinks: list[Any] = []
@@ -307,7 +314,8 @@ def _make_guard(config: str, model: nn.Module, optimizer: torch.optim.Optimizer,
         sinks = [FlakySink(), gg.sinks.JSONL(os.path.join(workdir, "run.jsonl"))]
     recovery = gg.RecoveryPolicy(snapshot_dir=os.path.join(workdir, "snapshots")) if family == "disk_snapshot" else None
     clip: Any = gg.clip.ZClip() if config == "Guard + ZClip" else "default"
-    return gg.Guard(model, optimizer, clip=clip, sinks=sinks, recovery=recovery, scaler=scaler)
+    detector = gg.detect.Detector(update_size=None) if config == NO_UPDATE_SIZE else None
+    return gg.Guard(model, optimizer, clip=clip, sinks=sinks, recovery=recovery, scaler=scaler, detector=detector)
 
 
 class Run:
@@ -578,10 +586,12 @@ def table(results: list[tuple[Schedule, Outcome, list[Outcome]]], configs: tuple
 
 
 def soak(schedules: int, steps: int = 300, workers: int = 2, first_seed: int = 0,
-         configs: tuple[str, ...] = CONFIGS) -> tuple[dict[str, dict[str, Any]], list[Any]]:
-    """Run ``schedules`` schedules (seeds ``first_seed ...``) under ``configs``; returns the table and the
-    raw results ``(schedule, clean outcome, outcomes per config)``."""
-    tasks = [(first_seed + i, steps, configs) for i in range(schedules)]
+         configs: tuple[str, ...] = CONFIGS, family: str = "random",
+         optimizer: str = "SGD") -> tuple[dict[str, dict[str, Any]], list[Any]]:
+    """Run ``schedules`` schedules (seeds ``first_seed ...``) of ``family`` (``random`` or ``lr_burst``) under
+    ``configs`` with ``optimizer``; returns the table and the raw results ``(schedule, clean outcome, outcomes
+    per config)``."""
+    tasks = [(first_seed + i, steps, configs, family, optimizer) for i in range(schedules)]
     if workers <= 1:
         results = [run_schedule(task) for task in tasks]
     else:
@@ -707,6 +717,11 @@ def main() -> None:
     parser.add_argument("--worst", type=int, default=3, help="print the worst schedules of the Guard configs")
     parser.add_argument("--families", default=None,
                         help=f"comma-separated families, or 'all' ({', '.join(FAMILIES)}): the families table")
+    parser.add_argument("--family", choices=("random", "lr_burst"), default="random",
+                        help="without --families: the random schedules, or their LR bursts alone")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="SGD", help="without --families")
+    parser.add_argument("--configs", nargs="+", choices=(*CONFIGS, NO_UPDATE_SIZE), default=list(CONFIGS),
+                        help="without --families")
     parser.add_argument("--optimizers", default="SGD",
                         help=f"comma-separated optimizers for --families, or 'all' ({', '.join(OPTIMIZERS)})")
     args = parser.parse_args()
@@ -727,10 +742,12 @@ def main() -> None:
         parser.error(f"--schedules must be >= 1 and --steps >= {DENSE_WINDOW + TAIL + 3} "
                      f"(a dense window of {DENSE_WINDOW} steps and {TAIL} clean steps at the end)")
     start = time.perf_counter()
-    rows, results = soak(args.schedules, args.steps, args.workers, args.first_seed)
+    configs = tuple(args.configs)
+    rows, results = soak(args.schedules, args.steps, args.workers, args.first_seed, configs, args.family,
+                         args.optimizer)
     elapsed = time.perf_counter() - start
-    print(f"soak: {args.schedules} schedules x {len(CONFIGS)} configurations, {args.steps} steps each, "
-          f"{args.workers} workers, {elapsed:.0f} s")
+    print(f"soak: {args.schedules} schedules ({args.family}, {args.optimizer}) x {len(configs)} configurations, "
+          f"{args.steps} steps each, {args.workers} workers, {elapsed:.0f} s")
     header = (f"{'configuration':<18} {'non-finite end':>14} {'silent NaN':>10} {'errors':>6} {'diverged':>8} "
               f"{'loss/clean median':>17} {'p90':>7} {'max':>9}")
     print(header)
@@ -743,8 +760,8 @@ def main() -> None:
           + ", ".join(f"{config} {row['diverged_dense']}" for config, row in rows.items()))
     print(f"targets for the Guard: non-finite end {TARGETS['nonfinite_end']}, silent NaN {TARGETS['silent_nan']}, "
           f"errors {TARGETS['errors']}, p90 <= {TARGETS['p90']}")
-    for index, config in enumerate(CONFIGS):
-        if config not in GUARD_CONFIGS or args.worst <= 0:
+    for index, config in enumerate(configs):
+        if config not in (*GUARD_CONFIGS, NO_UPDATE_SIZE) or args.worst <= 0:
             continue
         counted = [r for r in results if not r[2][index].diverged]
         worst = sorted(counted, key=lambda r: ratio(r[1], r[2][index]), reverse=True)[: args.worst]
