@@ -13,6 +13,9 @@ def headline(scenario: str, row: dict[str, Any]) -> str:
     """The one number that answers each scenario's question for a variant."""
     if row["runs"] == 0:
         return f"{row['errors']} failed (see report)"
+    if scenario == "recurrence" and "solved" not in row:  # the healthy language model: no task to solve
+        clipped = f", clipped {row['clipped']} steps" if "clipped" in row else ""
+        return f"test loss {fmt(row.get('test_loss'))}{clipped}"
     if scenario == "recurrence":
         low, high = row["solved_interval"]
         return f"solved {row['solved']}/{row['runs']} (CI {100 * low:.0f}-{100 * high:.0f}%)"

@@ -114,10 +114,42 @@ def depth_findings(rows: list[Row], records: list[Record]) -> list[str]:
     return lines
 
 
+def language_model_findings(rows: list[Row], records: list[Record]) -> list[str]:
+    """The healthy recurrent language model: per model, the Guard's test loss against the same seeds' without
+    a remedy (the change per seed), and how many steps its clip touched."""
+    lines = []
+    for row in rows:
+        prefix, _, remedy = row["variant"].partition(" / ")
+        if remedy != GUARD_DEFAULTS:
+            continue
+        pairs = []
+        for record in records:
+            if record["config"]["variant"] != row["variant"]:
+                continue
+            twin = next((r for r in records if r["config"]["variant"] == f"{prefix} / no remedy"
+                         and r["config"]["seed"] == record["config"]["seed"]), None)
+            if twin is not None and record.get("test_loss") and twin.get("test_loss"):
+                pairs.append((twin["test_loss"], record["test_loss"], (record.get("remedy_summary") or {}).get("clipped")))
+        if not pairs:
+            continue
+        changes = [guarded / plain - 1 for plain, guarded, _ in pairs]
+        lines.append(
+            f"{prefix}, a healthy run: test loss without a remedy -> with {GUARD_DEFAULTS}, per seed: "
+            + ", ".join(f"{fmt(plain)} -> {fmt(guarded)}" for plain, guarded, _ in pairs)
+            + f" (change {', '.join(f'{100 * c:+.2f}%' for c in changes)}; clipped steps "
+            + ", ".join(str(clipped) for _, _, clipped in pairs)
+            + f" of {records[0]['config']['steps']}). Claim check (the default clip costs a healthy recurrent model at "
+            f"most 1% of test loss): {'holds' if max(changes) <= 0.01 else 'does not hold'} on these seeds."
+        )
+    return lines
+
+
 def recurrence_findings(rows: list[Row], records: list[Record]) -> list[str]:
     rows = [row for row in rows if row["runs"]]
     if not rows:
         return []
+    if records and records[0]["config"].get("task") == "language_model":
+        return language_model_findings(rows, records)
     lines = []
     baseline = next((row for row in rows if row["variant"] == "no remedy"), None)
     ranked = sorted(rows, key=lambda row: (-(row.get("solved") or 0), row["steps_to_target"] or math.inf))
@@ -456,7 +488,8 @@ def guard_defaults_findings(rows: list[Row], records: list[Record]) -> list[str]
     lines = [
         f"{GUARD_DEFAULTS} is gg.Guard(model, optimizer) with no option: the detector's responses (spikes clipped "
         "to its threshold, non-finite steps and loss spikes skipped, LR back-off and rollback when skips repeat) "
-        "and the clip of gg.clip.default_clip(model), AutoClip(percentile=5.0) for a model with recurrent layers, "
+        "and the clip of gg.clip.default_clip(model), ArmedAutoClip() (AutoClip at the 5th percentile from the first step "
+        "at which the gradient norm turns rough) for a model with recurrent layers, "
         "none otherwise"
         + (f"; here {'; '.join(configs)}." if configs else ".")
     ]

@@ -1,4 +1,5 @@
-"""The lab's models: a vanilla tanh RNN, an LSTM, a deep MLP and a small causal transformer.
+"""The lab's models: a vanilla tanh RNN, an LSTM, a character-level recurrent language model, a deep MLP and
+a small causal transformer.
 
 They are plain ``nn.Module`` s built from standard layers (``nn.RNN``, ``nn.LSTM``, ``nn.Linear``), so
 that the doctor and ``gg.init`` recognise them.
@@ -56,6 +57,26 @@ class LSTMModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         states, _ = self.lstm(x)
         return self.head(states[:, -1])
+
+
+class RecurrentLM(nn.Module):
+    """A character-level language model: embedding -> one ``nn.LSTM`` or ``nn.GRU`` layer -> linear
+    read-out of the next character at every position (logits ``(batch, time, vocab)``); torch's default
+    init, as a user's first recurrent language model would have."""
+
+    CELLS: dict[str, type[nn.LSTM] | type[nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(self, vocab_size: int, hidden_size: int, cell: str = "lstm", embedding_size: int = 32):
+        super().__init__()
+        if cell not in self.CELLS:
+            raise ValueError(f"RecurrentLM: cell must be one of {sorted(self.CELLS)}, got {cell!r}")
+        self.embed = nn.Embedding(vocab_size, embedding_size)
+        self.rnn = self.CELLS[cell](embedding_size, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        states, _ = self.rnn(self.embed(ids))
+        return self.head(states)
 
 
 class DeepMLP(nn.Module):

@@ -93,6 +93,8 @@ COLUMNS: dict[str, list[Column]] = {
         ("median |g|", _number("median_grad_norm")),
         ("oscillation", _number("oscillation_index")),
         ("final loss", _number("final_loss")),
+        ("test loss", _number("test_loss")),
+        ("clipped steps", _number("clipped")),
         ("Guard skips / rollbacks / LR cuts", _guard_actions),
     ],
     "learning_rate": [

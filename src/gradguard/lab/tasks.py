@@ -6,6 +6,8 @@
 * :func:`digits_split`: scikit-learn's 8x8 handwritten digits (1797 images), one fixed train/test split.
 * :func:`char_corpus`: a character-level language-modelling text: the help topics of the Python
   documentation that ship with every Python (``pydoc_data.topics``), English prose, a few tens of KB.
+* :func:`python_source_corpus`: a character-level language-modelling text of code: the source of modules of
+  Python's standard library (``inspect``, ``os``, ...), read with ``inspect.getsource``.
 
 Every generator takes a ``torch.Generator``, so a seed fixes the data.
 """
@@ -146,6 +148,28 @@ def char_corpus(n_chars: int = 60_000) -> CharCorpus:
     if n_chars < 1000:
         raise ValueError(f"char_corpus: n_chars must be >= 1000, got {n_chars}")
     text = "\n\n".join(topics[key] for key in sorted(topics))[:n_chars]
+    return _encode(text)
+
+
+#: the standard-library modules whose source :func:`python_source_corpus` reads, in this order
+PYTHON_SOURCE_MODULES = ("inspect", "os", "argparse", "dataclasses", "functools", "pathlib", "typing")
+
+
+def python_source_corpus(n_chars: int = 200_000) -> CharCorpus:
+    """The first ``n_chars`` characters of the source of :data:`PYTHON_SOURCE_MODULES`, concatenated
+    (Python code, as a user's character-level language model of code would read). Deterministic for a
+    given Python version; the last 10% (the end of the last modules read) is the validation text.
+    """
+    import importlib
+    import inspect
+
+    if n_chars < 1000:
+        raise ValueError(f"python_source_corpus: n_chars must be >= 1000, got {n_chars}")
+    text = "".join(inspect.getsource(importlib.import_module(name)) for name in PYTHON_SOURCE_MODULES)[:n_chars]
+    return _encode(text)
+
+
+def _encode(text: str) -> CharCorpus:
     vocab = sorted(set(text))
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = torch.tensor([index[ch] for ch in text], dtype=torch.int64)
