@@ -36,6 +36,31 @@ def test_recurrence_findings_follow_the_numbers() -> None:
     assert any("No remedy's interval lies entirely above it" in line for line in lines)
 
 
+def language_model_record(variant: str, seed: int, test_loss: float, clipped: int | None) -> dict:
+    return {
+        "config": {"scenario": "recurrence", "variant": variant, "seed": seed, "task": "language_model",
+                   "model": "lstm", "steps": 300},
+        "test_loss": test_loss, "diverged": False, "params_finite": True, "final_loss": test_loss,
+        "max_grad_norm": 1.0, "median_grad_norm": 0.3, "wall_seconds": 1.0,
+        "remedy_summary": {} if clipped is None else {"clipped": clipped},
+    }
+
+
+def test_language_model_findings_check_the_one_percent_claim_both_ways() -> None:
+    def lines_for(guarded_losses: list[float]) -> list[str]:
+        records = [language_model_record("LSTM LM / no remedy", s, 2.0, None) for s in range(2)]
+        records += [language_model_record("LSTM LM / Guard (defaults)", s, loss, 3 * s)
+                    for s, loss in enumerate(guarded_losses)]
+        return findings_for("recurrence", summarize(records), records)
+
+    harmless = lines_for([2.0, 2.01])
+    assert any("2.0000 -> 2.0000, 2.0000 -> 2.0100 (change +0.00%, +0.50%; clipped steps 0, 3 of 300)" in line
+               and "holds on these seeds" in line for line in harmless), harmless
+    assert not any("Solved means" in line for line in harmless)
+    harmful = lines_for([2.0, 2.06])
+    assert any("+3.00%" in line and "does not hold" in line for line in harmful), harmful
+
+
 def test_regularization_findings_report_a_contradiction() -> None:
     records = []
     for seed, (variant, max_norm, gap) in enumerate([("none", 1.0, 0.2), ("none", 1.1, 0.21), ("L2", 5.0, 0.05),

@@ -182,9 +182,9 @@ class Guard:
         model: the model being trained (its ``named_parameters`` name the layers).
         optimizer: its optimizer; ``guard.step`` calls ``optimizer.step()``.
         clip: a ``gradguard.clip`` strategy applied at every step, None for none, or ``"default"``:
-            ``gradguard.clip.default_clip(model)``, ``ArmedAutoClip()`` (``AutoClip(percentile=5.0)`` once the
-            gradient norm turns rough) for a model with recurrent layers and None otherwise (the detector's
-            spike clipping alone). Scale strategies (GlobalNorm, AutoClip, ZClip) are folded into fused
+            ``gradguard.clip.default_clip(model)``: ``AutoClip(percentile=5.0)`` for a model with a vanilla
+            recurrence (``nn.RNN``), ``ArmedAutoClip()`` (the same, once the gradient norm turns rough) for
+            one with LSTM/GRU layers, None otherwise (the detector's spike clipping alone). Scale strategies (GlobalNorm, AutoClip, ZClip) are folded into fused
             optimizers' ``grad_scale``.
         on_nonfinite: response to NaN/Inf gradients or loss: ``"skip"``, ``"rollback"`` or ``"raise"``.
         on_spike: response to a gradient-norm spike: ``"clip"`` (to the detector's threshold),

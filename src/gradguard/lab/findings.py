@@ -135,7 +135,7 @@ def language_model_findings(rows: list[Row], records: list[Record]) -> list[str]
         changes = [guarded / plain - 1 for plain, guarded, _ in pairs]
         lines.append(
             f"{prefix}, a healthy run: test loss without a remedy -> with {GUARD_DEFAULTS}, per seed: "
-            + ", ".join(f"{fmt(plain)} -> {fmt(guarded)}" for plain, guarded, _ in pairs)
+            + ", ".join(f"{plain:.4f} -> {guarded:.4f}" for plain, guarded, _ in pairs)
             + f" (change {', '.join(f'{100 * c:+.2f}%' for c in changes)}; clipped steps "
             + ", ".join(str(clipped) for _, _, clipped in pairs)
             + f" of {records[0]['config']['steps']}). Claim check (the default clip costs a healthy recurrent model at "
@@ -488,8 +488,8 @@ def guard_defaults_findings(rows: list[Row], records: list[Record]) -> list[str]
     lines = [
         f"{GUARD_DEFAULTS} is gg.Guard(model, optimizer) with no option: the detector's responses (spikes clipped "
         "to its threshold, non-finite steps and loss spikes skipped, LR back-off and rollback when skips repeat) "
-        "and the clip of gg.clip.default_clip(model), ArmedAutoClip() (AutoClip at the 5th percentile from the first step "
-        "at which the gradient norm turns rough) for a model with recurrent layers, "
+        "and the clip of gg.clip.default_clip(model): AutoClip(percentile=5.0) for a vanilla RNN, ArmedAutoClip() (the same "
+        "AutoClip from the first step at which the gradient norm turns rough) for LSTM/GRU models, "
         "none otherwise"
         + (f"; here {'; '.join(configs)}." if configs else ".")
     ]
