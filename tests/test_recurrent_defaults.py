@@ -31,7 +31,7 @@ def mlp() -> nn.Sequential:
 
 
 def test_smooth_norms_are_never_clipped() -> None:
-    """Norms that change by 10% a step (log-ratio 0.095, far below the roughness 0.5) are left alone, also
+    """Norms that change by 10% a step (log-ratio 0.095, far below the roughness 0.6) are left alone, also
     the 5% of them below AutoClip's 5th percentile: no step is clipped and the clip never arms."""
     clipper, model = ArmedAutoClip(), mlp()
     for step in range(200):
@@ -40,7 +40,7 @@ def test_smooth_norms_are_never_clipped() -> None:
 
 
 def test_rough_norms_arm_the_clip_and_it_stays_armed() -> None:
-    """Norms that jump 3x up and down (log-ratio 1.1) arm the clip once the EMA's RMS passes 0.5, and from
+    """Norms that jump 3x up and down (log-ratio 1.1) arm the clip once the EMA's RMS passes 0.6, and from
     then on every step above the 5th percentile of the history is clipped to it, as AutoClip would."""
     clipper, reference, model = ArmedAutoClip(), AutoClip(percentile=5.0), mlp()
     rms = 0.25
@@ -50,7 +50,7 @@ def test_rough_norms_arm_the_clip_and_it_stays_armed() -> None:
         expected = reference(scaled(model, scale))
         if step:
             rms = math.sqrt(0.95 * rms**2 + 0.05 * math.log(3.0) ** 2)  # beta 0.95
-        if rms > 0.5:
+        if rms > 0.6:
             assert bool(clipper.armed)
             assert result.coef.item() == pytest.approx(expected.coef.item(), rel=1e-6)
         else:
@@ -167,17 +167,21 @@ def test_a_healthy_recurrent_language_model_is_not_clipped(cell: str) -> None:
 
 
 def test_a_language_model_at_a_learning_rate_far_too_high_is_clipped() -> None:
-    """SGD at lr 30 on the same model: the norms jump within the first steps, the clip arms and holds."""
-    guard = train_language_model("lstm", lr=30.0, steps=30)
+    """SGD at lr 60 on the same model: its second norm is 13x its first, the clip arms there and holds (at lr
+    30 this 32-unit model jumps 6.8x, and its roughness stays at 0.57: not armed; the 256-unit model of the
+    benchmark jumps 13.7-24x at lr 30)."""
+    guard = train_language_model("lstm", lr=60.0, steps=30)
     assert bool(guard.clip.armed)
     assert guard.summary()["clipped"] >= 20
 
 
 def test_an_lstm_on_the_temporal_order_problem_is_held_and_learns() -> None:
     """The lab's LSTM row (chrono init, SGD lr 0.5 with momentum 0.9, temporal order problem, T=20) under
-    gg.Guard(model, opt): its norms jump 2-3x from step to step from the start, the default clip arms
-    within 40 steps, and the run learns (measured: 400 steps solve it, 100% held-out accuracy, as without
-    the Guard; 150 here, the training loss is well below chance)."""
+    gg.Guard(model, opt): its norms jump 2-3x from step to step from the start (unclipped, the roughness
+    crosses 0.6 at steps 22-26 on seeds 0 and 1), the default clip arms within 40 steps, and the run learns
+    (400 steps solve it, as without the Guard; 150 here, the training loss is well below chance). With the
+    roughness at 0.75 the clip armed only after the run had gone above chance, and 400 steps did not solve
+    it (71% held-out accuracy)."""
     from gradguard.init import chrono_
     from gradguard.lab.models import LSTMModel
 
