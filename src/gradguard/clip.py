@@ -383,7 +383,8 @@ class ArmedAutoClip(AutoClip):
     in :func:`default_clip`.
 
     Args:
-        percentile, history: :class:`AutoClip`'s, applied once armed.
+        percentile: :class:`AutoClip`'s percentile, applied once armed.
+        history: :class:`AutoClip`'s number of norms kept.
         roughness: the RMS log-ratio above which the clip arms (0.75: a typical step-to-step factor of 2.1;
             healthy language models measured at most 0.56).
         beta: the EMA's decay (0.95: about 20 steps of memory).
