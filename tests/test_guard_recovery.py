@@ -354,7 +354,7 @@ def test_a_resumed_guard_keeps_its_rollback_budget_and_its_count_of_suspect_skip
         if i == 30:
             with torch.no_grad():
                 model[0].bias[0] = math.nan
-    assert guard.recovery.spent == 1 and len(guard.recovery.suspect) == 3
+    assert guard.recovery.rollbacks_to_snapshot == 1 and len(guard.recovery.suspect) == 3
     twin = _model()
     twin.load_state_dict(model.state_dict())
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05)

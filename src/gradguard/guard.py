@@ -108,8 +108,9 @@ __all__ = ["ACTIONS", "ALLOWED_ACTIONS", "Guard", "RecoveryPolicy", "TrainingDiv
 
 _GROUPINGS = ("module", "param")
 #: The version of ``Guard.state_dict``'s layout; ``load_state_dict`` refuses others. 4: the recovery's LR cut
-#: is one ``lr_scale`` (was a list of cuts) and its pending loss-level reset is saved.
-STATE_FORMAT = "gradguard.Guard/4"
+#: is one ``lr_scale`` (was a list of cuts) and its pending loss-level reset is saved; 5: the recovery's
+#: counters renamed (rollbacks_to_snapshot, real_steps_at_scale, quiet_steps, ...) and its state named.
+STATE_FORMAT = "gradguard.Guard/5"
 _STATE_KEYS = ("format", "fingerprint", "detector", "clip", "step_count", "micro", "loss_sum", "counts",
                "recovery", "history")
 

@@ -569,16 +569,18 @@ class Recovery:
         # escalation
         self.suspect: deque[int] = deque()  # skips whose loss did not vouch for the weights, since one did
         self.skip_streak = 0  # skipped steps in a row
-        self.clean_update = True  # the weights come from a real step without event (or a snapshot)
+        # the weights come from a real step without event (or a snapshot); "quiet": no event and no skip,
+        # "at its level": a loss near the detector's moving level (the two words are used for nothing else)
+        self.weights_from_quiet_step = True
         self.last_backoff: int | None = None
         self.lr_scale = 1.0  # the LR cut in force: the LR is the user's (or the schedule's) times this
-        self.clean_steps = 0  # real steps since lr_scale last changed (skips in between do not reset it)
+        self.real_steps_at_scale = 0  # real steps since lr_scale last changed (skips in between do not reset it)
         self.rollbacks = 0
-        self.spent = 0  # rollbacks since the last snapshot was taken (the budget's use)
+        self.rollbacks_to_snapshot = 0  # rollbacks since the last snapshot was taken (the budget's use)
         self.lr_backoffs = 0
         # snapshots: healthy steps in a row, counted from the flushed records after the last restore
-        self.healthy_steps = 0
-        self.healthy_z: deque[float] = deque(maxlen=max(1, policy.snapshot_clean_steps))
+        self.quiet_steps = 0  # flushed steps in a row without event or skip (toward the next snapshot)
+        self.quiet_loss_z: deque[float] = deque(maxlen=max(1, policy.snapshot_clean_steps))
         self.restored_after: int = -1  # records of steps <= this came from state a rollback abandoned
         # a rollback replaced the weights: before the next step the Guard puts the detector's loss level at
         # the restored weights' loss (Detector.set_loss_level); saved, so that a resume right after a
@@ -621,9 +623,10 @@ class Recovery:
                 self.rollback(step, f"a {kind} event", now)
                 return True
         if not skipped:
-            self.clean_update = not kinds
+            self.weights_from_quiet_step = not kinds
         loss_healthy = loss_given and not any(kind in ("nonfinite_loss", "loss_spike") for kind in kinds)
-        evidence = Evidence(step=step, skipped=skipped, sound=(loss_healthy and self.clean_update) or scaler_overflow)
+        sound = (loss_healthy and self.weights_from_quiet_step) or scaler_overflow
+        evidence = Evidence(step=step, skipped=skipped, sound=sound)
         while self.suspect and self.suspect[0] <= step - self.policy.skip_window:
             self.suspect.popleft()  # out of the window
         action = escalate(self.policy, self.counts(), evidence)
@@ -634,7 +637,7 @@ class Recovery:
         """The counters :func:`escalate` reads (a copy)."""
         return EscalationCounts(suspect=len(self.suspect), skip_streak=self.skip_streak,
                                 last_backoff=self.last_backoff, lr_scale=self.lr_scale,
-                                real_steps_at_scale=self.clean_steps)
+                                real_steps_at_scale=self.real_steps_at_scale)
 
     def _count(self, evidence: Evidence) -> None:
         """Advance the windows and counters by one step (what :func:`escalate` already judged)."""
@@ -642,7 +645,7 @@ class Recovery:
             self.suspect.clear()  # the weights gave a healthy loss: the skips so far were the batches' fault
         if not evidence.skipped:
             self.skip_streak = 0
-            self.clean_steps += 1
+            self.real_steps_at_scale += 1
             return
         self.skip_streak += 1
         if not evidence.sound:
@@ -673,7 +676,7 @@ class Recovery:
         before = float(optimizer.param_groups[0]["lr"])
         scale_lr_(optimizer, scale / self.lr_scale, self.state.scheduler)
         self.lr_scale = scale
-        self.clean_steps = 0
+        self.real_steps_at_scale = 0
         after = float(optimizer.param_groups[0]["lr"])
         if kind != "rollback":
             self.note({"step": step, "kind": kind, "layer": None, "action": kind,
@@ -685,20 +688,20 @@ class Recovery:
         if self.snapshot.step is None:
             raise GiveUp(f"{reason} at step {step} called for a rollback, and snapshots are off "
                          "(snapshot_every=None)", step)
-        if self.spent >= self.policy.max_rollbacks:
+        if self.rollbacks_to_snapshot >= self.policy.max_rollbacks:
             raise GiveUp(f"{reason} at step {step} called for a rollback, and the rollback budget is spent "
-                         f"({self.spent} of max_rollbacks={self.policy.max_rollbacks}): every rollback to the "
+                         f"({self.rollbacks_to_snapshot} of max_rollbacks={self.policy.max_rollbacks}): every rollback to the "
                          f"snapshot of step {self.snapshot.step} went bad again before a newer one was good", step)
         self.state.restore(self._checked_snapshot(step, reason))
         before, after = self._set_lr_scale(step, "rollback", self.lr_scale * self.policy.rollback_lr_factor)
         self.rollbacks += 1
-        self.spent += 1
+        self.rollbacks_to_snapshot += 1
         self.suspect.clear()
-        self.healthy_steps = 0
-        self.healthy_z.clear()
+        self.quiet_steps = 0
+        self.quiet_loss_z.clear()
         self.restored_after = now
         self.loss_level_due = True
-        self.clean_update = True  # the snapshot's weights gave a healthy step
+        self.weights_from_quiet_step = True  # the snapshot's weights gave a healthy step
         self.candidate.clear()  # taken from the state just abandoned
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
                    "to_step": self.snapshot.step, "lr_before": before, "lr_after": after})
@@ -712,7 +715,7 @@ class Recovery:
             self.snapshot.previous = None
         self.snapshot.clear()
         self.candidate.clear()
-        self.spent = 0
+        self.rollbacks_to_snapshot = 0
         self.note({"step": step, "kind": "params_changed", "layer": None, "action": "snapshot",
                    "reason": f"parameters added: {', '.join(added[:5]) or '?'}{', ...' if len(added) > 5 else ''}"})
 
@@ -760,11 +763,11 @@ class Recovery:
             if record["step"] <= self.restored_after:
                 continue
             if record["events"] or record["skipped"]:
-                self.healthy_steps = 0
-                self.healthy_z.clear()
+                self.quiet_steps = 0
+                self.quiet_loss_z.clear()
             else:
-                self.healthy_steps += 1
-                self.healthy_z.append(z if math.isfinite(z) else 0.0)
+                self.quiet_steps += 1
+                self.quiet_loss_z.append(z if math.isfinite(z) else 0.0)
         if bad_param is not None:
             step = step_count - 1
             self.note({"step": step, "kind": "nonfinite_param", "layer": bad_param,
@@ -776,13 +779,13 @@ class Recovery:
         if self.candidate.step is None:
             return
         p = self.policy
-        loss_near_level = not sum(self.healthy_z) > p.snapshot_loss_z * len(self.healthy_z)
+        loss_near_level = not sum(self.quiet_loss_z) > p.snapshot_loss_z * len(self.quiet_loss_z)
         # the last record is the step run on the candidate's weights: clean, and near the level on its own
-        ran_well = self.healthy_steps >= 1 and records[-1]["step"] == self.candidate.step and not (
-            self.healthy_z[-1] > p.snapshot_loss_z)
-        if ran_well and candidate_finite and self.healthy_steps >= p.snapshot_clean_steps and loss_near_level:
+        ran_well = self.quiet_steps >= 1 and records[-1]["step"] == self.candidate.step and not (
+            self.quiet_loss_z[-1] > p.snapshot_loss_z)
+        if ran_well and candidate_finite and self.quiet_steps >= p.snapshot_clean_steps and loss_near_level:
             self.snapshot.take(self.candidate)
-            self.spent = 0  # training went on from the last restore and proved healthy: a fresh budget
+            self.rollbacks_to_snapshot = 0  # training went on from the last restore and proved healthy: fresh budget
         else:
             self.candidate.clear()
 
@@ -826,15 +829,15 @@ class Recovery:
         return {
             "suspect": list(self.suspect),
             "skip_streak": self.skip_streak,
-            "clean_update": self.clean_update,
+            "weights_from_quiet_step": self.weights_from_quiet_step,
             "last_backoff": self.last_backoff,
-            "clean_steps": self.clean_steps,
+            "real_steps_at_scale": self.real_steps_at_scale,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
-            "spent": self.spent,
+            "rollbacks_to_snapshot": self.rollbacks_to_snapshot,
             "lr_backoffs": self.lr_backoffs,
-            "healthy_steps": self.healthy_steps,
-            "healthy_z": list(self.healthy_z),
+            "quiet_steps": self.quiet_steps,
+            "quiet_loss_z": list(self.quiet_loss_z),
             "restored_after": self.restored_after,
             "loss_level_due": self.loss_level_due,
             "snapshot": self.snapshot.state_dict(),
@@ -845,16 +848,16 @@ class Recovery:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.suspect = deque(int(s) for s in state["suspect"])
         self.skip_streak = int(state["skip_streak"])
-        self.clean_update = bool(state["clean_update"])
+        self.weights_from_quiet_step = bool(state["weights_from_quiet_step"])
         self.last_backoff = None if state["last_backoff"] is None else int(state["last_backoff"])
-        self.clean_steps = int(state["clean_steps"])
+        self.real_steps_at_scale = int(state["real_steps_at_scale"])
         self.lr_scale = float(state["lr_scale"])
         self.rollbacks = int(state["rollbacks"])
-        self.spent = int(state["spent"])
+        self.rollbacks_to_snapshot = int(state["rollbacks_to_snapshot"])
         self.lr_backoffs = int(state["lr_backoffs"])
-        self.healthy_steps = int(state["healthy_steps"])
-        self.healthy_z.clear()
-        self.healthy_z.extend(float(z) for z in state["healthy_z"])
+        self.quiet_steps = int(state["quiet_steps"])
+        self.quiet_loss_z.clear()
+        self.quiet_loss_z.extend(float(z) for z in state["quiet_loss_z"])
         self.restored_after = int(state["restored_after"])
         self.loss_level_due = bool(state["loss_level_due"])
         self.snapshot.load_state_dict(state["snapshot"])
