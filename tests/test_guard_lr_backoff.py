@@ -70,3 +70,41 @@ def test_escalate_is_a_pure_rule_of_counts_and_evidence():
     cut = quiet._replace(lr_scale=0.5, real_steps_at_scale=3)
     assert escalate(policy, cut, Evidence(3, False, True)) is Action.LR_RECOVER
     assert escalate(policy, quiet._replace(real_steps_at_scale=3), Evidence(3, False, True)) is Action.NONE
+
+
+def test_recovery_names_its_state_through_a_back_off_and_a_rollback():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, optimizer, log_every=5, recovery=gg.RecoveryPolicy(
+        lr_recover_after=10, snapshot_every=5, snapshot_clean_steps=3))
+    seen = []
+    for i in range(60):
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(i))
+        loss = nn.functional.mse_loss(model(x), x[:, :1].sin())
+        if 10 <= i < 15:
+            loss = loss * math.nan
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad()
+        if i == 33:
+            with torch.no_grad():
+                model[0].bias.fill_(math.nan)
+        seen.append(guard.recovery.phase.value)
+    order = [state for k, state in enumerate(seen) if k == 0 or seen[k - 1] != state]
+    assert order == ["healthy", "backing_off", "recovered", "healthy", "rolling_back", "recovered", "healthy"]
+    events = [e for r in guard.history for e in r["events"] if e["kind"] in ("lr_backoff", "rollback")]
+    assert [e["state"] for e in events] == ["backing_off", "rolling_back"]
+    assert guard.state_dict()["recovery"]["state"] == "healthy"
+
+
+def test_diverged_is_final():
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.05), responses={"nonfinite_grad": "raise"})
+    x = torch.randn(16, 6)
+    loss = nn.functional.mse_loss(model(x), x[:, :1]) * math.nan
+    loss.backward()
+    with pytest.raises(gg.TrainingDiverged):
+        guard.step(loss)
+    assert guard.recovery.phase.value == "diverged"
+    with pytest.raises(RuntimeError, match="no transition out of 'diverged' \\(on 'lr_backoff'\\)"):
+        guard.recovery._enter(gg.recover.Trigger.LR_BACKOFF)

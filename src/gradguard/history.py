@@ -71,6 +71,7 @@ class Event(_EventKeys, total=False):
     lr_before: float
     lr_after: float
     lr_scale: float  # lr_backoff / lr_recover: the LR cut in force after it (gradguard.recover)
+    state: str  # lr_backoff / lr_recover / rollback: gradguard.recover.RecoveryState after the action
     reason: str
     to_step: int | None
     forensics: dict[str, Any]  # gg.Forensics' analysis of the step (gradguard.forensics.ForensicsRecord)

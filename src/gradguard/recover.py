@@ -5,7 +5,10 @@ with ``gg.Guard(..., recovery=gg.RecoveryPolicy(...))``), the last good :class:`
 :class:`TrainingState` it covers (model, optimizer, scheduler), the escalation counters and the log of the
 actions it took.
 
-Escalation, one rung at a time (and back down once training is healthy again). Each step's evidence
+Recovery's state has a name (:class:`RecoveryState`: ``healthy``, ``backing_off``, ``rolling_back``,
+``recovered``, ``diverged``), changed in one method (:meth:`Recovery._enter`), saved in ``state_dict`` and
+written into each action event. Escalation, one rung at a time (and back down once training is healthy
+again). Each step's evidence
 (:class:`Evidence`: skipped or not, and whether it shows the weights *sound*) goes through one pure rule,
 :func:`escalate`, which returns an :class:`Action`; :meth:`Recovery.after_step` carries it out.
 
@@ -95,7 +98,7 @@ if TYPE_CHECKING:  # for annotations only
     from gradguard.decide import Responses
     from gradguard.history import Event, StepRecord
 
-__all__ = ["Recovery", "RecoveryPolicy", "Snapshot", "TrainingDiverged", "TrainingState"]
+__all__ = ["Recovery", "RecoveryPolicy", "RecoveryState", "Snapshot", "TrainingDiverged", "TrainingState"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -478,6 +481,42 @@ class TrainingState:
             self.scheduler.base_lrs = base_lrs
 
 
+class RecoveryState(str, Enum):
+    """Where recovery stands; its value goes into ``state_dict`` and into each action event (``"state"``).
+
+    Transitions (all in :meth:`Recovery._enter`; the evidence for each is in the module docstring):
+
+    * ``healthy`` -> ``backing_off`` (an LR back-off) | ``rolling_back`` (a rollback);
+    * ``backing_off`` -> ``rolling_back`` (a rollback) | ``recovered`` (the LR scale grew back to 1);
+    * ``rolling_back`` -> ``recovered`` (a newer good snapshot: training went on from the restored state
+      and proved healthy);
+    * ``recovered`` -> ``healthy`` (the next real step) | ``backing_off`` | ``rolling_back``;
+    * any -> ``diverged`` (giving up); ``diverged`` is final.
+    """
+
+    #: training runs at the user's LR, no rollback outstanding.
+    HEALTHY = "healthy"
+    #: the LR is cut (``lr_scale`` < 1) because skips said the weights or the LR were at fault.
+    BACKING_OFF = "backing_off"
+    #: a snapshot was restored, and no newer good one has been kept since (the budget is in use).
+    ROLLING_BACK = "rolling_back"
+    #: a back-off was undone or a rollback's restored state proved healthy; healthy at the next real step.
+    RECOVERED = "recovered"
+    #: TrainingDiverged was raised; no way out.
+    DIVERGED = "diverged"
+
+
+class Trigger(str, Enum):
+    """What moves recovery from one :class:`RecoveryState` to another."""
+
+    LR_BACKOFF = "lr_backoff"
+    ROLLBACK = "rollback"
+    SCALE_RESTORED = "scale_restored"
+    SNAPSHOT_KEPT = "snapshot_kept"
+    REAL_STEP = "real_step"
+    GAVE_UP = "gave_up"
+
+
 class Action(str, Enum):
     """What one step's evidence calls for (:func:`escalate`); its value is the event kind logged."""
 
@@ -567,6 +606,7 @@ class Recovery:
                                   fingerprint=fingerprint)
         self.initial_lrs = group_lrs(state.optimizer)
         # escalation
+        self.phase = RecoveryState.HEALTHY
         self.suspect: deque[int] = deque()  # skips whose loss did not vouch for the weights, since one did
         self.skip_streak = 0  # skipped steps in a row
         # the weights come from a real step without event (or a snapshot); "quiet": no event and no skip,
@@ -631,7 +671,32 @@ class Recovery:
             self.suspect.popleft()  # out of the window
         action = escalate(self.policy, self.counts(), evidence)
         self._count(evidence)
+        if not skipped and self.phase is RecoveryState.RECOVERED:
+            self._enter(Trigger.REAL_STEP)
         return self._act(step, action, now)
+
+    def _enter(self, trigger: Trigger) -> None:
+        """The one place :attr:`phase` changes: one branch per state; an impossible transition raises."""
+        state, new = self.phase, self.phase
+        if state is RecoveryState.DIVERGED:
+            raise RuntimeError(f"Recovery: no transition out of {state.value!r} (on {trigger.value!r}): training "
+                               "diverged; load a checkpoint to go on")
+        if trigger is Trigger.GAVE_UP:
+            new = RecoveryState.DIVERGED
+        elif state is RecoveryState.HEALTHY:  # is the run still healthy?
+            new = {Trigger.LR_BACKOFF: RecoveryState.BACKING_OFF, Trigger.ROLLBACK: RecoveryState.ROLLING_BACK,
+                   }.get(trigger, state)
+        elif state is RecoveryState.BACKING_OFF:  # is the cut still needed?
+            new = {Trigger.ROLLBACK: RecoveryState.ROLLING_BACK, Trigger.SCALE_RESTORED: RecoveryState.RECOVERED,
+                   }.get(trigger, state)
+        elif state is RecoveryState.ROLLING_BACK:  # did training from the restored state prove healthy?
+            new = {Trigger.SNAPSHOT_KEPT: RecoveryState.RECOVERED}.get(trigger, state)
+        elif state is RecoveryState.RECOVERED:  # does it stay so?
+            new = {Trigger.REAL_STEP: RecoveryState.HEALTHY, Trigger.LR_BACKOFF: RecoveryState.BACKING_OFF,
+                   Trigger.ROLLBACK: RecoveryState.ROLLING_BACK}.get(trigger, state)
+        else:
+            raise RuntimeError(f"Recovery: unknown state {state!r} (on {trigger.value!r})")
+        self.phase = new
 
     def counts(self) -> EscalationCounts:
         """The counters :func:`escalate` reads (a copy)."""
@@ -663,10 +728,14 @@ class Recovery:
             return True
         if action is Action.LR_BACKOFF:
             self.last_backoff = step
+            self._enter(Trigger.LR_BACKOFF)
             self._set_lr_scale(step, "lr_backoff", self.lr_scale * p.lr_backoff)
             self.lr_backoffs += 1
         elif action is Action.LR_RECOVER:
-            self._set_lr_scale(step, "lr_recover", min(1.0, self.lr_scale * lr_growth(p)))
+            scale = min(1.0, self.lr_scale * lr_growth(p))
+            if scale == 1.0:
+                self._enter(Trigger.SCALE_RESTORED)
+            self._set_lr_scale(step, "lr_recover", scale)
         return False
 
     def _set_lr_scale(self, step: int, kind: str, scale: float) -> tuple[float, float]:
@@ -680,7 +749,7 @@ class Recovery:
         after = float(optimizer.param_groups[0]["lr"])
         if kind != "rollback":
             self.note({"step": step, "kind": kind, "layer": None, "action": kind,
-                       "lr_before": before, "lr_after": after, "lr_scale": scale})
+                       "lr_before": before, "lr_after": after, "lr_scale": scale, "state": self.phase.value})
         return before, after
 
     def rollback(self, step: int, reason: str, now: int) -> None:
@@ -693,6 +762,7 @@ class Recovery:
                          f"({self.rollbacks_to_snapshot} of max_rollbacks={self.policy.max_rollbacks}): every rollback to the "
                          f"snapshot of step {self.snapshot.step} went bad again before a newer one was good", step)
         self.state.restore(self._checked_snapshot(step, reason))
+        self._enter(Trigger.ROLLBACK)
         before, after = self._set_lr_scale(step, "rollback", self.lr_scale * self.policy.rollback_lr_factor)
         self.rollbacks += 1
         self.rollbacks_to_snapshot += 1
@@ -704,7 +774,8 @@ class Recovery:
         self.weights_from_quiet_step = True  # the snapshot's weights gave a healthy step
         self.candidate.clear()  # taken from the state just abandoned
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
-                   "to_step": self.snapshot.step, "lr_before": before, "lr_after": after})
+                   "to_step": self.snapshot.step, "lr_before": before, "lr_after": after,
+                   "state": self.phase.value})
 
     def parameters_changed(self, step: int, added: Sequence[str]) -> None:
         """The model's or the optimizer's parameters changed before ``step``: the snapshots of the old set
@@ -785,6 +856,8 @@ class Recovery:
             self.quiet_loss_z[-1] > p.snapshot_loss_z)
         if ran_well and candidate_finite and self.quiet_steps >= p.snapshot_clean_steps and loss_near_level:
             self.snapshot.take(self.candidate)
+            if self.phase is RecoveryState.ROLLING_BACK:
+                self._enter(Trigger.SNAPSHOT_KEPT)
             self.rollbacks_to_snapshot = 0  # training went on from the last restore and proved healthy: fresh budget
         else:
             self.candidate.clear()
@@ -794,6 +867,8 @@ class Recovery:
     def diverged(self, give_up: GiveUp, summary: dict[str, int]) -> TrainingDiverged:
         """Put the last good snapshot back into the model and optimizer; the exception that says so."""
         self.candidate.clear()
+        if self.phase is not RecoveryState.DIVERGED:
+            self._enter(Trigger.GAVE_UP)
         if self.snapshot.step is not None:
             with contextlib.suppress(GiveUp):
                 self.state.restore(self._checked_snapshot(give_up.step, "giving up"))
@@ -832,6 +907,7 @@ class Recovery:
             "weights_from_quiet_step": self.weights_from_quiet_step,
             "last_backoff": self.last_backoff,
             "real_steps_at_scale": self.real_steps_at_scale,
+            "state": self.phase.value,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
             "rollbacks_to_snapshot": self.rollbacks_to_snapshot,
@@ -852,6 +928,7 @@ class Recovery:
         self.last_backoff = None if state["last_backoff"] is None else int(state["last_backoff"])
         self.real_steps_at_scale = int(state["real_steps_at_scale"])
         self.lr_scale = float(state["lr_scale"])
+        self.phase = RecoveryState(state["state"])
         self.rollbacks = int(state["rollbacks"])
         self.rollbacks_to_snapshot = int(state["rollbacks_to_snapshot"])
         self.lr_backoffs = int(state["lr_backoffs"])
