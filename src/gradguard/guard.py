@@ -532,6 +532,8 @@ class Guard:
         if sizes is None or not stats.names:
             return None
         measurement = sizes.measure()
+        if measurement is not None and measurement.layer_ratio.shape[0] != len(stats.names):
+            measurement = None  # measured over another set of layers (one without a gradient now): not comparable
         device = stats.total_norm.device
         state, config = sizes.begin(len(stats.names), device, measurement is not None)
         self._update_config = config
