@@ -396,3 +396,23 @@ def test_after_a_rollback_to_an_older_snapshot_the_loss_level_restarts(fused):
     restored = [value for value in losses[155:200] if math.isfinite(value)]
     assert max(restored) > 20 * min(losses[100:150])  # the restored weights' loss was far above the level
     assert sum(losses[-20:]) / 20 < 0.1 * losses[0]  # and training went on from them
+
+
+def test_the_account_of_a_give_up_counts_the_step_that_gave_up():
+    """Regression: a loss always NaN with ``max_skip_streak=20`` raised on the 20th call with a summary of 19
+    steps and 20 skipped (the giving-up step was skipped and recorded, but not counted)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(max_skip_streak=20))
+    calls = 0
+    with pytest.raises(gg.TrainingDiverged) as info:
+        for _ in range(100):
+            x = torch.randn(8, 4)
+            loss = model(x).pow(2).mean() * float("nan")
+            loss.backward()
+            calls += 1
+            guard.step(loss)
+            optimizer.zero_grad(set_to_none=True)
+    summary = info.value.summary
+    assert summary["steps"] == calls == summary["skipped"] == guard.step_count

@@ -440,6 +440,9 @@ class Guard:
                                          now=self.step_count, loss_given=loss is not None,
                                          scaler_overflow=self._scaler_overflow(kinds))
             except GiveUp as give_up:
+                # the step happened (it was skipped and recorded): count it before the account is taken, as the
+                # fused path does, whose give-up comes at the flush after the count
+                self.step_count += 1
                 self._give_up(give_up)
         self._remember_gradients()
         self.step_count += 1
