@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradguard.batch import LossFn, as_batch, forward_loss, to_device
+from gradguard.batch import LossFn, as_batch, to_device
 from gradguard.explain.diagnose import doctor
 from gradguard.explain.init_audit import off_scale_layer
 from gradguard.explain.nonfinite import NonfiniteOrigin, locate_nonfinite
@@ -43,7 +43,7 @@ from gradguard.explain.remedies import rescale_layer
 from gradguard.explain.report import DoctorReport
 from gradguard.forensics import rng
 from gradguard.forensics.bundle import Bundle, load_weights
-from gradguard.forensics.reproduce import Recomputed, reproduces
+from gradguard.forensics.reproduce import Recomputed, backward_window, reproduces
 from gradguard.stats import grad_stats
 
 __all__ = ["BLAMES", "FINDINGS", "StepDiagnosis", "diagnose_step", "exclude_line"]
@@ -119,13 +119,7 @@ def _recompute(model: nn.Module, window: list[tuple[Any, rng.RngState | None]], 
     with preserved(model), rng.replaying(None, device):
         for param in model.parameters():
             param.grad = None
-        losses = []
-        for batch, state in window:
-            if state is not None:
-                rng.restore(state)
-            loss = forward_loss(model, batch, loss_fn)[1].reshape(()) / len(window)
-            loss.backward()
-            losses.append(loss.detach().float())
+        losses = backward_window(model, window, loss_fn)
         stats = grad_stats(model)
         values = torch.stack([torch.stack(losses).sum().cpu(), stats.total_norm.float().cpu()]).tolist()
     return Recomputed(values[0], values[1], stats.norms.float().cpu(), [])

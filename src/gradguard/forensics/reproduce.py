@@ -51,6 +51,20 @@ class Recomputed:
     order: list[int]
 
 
+def backward_window(model: nn.Module, window: list[tuple[Batch, rng.RngState | None]],
+                    loss_fn: LossFn | None) -> list[Tensor]:
+    """Forward and backward of each micro-batch of the window, under its recorded generator state, the loss
+    divided by the window's length (as the training loop accumulated it); the detached losses."""
+    losses = []
+    for batch, state in window:
+        if state is not None:
+            rng.restore(state)
+        loss = forward_loss(model, batch, loss_fn)[1].reshape(()) / len(window)
+        loss.backward()
+        losses.append(loss.detach().float())
+    return losses
+
+
 def recompute(model: nn.Module, live: GradStats, window: list[tuple[Batch, rng.RngState | None]],
               loss_fn: LossFn | None) -> Recomputed:
     """Forward and backward of the window's micro-batches; the caller restores ``.grad`` and buffers
@@ -66,14 +80,8 @@ def recompute(model: nn.Module, live: GradStats, window: list[tuple[Batch, rng.R
             order.append(group)
 
     handles = [p.register_post_accumulate_grad_hook(note) for p in live.params if p.requires_grad]
-    losses = []
     try:
-        for batch, state in window:
-            if state is not None:
-                rng.restore(state)
-            loss = forward_loss(model, batch, loss_fn)[1].reshape(()) / len(window)
-            loss.backward()
-            losses.append(loss.detach().float())
+        losses = backward_window(model, window, loss_fn)
     finally:
         for handle in handles:
             handle.remove()
