@@ -18,7 +18,8 @@ def _verdict(*kinds: str, threshold: float = 2.0, level: float = 1.0) -> Verdict
     flags = torch.tensor([k in kinds for k in STEP_KINDS])
     zero = torch.zeros(())
     return Verdict(flags=flags, grad_z=zero, loss_z=zero, spike_threshold=torch.tensor(threshold),
-                   norm_level=torch.tensor(level), growth_rate=torch.ones(()), layer=torch.zeros((), dtype=torch.long))
+                   norm_level=torch.tensor(level), growth_rate=torch.ones(()), layer=torch.zeros((), dtype=torch.long),
+                   precursor_signal=torch.zeros((), dtype=torch.long), precursor_factor=torch.ones(()))
 
 
 def _actions(decision) -> dict[str, str]:

@@ -181,3 +181,42 @@ def test_the_guard_raises_a_precursor_event_once_per_climb_logged_by_default() -
     model = torch.nn.Linear(2, 1)
     with pytest.raises(ValueError, match=r"responses\['precursor'\]"):
         gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), responses={"precursor": "clip"})
+
+
+def test_the_precursor_event_says_which_signal_how_far_which_layer_and_what_to_do() -> None:
+    """Deliverable 4 of issue 19: a warning you can act on names its signal (it did not: only total_norm)."""
+    # the weights grow several-fold within ten steps: the weight-growth signal, at the sample
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    for layer in (model[0], model[2]):
+        torch.nn.init.normal_(layer.weight, std=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1.0)
+    guard = gg.Guard(model, optimizer, responses={"growth": "log"}, on_spike="log", on_loss_spike="log")
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    for _ in range(15):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad(set_to_none=True)
+    guard.flush()
+    grown = next(e for r in guard.history for e in r["events"] if e["kind"] == "precursor")
+    assert grown["step"] == 10 and grown["signal"] == "weight_growth"
+    assert grown["factor"] > 2.5 and "learning rate is too large" in grown["advice"]
+    assert grown["layer"] in ("0", "2") and grown["layer"] in grown["advice"]
+    # the gradient norm climbs x10 over 20 steps: the gradient-norm climb, with its layer and its factor
+    climbing = _climbing_run()
+    climb = next(e for r in climbing.history for e in r["events"] if e["kind"] == "precursor")
+    assert climb["signal"] == "grad_climb" and climb["factor"] > 4.0
+    assert climb["layer"] is not None and climb["layer"] in climb["advice"] and "roll back" in climb["advice"]
+
+
+def test_a_history_saved_before_the_precursor_columns_loads_with_them_unknown() -> None:
+    history = gg.history.History(capacity=4, layer_every=0)
+    history.record(3, torch.arange(len(gg.history.FIELDS), dtype=torch.float32), 0.1, ["w"], None)
+    state = history.state_dict()
+    state["rows"] = state["rows"][:, :-2]  # the rows of a state saved before the two columns existed
+    resumed = gg.history.History(capacity=4, layer_every=0)
+    resumed.load_state_dict(state)
+    (row,), _ = resumed.drain()
+    assert row["update_layer_ratio"] == len(gg.history.FIELDS) - 3
+    assert math.isnan(row["precursor_signal"]) and math.isnan(row["precursor_factor"])

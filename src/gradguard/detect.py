@@ -97,6 +97,9 @@ class Verdict(NamedTuple):
         norm_level: 0-d, the moving average of the total norm (``exp`` of the EMA of its log).
         growth_rate: 0-d, the average factor per step by which the norm rose over the growth window.
         layer: 0-d int64, the index (in ``stats.names``) of the layer the step's events point at.
+        precursor_signal: 0-d int64, the early-warning signal above its threshold
+            (``gradguard.precursor.WEIGHT_GROWTH`` or ``GRAD_CLIMB``; 0: none).
+        precursor_factor: 0-d, how far: the weights' growth factor, or the gradient norm's factor over its floor.
     """
 
     flags: Tensor
@@ -106,6 +109,8 @@ class Verdict(NamedTuple):
     norm_level: Tensor
     growth_rate: Tensor
     layer: Tensor
+    precursor_signal: Tensor
+    precursor_factor: Tensor
 
     def flag(self, kind: str) -> Tensor:
         return self.flags[STEP_KINDS.index(kind)]
@@ -373,7 +378,7 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     ring, growth, growth_rate = growth_step(s.ring, torch.where(ok[TOTAL], x[TOTAL], c.no_loss), config.growth_window,
                                             config.log_growth_factor, config.growth_full)
     precursor_state, precursor = precursor_step(s.precursor, x[TOTAL], ok[TOTAL], weight_norm, config.precursor)
-    flags = torch.cat([nonfinite, spike[SCORED], growth.reshape(1), precursor.reshape(1)])
+    flags = torch.cat([nonfinite, spike[SCORED], growth.reshape(1), precursor.raised.reshape(1)])
     if not config.has_loss:
         flags = flags & c.without_loss
     if config.has_layers:  # the first non-finite layer (inf wins), else the one furthest above its own average
@@ -389,6 +394,8 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
         norm_level=torch.exp(center[TOTAL]) if config.ema else c.inf[TOTAL],  # no level before the warm-up ends
         growth_rate=growth_rate,
         layer=layer,
+        precursor_signal=precursor.signal,
+        precursor_factor=precursor.factor,
     )
     state = DetectorTensors(center=center, std=std, var=var, ring=ring, precursor=precursor_state)
     return DetectorOutput(verdict=verdict, state=state, learn_x=learn_x, learn=learn)

@@ -27,7 +27,8 @@ Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own a
 ``"lr_recover"`` and ``"rollback"``, and ``"data_outlier"`` (``gradguard.forensics.DataWatch``: samples,
 scores, losses; action ``"log"``). Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
-factor); ``precursor``: total_norm (``gradguard.precursor``); ``update_jump``: ratio (the step's predicted
+factor); ``precursor``: total_norm, signal (``"weight_growth"`` or ``"grad_climb"``),
+factor, advice (``gradguard.precursor``); ``update_jump``: ratio (the step's predicted
 ``||dW|| / ||W||``), usual, advice (``gradguard.update_size``); ``update_size``: ratio (the layer's smoothed
 update size), advice; ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
 lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. With ``gg.Forensics``, the events
@@ -50,6 +51,7 @@ from torch import Tensor
 
 from gradguard.decide import Responses
 from gradguard.detect import Verdict, kinds_of
+from gradguard.precursor import SIGNAL_NAMES, WEIGHT_GROWTH
 from gradguard.update_size import UpdateSizeVerdict
 
 
@@ -81,6 +83,8 @@ class Event(_EventKeys, total=False):
     ratio: float
     usual: float
     advice: str
+    signal: str  # precursor: "weight_growth" or "grad_climb" (gradguard.precursor.SIGNAL_NAMES)
+    factor: float  # precursor: how far above its threshold's baseline (growth, or norm over its floor)
 
 
 class _StepKeys(TypedDict):
@@ -120,6 +124,8 @@ FIELDS = (
     "update_usual",  # its usual size
     "update_layer",  # the layer whose measured update size is furthest past its thresholds
     "update_layer_ratio",  # that layer's smoothed update size
+    "precursor_signal",  # the early-warning signal above its threshold (gradguard.precursor.SIGNAL_NAMES; 0: none)
+    "precursor_factor",  # how far above it
 )
 COLUMN = {name: i for i, name in enumerate(FIELDS)}
 
@@ -162,6 +168,8 @@ def history_row(loss: Tensor, verdict: Verdict, total_norm: Tensor, coef: Tensor
         "spike_threshold": verdict.spike_threshold,
         "growth_rate": verdict.growth_rate,
         "layer": verdict.layer,
+        "precursor_signal": verdict.precursor_signal,
+        "precursor_factor": verdict.precursor_factor,
     }
     if update is None:
         nan = torch.full((), math.nan, dtype=dtype, device=total.device)
@@ -297,7 +305,10 @@ class History:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rows = None if state["rows"] is None else state["rows"].clone()
+        rows = state["rows"]
+        if rows is not None and rows.shape[1] < len(FIELDS):  # saved before the last columns existed: NaN there
+            rows = torch.cat([rows, rows.new_full((rows.shape[0], len(FIELDS) - rows.shape[1]), math.nan)], 1)
+        self._rows = None if rows is None else rows.clone()
         self._steps, self._lrs = list(state["steps"]), list(state["lrs"])
         self._names = [list(n) for n in state["names"]]
         self._written = int(state["written"])
@@ -305,6 +316,24 @@ class History:
         self._layer_steps = list(state["layer_steps"])
         self._layer_names = list(state["layer_names"])
         self._layer_written = int(state["layer_written"])
+
+
+def precursor_event(row: dict[str, Any], layer: str | None) -> tuple[str, float, str]:
+    """A ``precursor`` event's signal, factor and advice: which signal fired, how far, what to do
+    (``gradguard.precursor``)."""
+    code = int(row["precursor_signal"]) if math.isfinite(row["precursor_signal"]) else 0
+    signal = SIGNAL_NAMES.get(code, "unknown")
+    factor = row["precursor_factor"]
+    if code == WEIGHT_GROWTH:
+        advice = (f"the weights' norm grew {factor:.3g} times since the last sample: the learning rate is too large "
+                  "for the weights' scale (Wortsman et al. 2023); lower it or warm up longer (on a transformer: "
+                  "qk-layernorm, z-loss); the layer whose gradient is furthest above its average is "
+                  f"{layer}")
+    else:
+        advice = (f"the smoothed gradient norm climbed {factor:.3g} times above its floor, led by {layer}: the run "
+                  "is turning unstable; lower the learning rate, or roll back before the climb "
+                  "(responses={'precursor': 'rollback'})")
+    return signal, factor, advice
 
 
 def to_record(row: dict[str, Any], responses: Responses) -> StepRecord:
@@ -327,6 +356,8 @@ def to_record(row: dict[str, Any], responses: Responses) -> StepRecord:
             event["z"] = row["loss_z"]
         if kind == "growth":
             event["rate"] = row["growth_rate"]
+        if kind == "precursor":
+            event["signal"], event["factor"], event["advice"] = precursor_event(row, layer)
         if kind == "update_jump":
             event["layer"] = None  # the whole step: its learning rate
             event["ratio"], event["usual"] = row["update_ratio"], row["update_usual"]

@@ -34,7 +34,9 @@ both computed with device tensors only (no host read):
 threshold, of either signal (one warning per climb; :attr:`Precursor.above` holds whether a signal is above
 it now); :attr:`Precursor.first` holds the first step above it (-1: none), also on the device. Read them
 when the history is flushed. The Guard runs one in its detector: event kind ``precursor``, response
-``"log"`` by default; it passes the weight norm on the steps :meth:`Precursor.wants_weights` names.
+``"log"`` by default; it passes the weight norm on the steps :meth:`Precursor.wants_weights` names. The event
+says which signal fired (``signal``: ``"weight_growth"`` or ``"grad_climb"``, from :class:`PrecursorVerdict`), how
+far (``factor``), the layer whose gradient is furthest above its own average, and what to do (``advice``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ from torch import Tensor
 
 from gradguard.stats import per_tensor_norms
 
-__all__ = ["Precursor", "PrecursorStep", "PrecursorTensors", "precursor_step", "weight_norm"]
+__all__ = ["GRAD_CLIMB", "SIGNAL_NAMES", "WEIGHT_GROWTH", "Precursor", "PrecursorStep", "PrecursorTensors", "PrecursorVerdict",
+           "precursor_step", "weight_norm"]
+
+#: The signals, as the codes of :attr:`PrecursorVerdict.signal` (0: none is above its threshold).
+GRAD_CLIMB, WEIGHT_GROWTH = 1, 2
+SIGNAL_NAMES = {GRAD_CLIMB: "grad_climb", WEIGHT_GROWTH: "weight_growth"}
 
 
 def weight_norm(params: Iterable[Tensor]) -> Tensor:
@@ -84,6 +91,17 @@ class PrecursorTensors(NamedTuple):
                    log_weight=full(math.nan, torch.float32), weight_above=full(False, torch.bool))
 
 
+class PrecursorVerdict(NamedTuple):
+    """What one update says (0-d device tensors): whether a signal has just climbed past its threshold, which one,
+    and how far."""
+
+    raised: Tensor  # bool: a signal has just climbed past its threshold (the first step of a climb)
+    signal: Tensor  # int64: WEIGHT_GROWTH when the weight growth is above its threshold, else GRAD_CLIMB when the
+    #                 gradient-norm climb is, else 0 (both above: WEIGHT_GROWTH, the earlier and rarer signal)
+    factor: Tensor  # float32: that signal's factor: the weights' growth since the previous sample, or the smoothed
+    #                 gradient norm over its floor (1: none)
+
+
 @dataclass(frozen=True)
 class PrecursorStep:
     """What one update does, fixed on the host: the constants and the kind of step."""
@@ -98,32 +116,40 @@ class PrecursorStep:
 
 
 def precursor_step(s: PrecursorTensors, log_norm: Tensor, finite: Tensor, weight_norm: Tensor | None,
-                   config: PrecursorStep) -> tuple[PrecursorTensors, Tensor]:
+                   config: PrecursorStep) -> tuple[PrecursorTensors, PrecursorVerdict]:
     """One update of the signals (the module docstring's formulas), a pure function of device tensors: the
-    new state, and True (0-d bool) when a signal has just climbed past its threshold."""
+    new state, and the verdict (``raised``: a signal has just climbed past its threshold; which one, how far)."""
     log_norm = log_norm.float().reshape(())
     if config.first_update:
         smoothed = torch.where(finite, log_norm, 0.0)
     else:
         smoothed = torch.where(finite, torch.lerp(s.smoothed, log_norm, 1.0 - config.alpha), s.smoothed)
     floor, above, log_weight, weight_above = s.floor, None, s.log_weight, s.weight_above
+    zero = torch.zeros((), dtype=torch.float32, device=log_norm.device)
+    climb, grad_above, growth = zero, torch.zeros_like(s.above), zero
     if config.warm:
         floor = torch.minimum(smoothed, s.floor + config.rate)
-        above = smoothed - floor > config.log_ratio
+        climb = smoothed - floor
+        grad_above = climb > config.log_ratio
+        above = grad_above
     if config.log_weight_ratio is not None:
         if config.sampled and weight_norm is not None:
             log_weight = weight_norm.detach().float().reshape(()).to(log_norm.device).log()
+            growth = log_weight - s.log_weight
             # NaN before the first sample, and a NaN/Inf norm, compare False: the nonfinite events cover it
-            weight_above = log_weight - s.log_weight > config.log_weight_ratio
+            weight_above = growth > config.log_weight_ratio
         above = weight_above if above is None else above | weight_above
     if above is None:  # nothing can warn yet
         raised, above, first = torch.zeros_like(s.above), s.above, s.first
     else:
         raised = above & ~s.above
         first = torch.where(above & (s.first < 0), s.step, s.first)
+    # which signal, for the event (weight_above only turns on at a sample, so growth is that sample's)
+    signal = torch.where(weight_above, WEIGHT_GROWTH, torch.where(grad_above, GRAD_CLIMB, 0))
+    factor = torch.where(weight_above, growth, torch.where(grad_above, climb, zero)).exp()
     state = PrecursorTensors(smoothed=smoothed, floor=floor, above=above, first=first, step=s.step + 1,
                              log_weight=log_weight, weight_above=weight_above)
-    return state, raised
+    return state, PrecursorVerdict(raised=raised, signal=signal, factor=factor)
 
 
 class Precursor:
@@ -213,9 +239,9 @@ class Precursor:
         """:meth:`update` from the log of the norm and whether it is finite (0-d tensors), for a caller that has
         them already."""
         state, config = self.begin(log_norm.device, weight_norm is not None)
-        state, raised = precursor_step(state, log_norm, finite, weight_norm, config)
+        state, verdict = precursor_step(state, log_norm, finite, weight_norm, config)
         self.keep(state)
-        return raised
+        return verdict.raised
 
     def keep(self, state: PrecursorTensors) -> None:
         """Keep the state :func:`precursor_step` returned: one more update."""
