@@ -63,37 +63,86 @@ def _break(path: str, how: str) -> None:
     open(path, "wb").write(data)
 
 
+def _finite(guard: gg.Guard) -> bool:
+    tensors = [*guard.model.parameters(), *(v for s in guard.optimizer.state.values() for v in s.values())]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def _events(guard: gg.Guard, kind: str) -> list[dict]:
+    return [e for r in guard.history for e in r["events"] if e["kind"] == kind]
+
+
 @pytest.mark.parametrize("how", ["truncated", "foreign"])
-def test_a_corrupted_or_foreign_file_is_never_restored_the_older_good_one_is(tmp_path, how):
+def test_a_corrupted_or_foreign_file_is_never_restored_the_bytes_it_was_written_from_are(tmp_path, how):
     """Regression: a truncated snapshot file gave a raw error at the rollback, with NaN weights left."""
     model = _model()
     guard = _guard(model, tmp_path)
     _train(guard, range(6))
     snapshot = guard.recovery.snapshot
     assert snapshot.step == 5 and snapshot.previous is not None and snapshot.previous[0] == 3
-    older = torch.load(io.BytesIO(open(snapshot.file(3), "rb").read().partition(b"\n")[2]), weights_only=True)
+    kept = snapshot.load()
     _break(snapshot.path, how)
     _poison(model)
     _train(guard, range(6, 8))  # the flush after step 7 finds the NaN: a rollback
-    events = [e for r in guard.history for e in r["events"]]
-    fallback = [e for e in events if e["kind"] == "snapshot_fallback"]
-    assert len(fallback) == 1 and fallback[0]["to_step"] == 3 and "gradguard_snapshot.step5.pt" in fallback[0]["reason"]
-    assert [e["to_step"] for e in events if e["kind"] == "rollback"] == [3]
+    fallback = _events(guard, "snapshot_fallback")
+    assert len(fallback) == 1 and fallback[0]["to_step"] == 5 and "gradguard_snapshot.step5.pt" in fallback[0]["reason"]
+    assert "held in memory" in fallback[0]["reason"]
+    assert [e["to_step"] for e in _events(guard, "rollback")] == [5]
     for name, value in model.state_dict().items():
-        assert torch.equal(value, older["model"][name]), name
+        assert torch.equal(value, kept["model"][name]), name
 
 
-def test_with_no_file_left_to_trust_training_diverged_says_so(tmp_path):
+def test_with_no_file_left_to_trust_the_run_still_rolls_back_and_gives_up_finite(tmp_path):
+    """Regression: with every snapshot file truncated (soak's disk_snapshot family, 7 runs of 10), the rollback
+    found nothing to restore and the run ended in TrainingDiverged with NaN weights."""
     model = _model()
     guard = _guard(model, tmp_path)
     _train(guard, range(6))
     snapshot = guard.recovery.snapshot
-    _break(snapshot.path, "truncated")
-    _break(snapshot.file(snapshot.previous[0]), "truncated")
+    kept = snapshot.load()
+    for name in os.listdir(tmp_path):
+        _break(str(tmp_path / name), "truncated")
     _poison(model)
-    with pytest.raises(gg.TrainingDiverged, match="no snapshot file can be trusted") as info:
+    _train(guard, range(6, 8))
+    assert [e["to_step"] for e in _events(guard, "rollback")] == [5] and _finite(guard)
+    assert all(torch.equal(v, kept["model"][k]) for k, v in model.state_dict().items())
+
+    # the budget spent: TrainingDiverged, with the snapshot's weights and optimizer state back, finite
+    model = _model()
+    guard = _guard(model, tmp_path / "spent", max_rollbacks=0)
+    _train(guard, range(6))
+    for name in os.listdir(tmp_path / "spent"):
+        _break(str(tmp_path / "spent" / name), "truncated")
+    _poison(model)
+    with pytest.raises(gg.TrainingDiverged, match="rollback budget is spent") as info:
         _train(guard, range(6, 8))
-    assert info.value.snapshot_step is None
+    assert info.value.snapshot_step == 5 and _finite(guard)
+
+
+def test_a_damaged_file_at_resume_gives_way_to_the_older_good_one(tmp_path):
+    """A resumed run holds no bytes of its own yet: its checkpoint's file is checked as it loads, and one that
+    fails gives way to the older good file; from then on that file's bytes are held."""
+    model = _model()
+    guard = _guard(model, tmp_path)
+    _train(guard, range(6))
+    checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                  "optimizer": guard.optimizer.state_dict(), "guard": guard.state_dict()}
+    snapshot = guard.recovery.snapshot
+    older = torch.load(io.BytesIO(open(snapshot.file(3), "rb").read().partition(b"\n")[2]), weights_only=True)
+    _break(snapshot.path, "truncated")
+
+    resumed_model = _model()
+    resumed = _guard(resumed_model, tmp_path)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.optimizer.load_state_dict(checkpoint["optimizer"])
+    with pytest.warns(RuntimeWarning, match="the older one, of step 3, is used"):
+        resumed.load_state_dict(checkpoint["guard"])
+    assert resumed.recovery.snapshot.step == 3
+    os.remove(resumed.recovery.snapshot.path)  # and then that file goes too: its bytes are held
+    _poison(resumed_model)
+    _train(resumed, range(6, 8))
+    assert [e["to_step"] for e in _events(resumed, "rollback")] == [3] and _finite(resumed)
+    assert all(torch.equal(v, older["model"][k]) for k, v in resumed_model.state_dict().items())
 
 
 def test_a_resumed_run_restores_its_checkpoints_snapshot_never_a_later_runs(tmp_path):

@@ -83,3 +83,29 @@ def test_a_module_added_after_the_guard_is_built_is_measured():
     guard.close()
     assert [(e["kind"], e["layer"]) for e in guard.history[9]["events"]] == [("nonfinite_grad", "extra")]
     assert "extra" in guard.history[8]["layer_norms"]
+
+
+def test_a_group_added_during_an_lr_cut_takes_the_cut_and_grows_back_to_its_own_lr():
+    """Regression: a group added with add_param_group while the LR was cut came in at its full LR and each
+    growth of the scale raised it further: 2x its own LR once the cut was undone."""
+    model = _Net()
+    model.head.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.body.parameters(), lr=0.1)
+    guard = gg.Guard(model, optimizer, recovery=gg.RecoveryPolicy(lr_recover_after=20))
+    for i in range(60):
+        _step(guard, model, i)
+    for i in range(60, 66):  # NaN losses in a row: the weights in doubt, a back-off
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(i))
+        loss = nn.functional.mse_loss(model(x), torch.sin(x[:, :1])) * math.nan
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad()
+    assert guard.recovery.lr_scale == 0.5 and optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    model.head.requires_grad_(True)
+    optimizer.add_param_group({"params": list(model.head.parameters()), "lr": 0.2})  # unfreeze the head
+    _step(guard, model, 66)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.1)  # the cut in force applies to it
+    for i in range(67, 120):
+        _step(guard, model, i)
+    assert guard.recovery.lr_scale == 1.0
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.2])

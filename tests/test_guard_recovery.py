@@ -122,16 +122,14 @@ def test_snapshots_wait_for_clean_steps_and_a_loss_near_its_level():
     guard = gg.Guard(model, optimizer, log_every=5, recovery=policy)
     snapshots = []
     for i in range(40):
-        nan = i in (12, 13)
-        loss = _loss(model, i)
-        if nan:
-            model[0].weight.grad[0, 0] = math.nan
+        loss = _loss(model, i, scale=math.nan if i in (12, 13) else 1.0)  # NaN losses: the weights in doubt
         guard.step(loss)
         optimizer.zero_grad()
         snapshots.append(guard.recovery.snapshot.step)
     # a snapshot holds the state as the last step before a flush began (of step 9 at the flush after step
     # 9), kept when that step and the ones before it were clean: 0 at the start, 9 after steps 2..9 were
-    # clean (8 steps); steps 12 and 13 were skipped: the next is due at the flush after 14 but needs 14..21
+    # clean (8 steps); steps 12 and 13 were skipped for a NaN loss (a NaN gradient with a healthy loss would
+    # neither count nor break the streak: the test below): the next is due at the flush after 14 but needs 14..21
     # clean, so it comes at the flush after step 24 and holds the state of step 24
     assert sorted(set(snapshots)) == [0, 9, 24, 29, 34, 39]
     assert snapshots[14] == 9 and snapshots[19] == 9 and snapshots[24] == 24
@@ -416,3 +414,29 @@ def test_the_account_of_a_give_up_counts_the_step_that_gave_up():
             optimizer.zero_grad(set_to_none=True)
     summary = info.value.summary
     assert summary["steps"] == calls == summary["skipped"] == guard.step_count
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_run_with_a_nan_batch_every_10th_step_keeps_refreshing_its_snapshot(fused):
+    """Regression: a snapshot needed 10 steps in a row without event or skip, and a NaN batch every 10th step
+    (a harmless skip) broke every streak: no snapshot after step 0, so a later rollback threw the whole run
+    away. A skip for the batch's fault (non-finite gradient, loss finite and at its level) neither counts
+    nor breaks the streak."""
+    model = _model()
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True) if fused
+                 else torch.optim.SGD(model.parameters(), lr=0.05))
+    guard = gg.Guard(model, optimizer)  # the defaults: a snapshot every 25 steps after 10 quiet ones
+    for i in range(160):
+        loss = _loss(model, i)
+        if i % 10 == 5:
+            model[0].weight.grad[0, 0] = math.nan
+        guard.step(loss)
+        optimizer.zero_grad()
+        if i == 140:
+            with torch.no_grad():
+                model[2].bias.fill_(math.nan)
+    guard.close()
+    rollbacks = [e for r in guard.history for e in r["events"] if e["kind"] == "rollback"]
+    assert guard.summary()["skipped"] >= 14
+    assert len(rollbacks) == 1 and rollbacks[0]["to_step"] >= 99  # not back to step 0
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -60,18 +60,29 @@ with ``GradScaler(growth_interval=5)``, end at the starting LR).
 **Good snapshots only.** A snapshot is the state rollbacks return to, so it is kept only when known to be
 good. When one is due (``snapshot_every`` steps after the previous one), the state is captured as the
 last step before a flush begins; the flush keeps it if that step, which ran on it, and the ones before it
-make ``snapshot_clean_steps`` steps in a row without event or skip, over which the loss stayed near its
+make ``snapshot_clean_steps`` steps in a row without event or skip (a skip for its batch's fault alone, a
+non-finite gradient with a finite loss that is no spike, as a NaN batch or a GradScaler overflow, neither
+counts nor breaks the streak: the weights did not move, and their loss vouched for them; so a run with a
+NaN batch every 10th step still refreshes its snapshot), over which the loss stayed near its
 healthy level: the mean of their z-scores of the log loss (the detector's, against its moving average)
 is at most ``snapshot_loss_z`` (a mean, so that one harder batch does not count, while a loss that stays
 above its level does), and so is the z-score of the step run on the captured state itself (the only one
-that judges those weights; a harder batch there only delays the snapshot to the next flush). Every
+that judges those weights; it must be a real step without event: a harder batch or a batch's skip there
+only delays the snapshot to the next flush). Every
 snapshot's weights have thus been run and gave a healthy step, and were checked finite at that flush.
 (The weights after the flush's own last step have not been run: an update that wrecked them, the first
 step of an LR burst, shows only in the next step's loss.) Weights that an event damaged are therefore never
 kept. The first snapshot holds the weights as training starts. Snapshots live in memory (a clone of every
 tensor, on its device) or, with ``snapshot_dir``, in one file on disk written atomically (large models:
-raise ``snapshot_every`` there, each snapshot writes the whole state). From the capture to its flush (one
+raise ``snapshot_every`` there, each snapshot writes the whole state), whose bytes are also held in host
+memory (none on the device): a file found damaged at a rollback (truncated, replaced, deleted) is never
+restored, the bytes it was written from are, so that there is always a finite state to go back to (the
+older file is the fallback after a resume, before any bytes are held). From the capture to its flush (one
 step) two copies exist, as while a snapshot is written.
+
+**The cut covers every group.** A parameter group added mid-run (``add_param_group``) comes in at the
+user's LR; the cut in force (``lr_scale``) is applied to it at once, so that growing the scale back brings
+it to its own LR, never past it.
 """
 
 from __future__ import annotations
@@ -268,7 +279,9 @@ class Snapshot:
     difference raises :class:`SnapshotError` naming the file, the value expected and the value found. Files
     are named by step (``<prefix>.step<N>.pt``), so that a run resumed from an older checkpoint looks for
     its own snapshot and never restores a later run's; the previous good file is kept as a fallback
-    (``previous``), older ones are removed.
+    (``previous``), older ones are removed. The bytes of the file in use are held in host memory (as written
+    and checked, or as read back by :meth:`verify` after a resume): a file that fails its check gives way
+    to them (:meth:`load_held`), never the reverse.
     """
 
     PREFIX = "gradguard_snapshot"
@@ -286,6 +299,9 @@ class Snapshot:
         #: device bool: whether any floating tensor saved (weights, buffers, optimizer state) holds NaN/Inf
         self.nonfinite: Tensor | None = None
         self._state: dict[str, Any] | None = None
+        #: disk: the bytes of this step's file, as written and checked (or as read back after a resume): what
+        #: a rollback restores when the file no longer passes its check (truncated, replaced, deleted)
+        self._held: bytes | None = None
 
     def file(self, step: int) -> str:
         assert self.directory is not None
@@ -300,10 +316,12 @@ class Snapshot:
         if self.directory is None:
             self._state = clone_tree(state)
         else:
-            self.checksum = self._write(step, state)
+            self._held = None
+            self.checksum, self._held = self._write(step, state)
         self.step, self.loss = step, None
 
-    def _write(self, step: int, state: dict[str, Any]) -> str:
+    def _write(self, step: int, state: dict[str, Any]) -> tuple[str, bytes]:
+        """Write, check and rename the file of ``step``; its checksum and payload."""
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
@@ -319,9 +337,13 @@ class Snapshot:
             os.fsync(f.fileno())
         self._read(partial, step, checksum)  # verified after it is written
         os.replace(partial, final)  # atomic: a crash never leaves half a snapshot under the final name
-        return checksum
+        return checksum, payload
 
     def _read(self, path: str, step: int, checksum: str | None) -> dict[str, Any]:
+        """The state in ``path``, after checking its header and checksum; raises :class:`SnapshotError`."""
+        return self._unpack(self._read_payload(path, step, checksum), path)
+
+    def _read_payload(self, path: str, step: int, checksum: str | None) -> bytes:
         """The payload of ``path``, after checking its header and checksum; raises :class:`SnapshotError`."""
         try:
             with open(path, "rb") as f:
@@ -330,31 +352,48 @@ class Snapshot:
             header = json.loads(head)
         except (OSError, ValueError) as error:
             raise SnapshotError(f"Snapshot: cannot read {path!r}: {error}") from error
-        expected = {"format": SNAPSHOT_FORMAT, "step": step, "fingerprint": self.fingerprint,
-                    "size": len(payload)}
+        expected = {"format": SNAPSHOT_FORMAT, "step": step, "fingerprint": self.fingerprint}
         if checksum is not None:
             expected["sha256"] = checksum
         for key, value in expected.items():
             if not isinstance(header, dict) or header.get(key) != value:
                 found = header.get(key) if isinstance(header, dict) else header
                 raise SnapshotError(f"Snapshot: {path!r} has {key} {found!r}, expected {value!r}")
+        if header.get("size") != len(payload):
+            raise SnapshotError(f"Snapshot: {path!r} is truncated or padded: its header gives a payload of "
+                                f"{header.get('size')!r} bytes, the file holds {len(payload)}")
         if hashlib.sha256(payload).hexdigest() != header["sha256"]:
             raise SnapshotError(f"Snapshot: {path!r} is corrupted: its payload's sha256 is not the "
                                 f"{header['sha256']!r} its header holds")
+        return payload
+
+    @staticmethod
+    def _unpack(payload: bytes, source: str) -> dict[str, Any]:
         try:
             state: dict[str, Any] = torch.load(io.BytesIO(payload), weights_only=True)
         except Exception as error:
-            raise SnapshotError(f"Snapshot: {path!r} holds no loadable state: {error}") from error
+            raise SnapshotError(f"Snapshot: {source!r} holds no loadable state: {error}") from error
         return state
 
     def load(self) -> dict[str, Any]:
-        """A fresh copy of the state; a file is checked first (:class:`SnapshotError` when it fails)."""
+        """A fresh copy of the state; a file is checked first (:class:`SnapshotError` when it fails), and its
+        bytes are held from then on (after a resume, the first check is :meth:`verify`'s)."""
         if self.step is None:
             raise RuntimeError("Snapshot: nothing saved yet")
         if self.directory is None:
             assert self._state is not None
             return clone_tree(self._state)
-        return self._read(self.file(self.step), self.step, self.checksum)
+        path = self.file(self.step)
+        payload = self._read_payload(path, self.step, self.checksum)
+        self._held = payload
+        return self._unpack(payload, path)
+
+    def load_held(self) -> dict[str, Any] | None:
+        """Disk: the state from the bytes held of this step's file (checked against its checksum), for when
+        the file itself fails its check; None when none are held or they do not match."""
+        if self._held is None or self.step is None or hashlib.sha256(self._held).hexdigest() != self.checksum:
+            return None
+        return self._unpack(self._held, f"{self.file(self.step)} (the bytes held in memory)")
 
     def fall_back(self) -> bool:
         """Drop the current file (it failed its check) for the previous good one; False when there is none."""
@@ -362,28 +401,34 @@ class Snapshot:
             return False
         self._remove(self.step)
         (self.step, self.checksum), self.previous = self.previous, None
-        self.loss = None
+        self.loss, self._held = None, None
         return True
 
     def verify(self) -> None:
-        """Check the file(s) this object expects (after a resume); drop what fails, with a warning."""
+        """Check the file(s) this object expects (after a resume) and hold the bytes of the one in use; drop
+        what fails, with a warning."""
         if self.directory is None:
             return
         if self.previous is not None:
             try:
-                self._read(self.file(self.previous[0]), *self.previous)
+                self._read_payload(self.file(self.previous[0]), *self.previous)
             except SnapshotError as error:
                 warnings.warn(f"gradguard: the fallback snapshot is not usable ({error}); it is dropped",
                               RuntimeWarning, stacklevel=3)
                 self.previous = None
-        if self.step is not None:
-            try:
-                self.load()
-            except SnapshotError as error:
-                if not self.fall_back():
-                    warnings.warn(f"gradguard: the checkpoint's snapshot is not usable ({error}); a new one "
-                                  "is taken of the weights as training resumes", RuntimeWarning, stacklevel=3)
-                    self.step, self.checksum, self.loss = None, None, None
+        if self.step is None:
+            return
+        try:
+            self.load()  # holds its bytes
+        except SnapshotError as error:
+            if self.fall_back():
+                warnings.warn(f"gradguard: the checkpoint's snapshot is not usable ({error}); the older one, of "
+                              f"step {self.step}, is used", RuntimeWarning, stacklevel=3)
+                self.load()  # checked just above: holds its bytes
+            else:
+                warnings.warn(f"gradguard: the checkpoint's snapshot is not usable ({error}); a new one "
+                              "is taken of the weights as training resumes", RuntimeWarning, stacklevel=3)
+                self.step, self.checksum, self.loss, self._held = None, None, None, None
 
     def take(self, other: Snapshot) -> None:
         """Hold ``other``'s state from now on; ``other`` is left empty. On disk this snapshot's file becomes
@@ -397,6 +442,7 @@ class Snapshot:
                 self._remove(self.previous[0])
             self.previous = None if self.step is None or self.checksum is None else (self.step, self.checksum)
             self.checksum, other.checksum = other.checksum, None
+            self._held, other._held = other._held, None  # the previous file is kept on disk only
         self.step, other.step = other.step, None
         self.loss, other.loss = other.loss, None
         self.nonfinite, other.nonfinite = other.nonfinite, None
@@ -409,6 +455,7 @@ class Snapshot:
     def clear(self) -> None:
         self._remove(self.step)
         self.step, self.loss, self._state, self.nonfinite, self.checksum = None, None, None, None, None
+        self._held = None
 
     def state_dict(self) -> dict[str, Any]:
         # a memory snapshot travels with the checkpoint; a disk snapshot stays in its file, named by its
@@ -422,6 +469,7 @@ class Snapshot:
         self.checksum = state.get("checksum")
         previous = state.get("previous")
         self.previous = None if previous is None else (int(previous[0]), str(previous[1]))
+        self._held = None  # read back by verify()
         if self.directory is None:
             self._state = None if state["state"] is None else clone_tree(state["state"])
 
@@ -431,9 +479,11 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(g["lr"]) for g in optimizer.param_groups]
 
 
-def scale_lr_(optimizer: torch.optim.Optimizer, factor: float, scheduler: Any = None) -> None:
-    """Multiply every group's learning rate by ``factor``, and the scheduler's ``base_lrs`` with it."""
-    for group in optimizer.param_groups:
+def scale_lr_(optimizer: torch.optim.Optimizer, factor: float, scheduler: Any = None,
+              groups: Sequence[dict[str, Any]] | None = None) -> None:
+    """Multiply every group's learning rate (or only those of ``groups``) by ``factor``, and the scheduler's
+    ``base_lrs`` with it."""
+    for group in optimizer.param_groups if groups is None else groups:
         if isinstance(group["lr"], Tensor):
             group["lr"].mul_(factor)
         else:
@@ -551,6 +601,16 @@ class EscalationCounts(NamedTuple):
     last_backoff: int | None
     lr_scale: float
     real_steps_at_scale: int
+
+
+def batch_skip(record: StepRecord, loss_z: float) -> bool:
+    """Whether a flushed step was skipped for its batch's fault alone: its only events are non-finite
+    gradients (a NaN batch, a GradScaler overflow) and its loss, run on the same weights, was finite and no
+    spike. Such a step neither counts toward a snapshot's quiet streak nor breaks it (the weights did not
+    move, and their loss vouched for them), as real steps at a cut LR are counted across such skips."""
+    return bool(record["skipped"] and record["events"]) and all(
+        event["kind"] == "nonfinite_grad" for event in record["events"]) and math.isfinite(loss_z) and (
+        math.isfinite(record["loss"]))
 
 
 def lr_growth(policy: RecoveryPolicy) -> float:
@@ -787,6 +847,12 @@ class Recovery:
         self.snapshot.clear()
         self.candidate.clear()
         self.rollbacks_to_snapshot = 0
+        # a group added (add_param_group) comes at the user's LR: the cut in force applies to it too, so that
+        # growing the scale back brings it to the user's LR, never past it
+        added_groups = self.state.optimizer.param_groups[len(self.initial_lrs):]
+        self.initial_lrs.extend(float(group["lr"]) for group in added_groups)
+        if added_groups and self.lr_scale < 1.0:
+            scale_lr_(self.state.optimizer, self.lr_scale, groups=added_groups)
         self.note({"step": step, "kind": "params_changed", "layer": None, "action": "snapshot",
                    "reason": f"parameters added: {', '.join(added[:5]) or '?'}{', ...' if len(added) > 5 else ''}"})
 
@@ -798,6 +864,12 @@ class Recovery:
                 return self.snapshot.load()
             except SnapshotError as error:
                 failed = str(error)
+                held = self.snapshot.load_held()
+                if held is not None:  # the file is damaged, the bytes it was written from are not
+                    self.note({"step": step, "kind": "snapshot_fallback", "layer": None, "action": "rollback",
+                               "reason": f"{failed}; restored from the bytes held in memory",
+                               "to_step": self.snapshot.step})
+                    return held
                 if not self.snapshot.fall_back():
                     self.snapshot.step = None
                     raise GiveUp(f"{reason} at step {step} called for a rollback, and no snapshot file can be "
@@ -833,7 +905,9 @@ class Recovery:
         for record, z in zip(records, loss_z):
             if record["step"] <= self.restored_after:
                 continue
-            if record["events"] or record["skipped"]:
+            if batch_skip(record, z):  # the weights did not move, and their loss vouched for them
+                self.quiet_loss_z.append(z)
+            elif record["events"] or record["skipped"]:
                 self.quiet_steps = 0
                 self.quiet_loss_z.clear()
             else:
@@ -851,9 +925,12 @@ class Recovery:
             return
         p = self.policy
         loss_near_level = not sum(self.quiet_loss_z) > p.snapshot_loss_z * len(self.quiet_loss_z)
-        # the last record is the step run on the candidate's weights: clean, and near the level on its own
-        ran_well = self.quiet_steps >= 1 and records[-1]["step"] == self.candidate.step and not (
-            self.quiet_loss_z[-1] > p.snapshot_loss_z)
+        # the last record is the step run on the candidate's weights: a real step without event (a batch's
+        # skip there does not do: weights whose gradients overflow while their loss looks fine would be kept),
+        # and near the level on its own
+        last = records[-1]
+        ran_well = last["step"] == self.candidate.step and not (last["events"] or last["skipped"]) and (
+            self.quiet_steps >= 1 and not self.quiet_loss_z[-1] > p.snapshot_loss_z)
         if ran_well and candidate_finite and self.quiet_steps >= p.snapshot_clean_steps and loss_near_level:
             self.snapshot.take(self.candidate)
             if self.phase is RecoveryState.ROLLING_BACK:
