@@ -539,7 +539,7 @@ class RecoveryState(str, Enum):
     * ``healthy`` -> ``backing_off`` (an LR back-off) | ``rolling_back`` (a rollback);
     * ``backing_off`` -> ``rolling_back`` (a rollback) | ``recovered`` (the LR scale grew back to 1);
     * ``rolling_back`` -> ``recovered`` (a newer good snapshot: training went on from the restored state
-      and proved healthy);
+      and proved healthy) | ``backing_off`` (the same, with the LR still cut: it grows back from there);
     * ``recovered`` -> ``healthy`` (the next real step) | ``backing_off`` | ``rolling_back``;
     * any -> ``diverged`` (giving up); ``diverged`` is final.
     """
@@ -563,6 +563,7 @@ class Trigger(str, Enum):
     ROLLBACK = "rollback"
     SCALE_RESTORED = "scale_restored"
     SNAPSHOT_KEPT = "snapshot_kept"
+    SNAPSHOT_KEPT_LR_CUT = "snapshot_kept_lr_cut"
     REAL_STEP = "real_step"
     GAVE_UP = "gave_up"
 
@@ -653,6 +654,21 @@ class Recovery:
     step on the plain path, at the flush on the fused path), and :meth:`at_flush` when it has read the
     weights' finite check and the flushed records. Decisions that end training raise :class:`GiveUp`;
     :meth:`diverged` then restores the last good snapshot and builds the :class:`TrainingDiverged`.
+
+    Its state (:attr:`phase`, a :class:`RecoveryState`) moves only in :meth:`_enter`, on this evidence:
+
+    | from | evidence (the trigger) | to |
+    |---|---|---|
+    | healthy, recovered | ``backoff_after`` suspect skips within ``skip_window`` (``lr_backoff``) | backing_off |
+    | any but diverged | ``rollback_after`` suspect skips, non-finite weights or optimizer state at a flush, or a ``"rollback"`` response (``rollback``) | rolling_back |
+    | backing_off | ``lr_recover_after`` real steps at each cut, counted across skips, brought ``lr_scale`` back to 1 (``scale_restored``) | recovered |
+    | rolling_back | a newer snapshot kept: training went on from the restored state and proved healthy (``snapshot_kept``) | recovered |
+    | rolling_back | the same, with ``lr_scale`` still below 1 (``snapshot_kept_lr_cut``) | backing_off |
+    | recovered | the next real step (``real_step``) | healthy |
+    | any | the rollback budget spent, ``max_skip_streak`` skips in a row, a ``"raise"`` response (``gave_up``) | diverged (final) |
+
+    Neither a skip for its batch's fault (a NaN batch whose loss is healthy) nor a ``GradScaler`` overflow
+    is suspect: such a skip clears the suspect count (skipping works) and adds to the skip streak only.
     """
 
     def __init__(self, policy: RecoveryPolicy, state: TrainingState, fingerprint: str = "", name_suffix: str = ""):
@@ -750,7 +766,8 @@ class Recovery:
             new = {Trigger.ROLLBACK: RecoveryState.ROLLING_BACK, Trigger.SCALE_RESTORED: RecoveryState.RECOVERED,
                    }.get(trigger, state)
         elif state is RecoveryState.ROLLING_BACK:  # did training from the restored state prove healthy?
-            new = {Trigger.SNAPSHOT_KEPT: RecoveryState.RECOVERED}.get(trigger, state)
+            new = {Trigger.SNAPSHOT_KEPT: RecoveryState.RECOVERED,
+                   Trigger.SNAPSHOT_KEPT_LR_CUT: RecoveryState.BACKING_OFF}.get(trigger, state)
         elif state is RecoveryState.RECOVERED:  # does it stay so?
             new = {Trigger.REAL_STEP: RecoveryState.HEALTHY, Trigger.LR_BACKOFF: RecoveryState.BACKING_OFF,
                    Trigger.ROLLBACK: RecoveryState.ROLLING_BACK}.get(trigger, state)
@@ -933,8 +950,8 @@ class Recovery:
             self.quiet_steps >= 1 and not self.quiet_loss_z[-1] > p.snapshot_loss_z)
         if ran_well and candidate_finite and self.quiet_steps >= p.snapshot_clean_steps and loss_near_level:
             self.snapshot.take(self.candidate)
-            if self.phase is RecoveryState.ROLLING_BACK:
-                self._enter(Trigger.SNAPSHOT_KEPT)
+            if self.phase is RecoveryState.ROLLING_BACK:  # the rollback helped; a cut left grows back from here
+                self._enter(Trigger.SNAPSHOT_KEPT if self.lr_scale >= 1.0 else Trigger.SNAPSHOT_KEPT_LR_CUT)
             self.rollbacks_to_snapshot = 0  # training went on from the last restore and proved healthy: fresh budget
         else:
             self.candidate.clear()
