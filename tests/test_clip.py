@@ -113,6 +113,45 @@ def test_zclip_equals_the_published_package_step_by_step(config: dict) -> None:
     assert clipped_steps >= 5  # the sequence does exercise clipping
 
 
+def test_zclip_at_its_defaults_has_no_fixed_cap_a_steady_norm_of_2_is_not_clipped() -> None:
+    """Issue 17.10: the package's default ``max_grad_norm=1.0`` clipped every step whose norm was above 1, so a
+    healthy run at norm ~2 was clipped 100 times in 100. At the defaults only spikes are clipped (the paper's
+    rule); the cap is an explicit opt-in."""
+    model, numel = mlp(), sum(p.numel() for p in mlp().parameters())
+    levels = np.random.default_rng(3).lognormal(np.log(2.0), 0.05, 100)  # total norm ~2, +-5%
+    clipped = {None: 0, 1.0: 0}
+    for cap in clipped:
+        zclip = ZClip() if cap is None else ZClip(max_grad_norm=cap)
+        for step, level in enumerate(levels):
+            clipped[cap] += bool(zclip(with_grads(model, level / math.sqrt(numel), seed=step)).clipped)
+    assert clipped[None] <= 2, clipped  # a z-score above 2.5 is rare on a steady norm
+    assert clipped[1.0] == 100  # the opt-in cap does what it says
+
+
+def test_guard_with_zclip_leaves_a_healthy_run_at_norm_2_alone() -> None:
+    """Issue 17.10: Guard + ``ZClip()`` clipped every step of a healthy regression whose gradient norm stays at
+    2-9 (the cap of 1.0) and trained slower than the Guard alone; now it clips no step and trains as the Guard
+    alone, to the bit."""
+    def run(clip: ZClip | None) -> tuple[dict[str, int], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Linear(16, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gg.Guard(model, optimizer, clip=clip)
+        gen = torch.Generator().manual_seed(1)
+        teacher = torch.randn(16, 1, generator=gen)
+        for _ in range(100):
+            x = torch.randn(32, 16, generator=gen)
+            loss = nn.functional.mse_loss(model(x), x @ teacher + 2.0 * torch.randn(32, 1, generator=gen))
+            loss.backward()
+            guard.step(loss)
+            optimizer.zero_grad(set_to_none=True)
+        return guard.summary(), [p.detach().clone() for p in model.parameters()]
+
+    (alone, weights_alone), (paired, weights_paired) = run(None), run(ZClip())
+    assert paired["clipped"] == alone["clipped"] == 0, (paired, alone)
+    assert all(torch.equal(a, b) for a, b in zip(weights_alone, weights_paired))
+
+
 # --- AutoClip, AGC, LayerNorm against their formulas ----------------------------------------------
 
 

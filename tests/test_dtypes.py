@@ -66,7 +66,8 @@ def test_global_norm_clips_bit_equal_to_clip_grad_norm(dtype: torch.dtype, scale
 
 
 def all_clippers() -> list[gg.clip.Clipper]:
-    return [GlobalNorm(1.0), Value(0.5), LayerNorm(1.0), AGC(0.01), AutoClip(10.0, 10), ZClip(warmup_steps=2)]
+    return [GlobalNorm(1.0), Value(0.5), LayerNorm(1.0), AGC(0.01), AutoClip(10.0, 10),
+            ZClip(warmup_steps=2, max_grad_norm=1.0)]  # the cap: clipped within the warm-up too
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -24,7 +24,7 @@ from gradguard.lab.executors import Executor, LocalExecutor, Task
 from gradguard.lab.scenarios import Record, RunConfig, execute
 
 #: bump when a change to the lab's code changes results, so that old cached runs are not reused
-LAB_VERSION = 5  # 2: the Guard's defaults (issue 10); 3: its recovery defaults (rollback budget per snapshot); 4: the loss level after a rollback; 5: the doctor's start at the one layer off its peers' scale (issue 18)
+LAB_VERSION = 6  # 2: the Guard's defaults (issue 10); 3: its recovery defaults (rollback budget per snapshot); 4: the loss level after a rollback; 5: the doctor's start at the one layer off its peers' scale (issue 18); 6: ZClip() without a fixed cap (issue 17.10)
 
 ProgressCallback = Callable[[RunConfig, Record], None]
 
