@@ -86,6 +86,9 @@ CONFIGS = ("Guard (defaults)", "Guard + ZClip", "no Guard", "clip_grad_norm_")
 #: the Guard's defaults without ``gradguard.update_size`` (which skips an LR burst from its first step): by --configs
 NO_UPDATE_SIZE = "Guard (update size off)"
 GUARD_CONFIGS = ("Guard (defaults)", "Guard + ZClip")
+#: ``gg.clip.ZClip()`` in the loop, no Guard (by --configs): "Guard + ZClip" is measured against both of its parts
+ZCLIP_ALONE = "ZClip alone"
+OPTIONAL_CONFIGS = (NO_UPDATE_SIZE, ZCLIP_ALONE)
 OLMO = "OLMo-core SkipStepAdamW + clip 1.0"
 SINGLE_FAULTS = ("nan_grad", "inf_grad", "nan_loss", "scaled_batch", "lr_burst", "nan_weight")
 OPTIMIZERS = ("SGD", "AdamW", "AdamW fused")
@@ -335,10 +338,12 @@ class Run:
         self.scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5)
                        if family == "scaler_overflow" else None)
         self.guard = _make_guard(config, self.model, self.optimizer, schedule, workdir, self.scaler)
+        self.zclip = gg.clip.ZClip() if config == ZCLIP_ALONE else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "guard": None if self.guard is None else self.guard.state_dict(),
+                "zclip": None if self.zclip is None else self.zclip.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -346,6 +351,8 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.guard is not None:
             self.guard.load_state_dict(state["guard"])
+        if self.zclip is not None:
+            self.zclip.load_state_dict(state["zclip"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
 
@@ -461,6 +468,8 @@ def _step(run: Run, config: str, loss: torch.Tensor) -> None:
         return
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
+    if config == ZCLIP_ALONE:
+        run.zclip(run.model)
     if config in ("clip_grad_norm_", OLMO):
         params = [p for group in run.optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
@@ -526,8 +535,11 @@ def run_schedule(task: tuple[Any, ...]) -> tuple[Schedule, Outcome, list[Outcome
     return schedule, clean, runs
 
 
-def configs_for(optimizer: str, family: str) -> tuple[str, ...]:
-    """The configurations a family runs under with ``optimizer``: OLMo-core's with AdamW when importable."""
+def configs_for(optimizer: str, family: str, configs: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The configurations a family runs under with ``optimizer``: ``configs`` when given (the Guard's alone on
+    the families that need it), else the default ones and OLMo-core's with AdamW when importable."""
+    if configs is not None:
+        return tuple(c for c in configs if family not in GUARD_ONLY_FAMILIES or c in GUARD_CONFIGS)
     if family in GUARD_ONLY_FAMILIES:
         return GUARD_CONFIGS
     extra = (OLMO,) if optimizer == "AdamW" and olmo_available() is None else ()
@@ -619,11 +631,12 @@ def family_row(outcomes: list[tuple[Outcome, Outcome]]) -> dict[str, Any]:
 
 
 def soak_families(families: tuple[str, ...], optimizers: tuple[str, ...], schedules: int, steps: int = 300,
-                  workers: int = 2, first_seed: int = 10_000) -> tuple[dict[tuple[str, str, str], dict[str, Any]],
-                                                                        list[Any]]:
+                  workers: int = 2, first_seed: int = 10_000, configs: tuple[str, ...] | None = None
+                  ) -> tuple[dict[tuple[str, str, str], dict[str, Any]], list[Any]]:
     """Every family under every optimizer: ``{(optimizer, family, config): row}`` and the raw results. Seeds
-    from 10000: not the ones the random schedules of the suite and the README's soak used."""
-    tasks = [(first_seed + i, steps, configs_for(optimizer, family), family, optimizer)
+    from 10000: not the ones the random schedules of the suite and the README's soak used. ``configs``: those
+    (see :func:`configs_for`), else the defaults."""
+    tasks = [(first_seed + i, steps, configs_for(optimizer, family, configs), family, optimizer)
              for optimizer in optimizers for family in families for i in range(schedules)]
     if workers <= 1:
         results = [run_schedule(task) for task in tasks]
@@ -647,11 +660,10 @@ def per_kind(results: list[Any]) -> dict[tuple[str, str, str], float]:
         if schedule.family != "random":
             continue
         kinds = {f.kind for f in schedule.faults} | ({"dense"} if dense(schedule) else set())
-        configs = configs_for(schedule.optimizer, "random")
-        for config, run in zip(configs, runs):
+        for run in runs:
             for kind in kinds:
                 value = math.inf if run.diverged else ratio(clean, run)
-                cells.setdefault((schedule.optimizer, kind, config), []).append(value)
+                cells.setdefault((schedule.optimizer, kind, run.config), []).append(value)
     return {key: statistics.median(values) for key, values in cells.items()}
 
 
@@ -676,7 +688,7 @@ def print_families(rows: dict[tuple[str, str, str], dict[str, Any]], results: li
     if kinds:
         print()
         print("random family, median loss/clean per fault kind (schedules holding that kind; diverged: inf)")
-        configs = sorted({key[2] for key in kinds}, key=lambda c: (CONFIGS + (OLMO,)).index(c))
+        configs = sorted({key[2] for key in kinds}, key=lambda c: (CONFIGS + (OLMO,) + OPTIONAL_CONFIGS).index(c))
         print("| optimizer | fault kind | " + " | ".join(configs) + " |")
         print("|---|---|" + "---|" * len(configs))
         for optimizer in sorted({key[0] for key in kinds}, key=OPTIMIZERS.index):
@@ -720,8 +732,9 @@ def main() -> None:
     parser.add_argument("--family", choices=("random", "lr_burst"), default="random",
                         help="without --families: the random schedules, or their LR bursts alone")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="SGD", help="without --families")
-    parser.add_argument("--configs", nargs="+", choices=(*CONFIGS, NO_UPDATE_SIZE), default=list(CONFIGS),
-                        help="without --families")
+    parser.add_argument("--configs", nargs="+", choices=(*CONFIGS, *OPTIONAL_CONFIGS), default=None,
+                        help=f"the configurations (default: {', '.join(CONFIGS)}; with --families and AdamW, "
+                             "OLMo-core's too when importable)")
     parser.add_argument("--optimizers", default="SGD",
                         help=f"comma-separated optimizers for --families, or 'all' ({', '.join(OPTIMIZERS)})")
     args = parser.parse_args()
@@ -733,16 +746,19 @@ def main() -> None:
             if unknown:
                 parser.error(f"unknown {unknown}, expected some of {known}")
         start = time.perf_counter()
-        rows, results = soak_families(families, optimizers, args.schedules, args.steps, args.workers)
+        configs = None if args.configs is None else tuple(args.configs)
+        rows, results = soak_families(families, optimizers, args.schedules, args.steps, args.workers,
+                                      configs=configs)
         command = (f"python benchmarks/soak.py --families {args.families} --optimizers {args.optimizers} "
-                   f"--schedules {args.schedules} --steps {args.steps} --workers {args.workers}")
+                   f"--schedules {args.schedules} --steps {args.steps} --workers {args.workers}"
+                   + ("" if configs is None else " --configs " + " ".join(f'"{c}"' for c in configs)))
         print_families(rows, results, command, time.perf_counter() - start, args.workers)
         return
     if args.schedules < 1 or args.steps < DENSE_WINDOW + TAIL + 3:
         parser.error(f"--schedules must be >= 1 and --steps >= {DENSE_WINDOW + TAIL + 3} "
                      f"(a dense window of {DENSE_WINDOW} steps and {TAIL} clean steps at the end)")
     start = time.perf_counter()
-    configs = tuple(args.configs)
+    configs = CONFIGS if args.configs is None else tuple(args.configs)
     rows, results = soak(args.schedules, args.steps, args.workers, args.first_seed, configs, args.family,
                          args.optimizer)
     elapsed = time.perf_counter() - start
