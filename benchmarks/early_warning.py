@@ -67,6 +67,7 @@ FALSE_ALARM_TARGET, RECALL_TARGET = 0.05, 0.80
 #: per signal: the options tried on the tuning seeds (the first is the library's default)
 GRIDS: dict[str, list[dict[str, float]]] = {
     "weights": [{"weight_ratio": r} for r in (2.5, 1.5, 1.75, 2.0, 3.0)],
+    "weight acceleration": [{"acceleration": a} for a in (0.03, 0.02, 0.04, 0.05, 0.08)],
     "grad climb": [{"ratio": r} for r in (4.0, 2.0, 3.0, 6.0, 8.0)],
     "update size": [{"climb": c, "max_ratio": m} for c in (8.0, 3.0, 4.0, 6.0, 16.0)
                     for m in (math.inf, 0.03, 0.1, 0.3)],
@@ -232,7 +233,7 @@ def families(quick: bool = False) -> list[Family]:
                 lambda p: torch.optim.Adam(p, lr=3e-3), ramp(1.015), "digits"),
     ]
     if quick:  # the suite's small version: one healthy family and one late-diverging one
-        return [f for f in every if f.name in ("MLP, SGD+momentum, constant", "LR raised slowly (MLP, SGD x1.02/step)")]
+        return [f for f in every if f.name in ("MLP, SGD+momentum, constant", "LR raised slowly (LSTM, Adam x1.015/step)")]
     return every
 
 
@@ -350,14 +351,21 @@ def run(family: Family, seed: int, guard_options: dict[str, Any] | None = None) 
 def first_warning(trace: Trace, signal: str, options: dict[str, float]) -> int | None:
     """The first step the signal warns on this trace, replaying the library's device code on its inputs."""
     if signal == "weights":
-        precursor = Precursor(ratio=1e30, weight_every=SAMPLE_EVERY, **options)
+        precursor = Precursor(ratio=1e30, weight_every=SAMPLE_EVERY, acceleration=None, **options)
+        for step, log_norm in enumerate(trace.log_norms):
+            w = trace.weight_norms.get(step)
+            precursor.update_log(torch.tensor(log_norm), torch.tensor(math.isfinite(log_norm)),
+                                 None if w is None else torch.tensor(w))
+        return precursor.first_warning()
+    if signal == "weight acceleration":
+        precursor = Precursor(ratio=1e30, weight_every=SAMPLE_EVERY, weight_ratio=None, **options)
         for step, log_norm in enumerate(trace.log_norms):
             w = trace.weight_norms.get(step)
             precursor.update_log(torch.tensor(log_norm), torch.tensor(math.isfinite(log_norm)),
                                  None if w is None else torch.tensor(w))
         return precursor.first_warning()
     if signal == "grad climb":
-        precursor = Precursor(weight_ratio=None, **options)
+        precursor = Precursor(weight_ratio=None, acceleration=None, **options)
         for log_norm in trace.log_norms:
             precursor.update_log(torch.tensor(log_norm), torch.tensor(math.isfinite(log_norm)))
         return precursor.first_warning()

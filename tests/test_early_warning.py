@@ -1,7 +1,7 @@
 """The early warning on two of ``benchmarks/early_warning.py``'s families, at the library's defaults: a healthy MLP
-(SGD with momentum, constant LR) raises nothing, and the same MLP with its LR raised slowly is warned by the update
-size at least 20 steps (and 10% of the way) before it diverges (``python benchmarks/early_warning.py`` is the full
-table)."""
+(SGD with momentum, constant LR) raises nothing, and an LSTM under Adam with its LR raised slowly (which no signal
+warned before the weight acceleration) is warned at least 20 steps (and 10% of the way) before it diverges
+(``python benchmarks/early_warning.py`` is the full table)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import gradguard as gg
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "early_warning.py"
 
@@ -33,7 +35,9 @@ def test_a_healthy_family_raises_nothing_and_a_late_diverging_one_is_warned_in_t
     for signal in early_warning.GRIDS:  # each signal at the library's default
         assert early_warning.first_warning(calm, signal, early_warning.GRIDS[signal][0]) is None, signal
     ramp, _ = early_warning.run(diverging, 2)
-    assert ramp.diverged is not None and ramp.diverged > 100
-    warned = early_warning.first_warning(ramp, "update size", early_warning.GRIDS["update size"][0])
+    assert ramp.diverged is not None and ramp.diverged > 200
+    options = early_warning.GRIDS["weight acceleration"][0]
+    assert options == {"acceleration": gg.precursor.Precursor().acceleration}  # the library's default
+    warned = early_warning.first_warning(ramp, "weight acceleration", options)
     lead = early_warning.in_time(ramp, warned)
     assert lead is not None and lead >= 20, (warned, ramp.diverged)

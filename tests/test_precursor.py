@@ -220,3 +220,71 @@ def test_a_history_saved_before_the_precursor_columns_loads_with_them_unknown() 
     (row,), _ = resumed.drain()
     assert row["update_layer_ratio"] == len(gg.history.FIELDS) - 3
     assert math.isnan(row["precursor_signal"]) and math.isnan(row["precursor_factor"])
+
+
+def _growing(rates: list[float], start: float = 10.0) -> list[float]:
+    """A weight norm per step whose log grows by ``rates[k]`` over the k-th sample interval of 10 steps."""
+    norms, log = [], math.log(start)
+    for rate in rates:
+        for _ in range(10):
+            norms.append(math.exp(log))
+            log += rate / 10
+    return norms
+
+
+def test_weights_whose_growth_speeds_up_warn_and_a_steady_or_slowing_growth_does_not() -> None:
+    """Issue 19: an LR raised slowly was warned by no signal (the weights grow ~1.05-1.3x per 10 steps, below
+    weight_ratio, but their growth speeds up for ~100 steps before the loss turns)."""
+    norms = noisy(200)  # a quiet gradient norm: only the weights can warn
+    slowing = _growing([0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.03, 0.02, 0.02, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01,
+                        0.005, 0.005, 0.005, 0.005, 0.005])
+    assert run_with_weights(norms, slowing)[0].first_warning() is None
+    steady = _growing([0.05] * 20)
+    assert run_with_weights(norms, steady)[0].first_warning() is None
+    # a warm-up: the growth speeds up over the first 5 samples, then slows down: not learned as a floor
+    warm_up = _growing([0.005, 0.02, 0.04, 0.06, 0.08, 0.06, 0.05, 0.04, 0.04, 0.03] + [0.03] * 10)
+    assert run_with_weights(norms, warm_up)[0].first_warning() is None
+    # slowest 0.02 per sample at samples 6-9, then +0.01 per sample against a floor rising 0.003 per sample: past it
+    # by 0.035 at the 14th sample (growth 0.07, floor 0.035)
+    speeding = _growing([0.05, 0.04, 0.03, 0.03, 0.02, 0.02, 0.02, 0.02, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08,
+                         0.09, 0.1, 0.12, 0.14, 0.16])
+    precursor, raised = run_with_weights(norms, speeding, weight_ratio=None)
+    assert precursor.first_warning() == 140 and raised.index(True) == 140 and sum(raised) == 1
+    assert run_with_weights(norms, speeding, acceleration=None, weight_ratio=None)[0].first_warning() is None
+    # at 0.05 the floor rises 0.005 per sample: past it by 0.055 at the 18th sample (growth 0.12, floor 0.065)
+    assert run_with_weights(norms, speeding, acceleration=0.05, weight_ratio=None)[0].first_warning() == 180
+    for bad in ({"acceleration": 0.0}, {"acceleration": math.inf}, {"acceleration_after": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            gg.precursor.Precursor(**bad)
+
+
+def test_a_precursor_state_saved_before_the_acceleration_loads_and_starts_it_afresh() -> None:
+    norms, weights = noisy(60), _growing([0.05] * 6)
+    saved = run_with_weights(norms, weights)[0].state_dict()
+    for name in ("samples", "growth_floor", "accelerating"):
+        del saved["state"][name]
+    resumed = gg.precursor.Precursor()
+    resumed.load_state_dict(saved)
+    assert int(resumed.state.samples) == 0 and not bool(resumed.state.accelerating)
+    with pytest.raises(ValueError, match="expected"):
+        resumed.load_state_dict({"steps": 1, "state": {"smoothed": torch.tensor(0.0)}})
+
+
+def test_the_guard_names_the_weight_acceleration_in_its_event() -> None:
+    """An MLP under SGD whose LR is raised x1.03 a step: the Guard's precursor event says weight_acceleration."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.03**step)
+    guard = gg.Guard(model, optimizer, scheduler=scheduler)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1)
+    for step in range(150):
+        loss = torch.nn.functional.mse_loss(model(x[step % 8 * 32:][:32]), y[step % 8 * 32:][:32])
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad(set_to_none=True)
+    guard.flush()
+    events = [e for r in guard.history for e in r["events"] if e["kind"] == "precursor"]
+    assert events and events[0]["signal"] == "weight_acceleration", events
+    assert events[0]["factor"] > math.exp(0.03) and "sped up" in events[0]["advice"]

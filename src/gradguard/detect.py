@@ -16,7 +16,8 @@ Kinds of event (``EVENT_KINDS``):
 * ``growth``: the norm rose at every step of the last ``growth_window`` steps, by at least
   ``growth_factor`` per step on average: a run exploding before it turns into NaN.
 * ``precursor``: the weight norm grew ``weight_ratio`` times between two samples ``weight_every`` steps apart
-  (when the caller passes it, as the Guard does), or the smoothed log of the total norm climbed ``ratio``
+  (when the caller passes it, as the Guard does), or its growth per sample sped up by ``acceleration`` over its
+  slowest, or the smoothed log of the total norm climbed ``ratio``
   times above its slowly rising floor (:class:`gradguard.precursor.Precursor`): an early warning, tens of
   steps before a run at a too-high learning rate diverges. Raised once per climb.
 * ``update_jump`` and ``update_size`` (``UPDATE_KINDS``): the optimizer's step relative to the weights,
@@ -98,8 +99,9 @@ class Verdict(NamedTuple):
         growth_rate: 0-d, the average factor per step by which the norm rose over the growth window.
         layer: 0-d int64, the index (in ``stats.names``) of the layer the step's events point at.
         precursor_signal: 0-d int64, the early-warning signal above its threshold
-            (``gradguard.precursor.WEIGHT_GROWTH`` or ``GRAD_CLIMB``; 0: none).
-        precursor_factor: 0-d, how far: the weights' growth factor, or the gradient norm's factor over its floor.
+            (``gradguard.precursor.WEIGHT_GROWTH``, ``WEIGHT_ACCELERATION`` or ``GRAD_CLIMB``; 0: none).
+        precursor_factor: 0-d, how far: the weights' growth factor, their growth per sample over its slowest, or
+            the gradient norm's factor over its floor.
     """
 
     flags: Tensor

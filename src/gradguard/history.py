@@ -27,7 +27,7 @@ Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own a
 ``"lr_recover"`` and ``"rollback"``, and ``"data_outlier"`` (``gradguard.forensics.DataWatch``: samples,
 scores, losses; action ``"log"``). Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
-factor); ``precursor``: total_norm, signal (``"weight_growth"`` or ``"grad_climb"``),
+factor); ``precursor``: total_norm, signal (``"weight_growth"``, ``"weight_acceleration"`` or ``"grad_climb"``),
 factor, advice (``gradguard.precursor``); ``update_jump``: ratio (the step's predicted
 ``||dW|| / ||W||``), usual, advice (``gradguard.update_size``); ``update_size``: ratio (the layer's smoothed
 update size), advice; ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
@@ -51,7 +51,7 @@ from torch import Tensor
 
 from gradguard.decide import Responses
 from gradguard.detect import Verdict, kinds_of
-from gradguard.precursor import SIGNAL_NAMES, WEIGHT_GROWTH
+from gradguard.precursor import SIGNAL_NAMES, WEIGHT_ACCELERATION, WEIGHT_GROWTH
 from gradguard.update_size import UpdateSizeVerdict
 
 
@@ -83,7 +83,7 @@ class Event(_EventKeys, total=False):
     ratio: float
     usual: float
     advice: str
-    signal: str  # precursor: "weight_growth" or "grad_climb" (gradguard.precursor.SIGNAL_NAMES)
+    signal: str  # precursor: "weight_growth", "weight_acceleration" or "grad_climb" (gradguard.precursor.SIGNAL_NAMES)
     factor: float  # precursor: how far above its threshold's baseline (growth, or norm over its floor)
 
 
@@ -329,6 +329,11 @@ def precursor_event(row: dict[str, Any], layer: str | None) -> tuple[str, float,
                   "for the weights' scale (Wortsman et al. 2023); lower it or warm up longer (on a transformer: "
                   "qk-layernorm, z-loss); the layer whose gradient is furthest above its average is "
                   f"{layer}")
+    elif code == WEIGHT_ACCELERATION:
+        advice = (f"the weights' growth per sample sped up {factor:.3g} times over its slowest: the learning rate "
+                  "is rising past the stable range (or a recurrent layer is blowing up); stop raising it, lower it, "
+                  "or roll back before the climb (responses={'precursor': 'rollback'}); the layer whose gradient "
+                  f"is furthest above its average is {layer}")
     else:
         advice = (f"the smoothed gradient norm climbed {factor:.3g} times above its floor, led by {layer}: the run "
                   "is turning unstable; lower the learning rate, or roll back before the climb "

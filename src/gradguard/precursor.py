@@ -1,5 +1,5 @@
-"""Early warning, measured on the device before a run diverges: the weights growing too fast, or the gradient
-norm climbing off its floor.
+"""Early warning, measured on the device before a run diverges: the weights growing too fast, their growth
+speeding up, or the gradient norm climbing off its floor.
 
 At a learning rate beyond the stable range a transformer does not blow up at once. Two signals come first,
 both computed with device tensors only (no host read):
@@ -18,6 +18,19 @@ both computed with device tensors only (no host read):
       r_k = log ||W_{kK}|| - log ||W_{(k-1)K}||               K = ``weight_every``
       warn while r_k > log(weight_ratio)                       (until the next sample)
 
+* **weight acceleration** (on the same samples, at no extra cost): the weights' growth per sample ``r_k``
+  climbed more than ``acceleration`` (in log per sample) above its slowest since the warm-up,
+
+      m_k = min(r_k, m_{k-1} + acceleration / 10)              the slowest growth, which may rise slowly
+      warn while r_k - m_k > acceleration                      (after ``acceleration_after`` samples)
+
+  A healthy run's weights grow fastest early and slow down; under a learning rate that keeps rising past the
+  stable range (an LR raised slowly, a warm-up that goes too far) or a recurrent layer that starts to blow up,
+  their growth speeds up for tens of steps before the loss turns: on ``benchmarks/early_warning.py``'s
+  families the warning comes 29-130 steps before an LR raised x1.02 (SGD) or x1.015 (Adam, an LSTM) a step
+  diverges. The growth of an LR warm-up speeds up as well: ``acceleration_after`` samples must cover it
+  (50 steps by default: ``benchmarks/early_warning.py``'s warm-ups are 30-50 steps; set it past yours).
+
 * **gradient-norm climb** (every step, a few scalar kernels on the norm the step has already):
 
       e_t = alpha * e_{t-1} + (1 - alpha) * log ||g_t||         smoothed log-norm (finite norms only)
@@ -31,12 +44,12 @@ both computed with device tensors only (no host read):
   A step whose norm is NaN/Inf is not learned (the Guard's ``nonfinite_grad`` event covers it).
 
 :meth:`Precursor.update` returns a 0-d bool tensor that is True at the first step of each climb past a
-threshold, of either signal (one warning per climb; :attr:`Precursor.above` holds whether a signal is above
+threshold, of any signal (one warning per climb; :attr:`Precursor.above` holds whether a signal is above
 it now); :attr:`Precursor.first` holds the first step above it (-1: none), also on the device. Read them
 when the history is flushed. The Guard runs one in its detector: event kind ``precursor``, response
 ``"log"`` by default; it passes the weight norm on the steps :meth:`Precursor.wants_weights` names. The event
-says which signal fired (``signal``: ``"weight_growth"`` or ``"grad_climb"``, from :class:`PrecursorVerdict`), how
-far (``factor``), the layer whose gradient is furthest above its own average, and what to do (``advice``).
+says which signal fired (``signal``: ``"weight_growth"``, ``"weight_acceleration"`` or ``"grad_climb"``, from
+:class:`PrecursorVerdict`), how far (``factor``), the layer whose gradient is furthest above its own average, and what to do (``advice``).
 """
 
 from __future__ import annotations
@@ -51,12 +64,12 @@ from torch import Tensor
 
 from gradguard.stats import per_tensor_norms
 
-__all__ = ["GRAD_CLIMB", "SIGNAL_NAMES", "WEIGHT_GROWTH", "Precursor", "PrecursorStep", "PrecursorTensors", "PrecursorVerdict",
+__all__ = ["GRAD_CLIMB", "SIGNAL_NAMES", "WEIGHT_ACCELERATION", "WEIGHT_GROWTH", "Precursor", "PrecursorStep", "PrecursorTensors", "PrecursorVerdict",
            "precursor_step", "weight_norm"]
 
 #: The signals, as the codes of :attr:`PrecursorVerdict.signal` (0: none is above its threshold).
-GRAD_CLIMB, WEIGHT_GROWTH = 1, 2
-SIGNAL_NAMES = {GRAD_CLIMB: "grad_climb", WEIGHT_GROWTH: "weight_growth"}
+GRAD_CLIMB, WEIGHT_GROWTH, WEIGHT_ACCELERATION = 1, 2, 3
+SIGNAL_NAMES = {GRAD_CLIMB: "grad_climb", WEIGHT_GROWTH: "weight_growth", WEIGHT_ACCELERATION: "weight_acceleration"}
 
 
 def weight_norm(params: Iterable[Tensor]) -> Tensor:
@@ -80,6 +93,9 @@ class PrecursorTensors(NamedTuple):
     step: Tensor  # int64: updates so far
     log_weight: Tensor  # float32: log ||W|| at the last sample (NaN: none yet)
     weight_above: Tensor  # bool: the last sample grew past weight_ratio
+    samples: Tensor  # int64: weight-norm samples so far
+    growth_floor: Tensor  # float32: m_k, the slowest growth per sample since the warm-up (inf until set)
+    accelerating: Tensor  # bool: the last sample's growth was past its floor by more than acceleration
 
     @classmethod
     def start(cls, device: torch.device) -> PrecursorTensors:
@@ -88,7 +104,9 @@ class PrecursorTensors(NamedTuple):
 
         return cls(smoothed=full(0.0, torch.float32), floor=full(math.inf, torch.float32),
                    above=full(False, torch.bool), first=full(-1, torch.int64), step=full(0, torch.int64),
-                   log_weight=full(math.nan, torch.float32), weight_above=full(False, torch.bool))
+                   log_weight=full(math.nan, torch.float32), weight_above=full(False, torch.bool),
+                   samples=full(0, torch.int64), growth_floor=full(math.inf, torch.float32),
+                   accelerating=full(False, torch.bool))
 
 
 class PrecursorVerdict(NamedTuple):
@@ -96,10 +114,11 @@ class PrecursorVerdict(NamedTuple):
     and how far."""
 
     raised: Tensor  # bool: a signal has just climbed past its threshold (the first step of a climb)
-    signal: Tensor  # int64: WEIGHT_GROWTH when the weight growth is above its threshold, else GRAD_CLIMB when the
-    #                 gradient-norm climb is, else 0 (both above: WEIGHT_GROWTH, the earlier and rarer signal)
-    factor: Tensor  # float32: that signal's factor: the weights' growth since the previous sample, or the smoothed
-    #                 gradient norm over its floor (1: none)
+    signal: Tensor  # int64: WEIGHT_GROWTH when the weight growth is above its threshold, else WEIGHT_ACCELERATION
+    #                 when the acceleration is, else GRAD_CLIMB when the gradient-norm climb is, else 0 (the weight
+    #                 signals first: they come earlier and are rarer)
+    factor: Tensor  # float32: that signal's factor: the weights' growth since the previous sample, their growth per
+    #                 sample over its slowest, or the smoothed gradient norm over its floor (1: none)
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,9 @@ class PrecursorStep:
     alpha: float
     rate: float
     log_ratio: float
-    log_weight_ratio: float | None  # None: no weight signal
+    log_weight_ratio: float | None  # None: no weight-growth signal
+    acceleration: float | None  # None: no weight-acceleration signal
+    acceleration_after: int  # samples before the growth's floor is set
     first_update: bool  # the first update: e_0 is the first norm
     warm: bool  # past the warm-up: the gradient-norm floor is set and can warn
     sampled: bool  # the weight norm is given at this step
@@ -125,42 +146,63 @@ def precursor_step(s: PrecursorTensors, log_norm: Tensor, finite: Tensor, weight
     else:
         smoothed = torch.where(finite, torch.lerp(s.smoothed, log_norm, 1.0 - config.alpha), s.smoothed)
     floor, above, log_weight, weight_above = s.floor, None, s.log_weight, s.weight_above
+    samples, growth_floor, accelerating = s.samples, s.growth_floor, s.accelerating
     zero = torch.zeros((), dtype=torch.float32, device=log_norm.device)
-    climb, grad_above, growth = zero, torch.zeros_like(s.above), zero
+    climb, grad_above, growth, faster = zero, torch.zeros_like(s.above), zero, zero
     if config.warm:
         floor = torch.minimum(smoothed, s.floor + config.rate)
         climb = smoothed - floor
         grad_above = climb > config.log_ratio
         above = grad_above
-    if config.log_weight_ratio is not None:
-        if config.sampled and weight_norm is not None:
-            log_weight = weight_norm.detach().float().reshape(()).to(log_norm.device).log()
-            growth = log_weight - s.log_weight
-            # NaN before the first sample, and a NaN/Inf norm, compare False: the nonfinite events cover it
+    weighs = config.log_weight_ratio is not None or config.acceleration is not None
+    if weighs and config.sampled and weight_norm is not None:
+        log_weight = weight_norm.detach().float().reshape(()).to(log_norm.device).log()
+        growth = log_weight - s.log_weight
+        samples = s.samples + 1
+        # NaN before the first sample, and a NaN/Inf norm, compare False: the nonfinite events cover it
+        if config.log_weight_ratio is not None:
             weight_above = growth > config.log_weight_ratio
+        if config.acceleration is not None:
+            # the floor is set from the first sample past the warm-up (a device count: no config change, no
+            # recompile); fmin: a NaN growth keeps the floor
+            armed = samples > config.acceleration_after
+            rising = torch.fmin(growth, s.growth_floor + config.acceleration / 10)
+            growth_floor = torch.where(armed & torch.isfinite(growth), rising, s.growth_floor)
+            faster = growth - growth_floor
+            accelerating = armed & (faster > config.acceleration)
+    if config.log_weight_ratio is not None:
         above = weight_above if above is None else above | weight_above
+    if config.acceleration is not None:
+        above = accelerating if above is None else above | accelerating
     if above is None:  # nothing can warn yet
         raised, above, first = torch.zeros_like(s.above), s.above, s.first
     else:
         raised = above & ~s.above
         first = torch.where(above & (s.first < 0), s.step, s.first)
-    # which signal, for the event (weight_above only turns on at a sample, so growth is that sample's)
-    signal = torch.where(weight_above, WEIGHT_GROWTH, torch.where(grad_above, GRAD_CLIMB, 0))
-    factor = torch.where(weight_above, growth, torch.where(grad_above, climb, zero)).exp()
+    # which signal, for the event
+    # (weight_above and accelerating only turn on at a sample, so growth and faster are that sample's)
+    signal = torch.where(weight_above, WEIGHT_GROWTH,
+                         torch.where(accelerating, WEIGHT_ACCELERATION, torch.where(grad_above, GRAD_CLIMB, 0)))
+    factor = torch.where(weight_above, growth,
+                         torch.where(accelerating, faster, torch.where(grad_above, climb, zero))).exp()
     state = PrecursorTensors(smoothed=smoothed, floor=floor, above=above, first=first, step=s.step + 1,
-                             log_weight=log_weight, weight_above=weight_above)
+                             log_weight=log_weight, weight_above=weight_above, samples=samples,
+                             growth_floor=growth_floor, accelerating=accelerating)
     return state, PrecursorVerdict(raised=raised, signal=signal, factor=factor)
 
 
 class Precursor:
     """On-device early-warning signal: the weights grew more than ``weight_ratio`` times between two samples
-    ``weight_every`` steps apart, or the smoothed log gradient norm is more than ``ratio`` above its floor.
+    ``weight_every`` steps apart, or their growth per sample sped up by more than ``acceleration`` over its slowest,
+    or the smoothed log gradient norm is more than ``ratio`` above its floor.
 
     The defaults were chosen on the lab's transformer sweep (126 runs; the thresholds on seeds 0-1, the
     figures checked on seed 2): every diverging run warned, by the weight growth, at step 10, a median of
     88 steps before it diverged, with 3 false alarms in 111 runs (the Guard's runs at the sweep's highest
     learning rate, which it kept from diverging); the gradient-norm climb alone warned 50 steps ahead for 2
-    of 15 (the lab's report gives the figures, for these and other settings).
+    of 15 (the lab's report gives the figures, for these and other settings). The weight acceleration's defaults
+    were chosen on ``benchmarks/early_warning.py``'s seeds 0-1 and checked on its seeds 2-4 (``docs/concepts/
+    early-warning.md`` has the table).
 
     Args:
         ratio: how far above its floor (a factor on the norm) the smoothed gradient norm must climb (> 1).
@@ -171,6 +213,10 @@ class Precursor:
         weight_ratio: growth factor of the weight norm between two samples that warns (> 1); ``None``
             turns the weight signal off.
         weight_every: steps between two samples of the weight norm (>= 1; the first at step 0).
+        acceleration: how much faster (in log of the weight norm per sample, > 0: 0.03 is 3% more growth per
+            sample) the weights must grow than at their slowest to warn; ``None`` turns the signal off.
+        acceleration_after: weight samples before the slowest growth is set and it can warn (>= 1): past the
+            LR warm-up, whose growth speeds up on its own.
 
     Example::
 
@@ -184,7 +230,8 @@ class Precursor:
     """
 
     def __init__(self, ratio: float = 4.0, alpha: float = 0.9, warmup_steps: int = 20,
-                 rate: float = math.log(2.0) / 200, weight_ratio: float | None = 2.5, weight_every: int = 10):
+                 rate: float = math.log(2.0) / 200, weight_ratio: float | None = 2.5, weight_every: int = 10,
+                 acceleration: float | None = 0.03, acceleration_after: int = 5):
         if not ratio > 1.0:
             raise ValueError(f"Precursor: ratio must be > 1, got {ratio}")
         if not 0.0 <= alpha < 1.0:
@@ -197,12 +244,18 @@ class Precursor:
             raise ValueError(f"Precursor: weight_ratio must be > 1 or None, got {weight_ratio}")
         if not isinstance(weight_every, int) or isinstance(weight_every, bool) or weight_every < 1:
             raise ValueError(f"Precursor: weight_every must be an int >= 1, got {weight_every!r}")
+        if acceleration is not None and not (acceleration > 0.0 and math.isfinite(acceleration)):
+            raise ValueError(f"Precursor: acceleration must be a finite number > 0 or None, got {acceleration}")
+        if not isinstance(acceleration_after, int) or isinstance(acceleration_after, bool) or acceleration_after < 1:
+            raise ValueError(f"Precursor: acceleration_after must be an int >= 1, got {acceleration_after!r}")
         self.ratio = float(ratio)
         self.alpha = float(alpha)
         self.warmup_steps = warmup_steps
         self.rate = float(rate)
         self.weight_ratio = None if weight_ratio is None else float(weight_ratio)
         self.weight_every = weight_every
+        self.acceleration = None if acceleration is None else float(acceleration)
+        self.acceleration_after = acceleration_after
         self.steps = 0  # host counter of updates: deciding on it costs no sync
         self.state: PrecursorTensors | None = None  # on the device, from the first update
         self._configs: dict[tuple[bool, bool, bool], PrecursorStep] = {}
@@ -226,7 +279,10 @@ class Precursor:
 
     def wants_weights(self) -> bool:
         """Whether the next :meth:`update` samples the weight norm (a host counter: no sync)."""
-        return self.weight_ratio is not None and self.steps % self.weight_every == 0
+        return self._weighs() and self.steps % self.weight_every == 0
+
+    def _weighs(self) -> bool:
+        return self.weight_ratio is not None or self.acceleration is not None
 
     def update(self, total_norm: Tensor, weight_norm: Tensor | None = None) -> Tensor:
         """Learn one step's total gradient norm (a 0-d tensor) and, on the steps :meth:`wants_weights` names,
@@ -253,12 +309,12 @@ class Precursor:
         caller runs :func:`precursor_step`, then :meth:`keep` with its state."""
         if self.state is None:
             self.state = PrecursorTensors.start(device)
-        key = (self.steps == 0, self.steps >= self.warmup_steps, sampled and self.weight_ratio is not None)
+        key = (self.steps == 0, self.steps >= self.warmup_steps, sampled and self._weighs())
         if key not in self._configs:  # one object per kind of step: a compiled caller sees the same one
             self._configs[key] = PrecursorStep(
                 alpha=self.alpha, rate=self.rate, log_ratio=math.log(self.ratio),
                 log_weight_ratio=None if self.weight_ratio is None else math.log(self.weight_ratio),
-                first_update=key[0], warm=key[1], sampled=key[2])
+                acceleration=self.acceleration, acceleration_after=self.acceleration_after, first_update=key[0], warm=key[1], sampled=key[2])
         return self.state, self._configs[key]
 
     def signal(self) -> Tensor | None:
@@ -282,8 +338,14 @@ class Precursor:
         if missing:
             raise ValueError(f"Precursor.load_state_dict: missing {sorted(missing)}")
         fields = state["state"]
-        if fields is not None and set(fields) != set(PrecursorTensors._fields):
+        # a state saved before the weight acceleration lacks its three fields: they start afresh
+        older = set(PrecursorTensors._fields) - {"samples", "growth_floor", "accelerating"}
+        if fields is not None and set(fields) not in (set(PrecursorTensors._fields), older):
             raise ValueError(f"Precursor.load_state_dict: state has {sorted(fields)}, "
                              f"expected {sorted(PrecursorTensors._fields)}")
         self.steps = int(state["steps"])
+        if fields is not None and set(fields) == older:
+            fresh = PrecursorTensors.start(fields["step"].device)
+            fields = {**fields, "samples": fresh.samples, "growth_floor": fresh.growth_floor,
+                      "accelerating": fresh.accelerating}
         self.state = None if fields is None else PrecursorTensors(**fields)
