@@ -28,18 +28,20 @@ def _flags(verdict) -> dict[str, bool]:
     return {kind: bool(verdict.flags[i]) for i, kind in enumerate(DETECTOR_KINDS)}
 
 
-def test_moving_zscore_starts_from_warmup_moments_then_follows_the_ema():
-    scorer = MovingZScore(alpha=0.9, warmup_steps=3, sigma_floor=0.0)
+def test_moving_zscore_starts_from_the_warmup_reference_then_follows_the_ema():
+    scorer = MovingZScore(alpha=0.9, warmup_steps=3, sigma_floor=0.0, warmup_sigma_floor=0.0)
     for x in (1.0, 2.0, 3.0):
         assert math.isnan(float(scorer.score(torch.tensor(x))))  # fewer than 3 values: no score yet
         scorer.update(torch.tensor(x), torch.tensor(True))
+    # the median of the last values, the std of their successive differences (1, 1): 1.4826 / sqrt(2)
+    var0 = (1.4826 / math.sqrt(2.0)) ** 2
     assert float(scorer.mean) == pytest.approx(2.0)
-    assert float(scorer.var) == pytest.approx(2.0 / 3.0)
-    assert float(scorer.score(torch.tensor(4.0))) == pytest.approx(2.0 / math.sqrt(2.0 / 3.0), rel=1e-5)
+    assert float(scorer.var) == pytest.approx(var0, rel=1e-5)
+    assert float(scorer.score(torch.tensor(4.0))) == pytest.approx(2.0 / math.sqrt(var0), rel=1e-5)
     scorer.update(torch.tensor(4.0), torch.tensor(True))
     d = 4.0 - 2.0
     assert float(scorer.mean) == pytest.approx(2.0 + 0.1 * d)
-    assert float(scorer.var) == pytest.approx(0.9 * (2.0 / 3.0 + 0.1 * d * d), rel=1e-5)
+    assert float(scorer.var) == pytest.approx(0.9 * (var0 + 0.1 * d * d), rel=1e-5)
     scorer.update(torch.tensor(math.nan), torch.tensor(False))  # callers never ask to learn a NaN
     assert float(scorer.mean) == pytest.approx(2.2)
 

@@ -263,8 +263,10 @@ def test_lr_backoff_after_n_suspect_skips_in_a_window():
 def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    # snapshot_loss_z=3: this test is about the restore, not the gate on the loss; these 16-row batches' losses vary by
+    # some 25% (log sd ~0.25), so with the default (1 sigma) which flush keeps its snapshot is up to step 9's batch
     guard = gg.Guard(model, optimizer, log_every=5,
-                     recovery=gg.RecoveryPolicy(snapshot_every=5, rollback_lr_factor=0.5))
+                     recovery=gg.RecoveryPolicy(snapshot_every=5, rollback_lr_factor=0.5, snapshot_loss_z=3.0))
     for i in range(9):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
@@ -556,7 +558,7 @@ def test_per_kind_response_override_rolls_back_on_a_gradient_spike():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     guard = gg.Guard(model, optimizer, detector=gg.detect.Detector(warmup_steps=5),
                      responses={"grad_spike": "rollback", "loss_spike": "log"}, log_every=5,
-                     recovery=gg.RecoveryPolicy(snapshot_every=5, snapshot_clean_steps=5))
+                     recovery=gg.RecoveryPolicy(snapshot_every=5, snapshot_clean_steps=5, snapshot_loss_z=3.0))
     for i in range(13):
         guard.step(_backward(model, i, scale=1e3 if i == 12 else 1.0))
         optimizer.zero_grad()
@@ -564,5 +566,6 @@ def test_per_kind_response_override_rolls_back_on_a_gradient_spike():
     guard.close()
     kinds = [e["kind"] for e in guard.history[12]["events"]]
     assert kinds == ["grad_spike", "loss_spike", "rollback"]  # the loss spike is only logged
-    # the snapshot of step 4 (step 9's own loss was above its level, z 2.4: that snapshot was not kept)
-    assert guard.history[12]["events"][2]["to_step"] == 4
+    # the last snapshot kept: step 9's (its batch is a hard one, loss z 1.7, within snapshot_loss_z=3; with the
+    # default 1 whether the toy's noisy batches at steps 4 and 9 count as "at the level" would decide it)
+    assert guard.history[12]["events"][2]["to_step"] == 9

@@ -9,8 +9,8 @@ Kinds of event (``EVENT_KINDS``):
 * ``nonfinite_loss``: the loss is NaN or Inf.
 * ``grad_spike``: the log of the total gradient norm is more than ``z_thresh`` standard deviations above
   its exponential moving average; during the warm-up (the first ``warmup_steps`` steps), above the
-  median of the norms so far, in robust standard deviations (MAD), from the fourth step on: no step is
-  blind. Scores are taken on the log of the norm because gradient norms vary multiplicatively: a 10x
+  median of the last norms, in robust standard deviations (:func:`warmup_reference`), from the fourth step on:
+  no step is blind. Scores are taken on the log of the norm because gradient norms vary multiplicatively: a 10x
   jump is the same surprise at norm 0.1 and at norm 100.
 * ``loss_spike``: the same z-score on the log of the loss (positive losses only).
 * ``growth``: the norm rose at every step of the last ``growth_window`` steps, by at least
@@ -36,10 +36,17 @@ calculation of weighted mean and variance"::
 
     d = x - mu ;  mu <- mu + (1 - alpha) * d ;  var <- alpha * (var + (1 - alpha) * d^2)
 
-started from the plain mean and variance of the first ``warmup_steps`` finite values (as ZClip does).
-During the warm-up, values are scored against the median and the median absolute deviation of those seen
-so far (Hampel 1974; Rousseeuw & Croux 1993, "Alternatives to the median absolute deviation"):
-``z = (x - median) / max(1.4826 * MAD, warmup_sigma_floor)``, robust to the spike it is looking for.
+During the warm-up, values are scored against a robust reference (:func:`warmup_reference`; Hampel 1974's
+median-based outlier rule, with the spread taken from successive differences, von Neumann 1941)::
+
+    z = (x_t - median(x_{t-8} .. x_{t-1})) / max(1.4826 * median_i |x_i - x_{i-1}| / sqrt(2), warmup floor)
+
+robust to the spike it is looking for, and to early training's trend (the median of *every* value so far, and
+the MAD about it, lag and widen with a loss that halves in a few dozen steps: a batch with one x100-loss row,
+its loss x7, went unflagged in the warm-up). The warm-up floor is ``warmup_sigma_floor`` (0.5) for the gradient
+norms and ``warmup_loss_sigma_floor`` (0.25) for the loss. The moving statistics then start from that reference:
+the mean at the median, the variance at the floored spread squared (ZClip starts from the plain mean and
+variance of its warm-up; they hold early training's whole trend, and kept the EMA blind for some hundred steps).
 
 **One step, one pure function.** :func:`detector_step` is the whole device arithmetic of a step (scores, flags,
 the named layer, the moving statistics, the growth ring, the precursor), a pure function of the packed values
@@ -78,6 +85,10 @@ TOTAL, LOSS = 0, 1
 SCORED = slice(TOTAL, LOSS + 1)
 LAYERS = slice(LOSS + 1, None)
 _MAD_TO_STD = 1.4826  # the MAD of a normal sample times this is its standard deviation
+#: The warm-up's defaults (:func:`warmup_reference`): its center is the median of the last ``WARMUP_WINDOW`` values;
+#: its standard deviation (of the logs) is floored at ``WARMUP_SIGMA_FLOOR`` for the gradient norms and at
+#: ``WARMUP_LOSS_SIGMA_FLOOR`` for the loss (``Detector``'s docstring says why they differ).
+WARMUP_WINDOW, WARMUP_SIGMA_FLOOR, WARMUP_LOSS_SIGMA_FLOOR = 8, 0.5, 0.25
 
 
 def kinds_of(bits: int) -> list[str]:
@@ -146,25 +157,64 @@ def growth_step(ring: Tensor, log_norm: Tensor, window: int, log_factor: float,
     return ring, growth, torch.exp(rise / window)
 
 
+def warmup_reference(seen: Tensor, window: int, sigma_floor: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(center, std)`` of each slot of ``seen`` (rows: the warm-up's values so far, oldest first; NaN where
+    nothing was learned), robust to the outliers the warm-up is looking for and to early training's trend::
+
+        center = median(x_{t-w+1}, ..., x_t)                   the last w = window finite values
+        d_i    = x_i - x_{i'}                                  each finite value minus the finite one before it
+        std    = max(1.4826 * median_i |d_i| / sqrt(2), sigma_floor)
+
+    The center is the median of the recent values, not of all of them: early training moves fast (the loss halves
+    in a few dozen steps), and the median of every value so far lags that trend. The spread comes from
+    successive differences (von Neumann 1941's mean square successive difference, made robust as Donoho &
+    Johnstone 1994 do with the finest Haar coefficients, ``MAD(d) / 0.6745``; ``d`` of two independent values has
+    variance ``2 sigma^2``, hence ``sqrt(2)``): a trend moves every value away from the median, widening the MAD
+    about it with the very drift the center follows, while it adds only its per-step slope to a difference. An
+    outlier spoils the two differences it is in, so fewer than a quarter of outliers leave the median of
+    ``|d|`` where it was. ``sigma_floor``: a number, or one per slot. The center is NaN where fewer than
+    :data:`MIN_WARMUP_VALUES` finite values were seen (a NaN compares False with any threshold: nothing is
+    flagged). Pure: no host read."""
+    finite = seen == seen
+    steps = torch.arange(seen.shape[0], device=seen.device).reshape(-1, *([1] * (seen.dim() - 1)))
+    # the index of the last finite value at or before each row (-1: none yet), so a NaN row in between (a
+    # non-finite step, a loss spike that was not learned) does not break a difference
+    last = torch.where(finite, steps, -1).cummax(dim=0).values
+    before = torch.cat([torch.full_like(last[:1], -1), last[:-1]])
+    d = torch.where(finite & (before >= 0), seen - seen.gather(0, before.clamp(min=0)), math.nan)
+    spread = d.abs().nanmedian(dim=0).values * (_MAD_TO_STD / math.sqrt(2.0))
+    # the last `window` finite values, counted from the newest (a run of NaN rows does not empty the window)
+    recent = finite & (finite.flip(0).cumsum(dim=0).flip(0) <= window)
+    center = torch.where(recent, seen, math.nan).nanmedian(dim=0).values
+    enough = finite.sum(dim=0) >= MIN_WARMUP_VALUES
+    floor = sigma_floor.to(spread.dtype) if isinstance(sigma_floor, Tensor) else sigma_floor
+    return torch.where(enough, center, math.nan), torch.clamp(spread.nan_to_num(nan=0.0), min=floor)
+
+
 class MovingZScore:
     """z-scores of a value (or a vector of values) against their exponentially weighted mean and variance.
 
     **Warm-up.** The first ``warmup_steps`` calls collect the values; meanwhile a value is scored robustly
-    against those seen so far: their median and their median absolute deviation (MAD, times 1.4826, the
-    standard deviation of a normal sample), with the standard deviation floored at ``warmup_sigma_floor``
-    (early training moves fast), once at least :data:`MIN_WARMUP_VALUES` finite values were seen. So a
-    spike at the fourth step is flagged: there is no blind window. Then the EMA starts from the plain
-    mean and variance of the values collected, and ``ready`` (a host bool, from the call count) is True.
+    against those seen so far (:func:`warmup_reference`): the median of the last ``warmup_window`` of them, and
+    the standard deviation of their successive differences (a median, times 1.4826 / sqrt(2)), floored at
+    ``warmup_sigma_floor`` (early training moves fast), once at least :data:`MIN_WARMUP_VALUES` finite values
+    were seen. So a spike at the fourth step is flagged: there is no blind window. Then the EMA starts where
+    the warm-up's reference ends: its mean at that median, its variance at the square of that floored
+    standard deviation (not the plain moments of the warm-up, whose variance holds early training's whole
+    trend: the EMA took some hundred steps to forget it, blind meanwhile to a x7 loss), and ``ready`` (a host
+    bool, from the call count) is True.
 
     ``sigma_floor`` bounds the standard deviation from below, so that a very steady series does not turn
     a small wobble into a large z-score. Non-finite values are never learned.
     """
 
-    def __init__(self, alpha: float, warmup_steps: int, sigma_floor: float, warmup_sigma_floor: float = 0.5):
+    def __init__(self, alpha: float, warmup_steps: int, sigma_floor: float, warmup_sigma_floor: float = WARMUP_SIGMA_FLOOR,
+                 warmup_window: int = WARMUP_WINDOW):
         self.alpha = alpha
         self.warmup_steps = warmup_steps
         self.sigma_floor = sigma_floor
         self.warmup_sigma_floor = max(warmup_sigma_floor, sigma_floor)
+        self.warmup_window = warmup_window
         self.calls = 0
         self._seen: Tensor | None = None  # warm-up: (warmup_steps, *shape) values, NaN where not learned
         self.mean: Tensor | None = None  # NaN where nothing finite was learned yet
@@ -179,37 +229,43 @@ class MovingZScore:
         assert self._std is not None
         return self._std
 
-    def reference(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """``(center, std)`` a value is scored against now: the EMA's mean and floored std, or in warm-up the
-        median and floored MAD of the values so far. The center is NaN while too little was learned (a NaN
-        compares False with any threshold, so it flags nothing)."""
+    def reference(self, like: Tensor, warmup_floor: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(center, std)`` a value is scored against now: the EMA's mean and floored std, or in warm-up
+        :func:`warmup_reference` of the values so far, its std floored at ``warmup_floor`` (one per slot; None:
+        ``warmup_sigma_floor``). The center is NaN while too little was learned (a NaN compares False with any
+        threshold, so it flags nothing)."""
         if self.ready:
             assert self.mean is not None
             return self.mean, self.std()
         if self._seen is None or self.calls < MIN_WARMUP_VALUES:  # a host count: no read
             nan = torch.full_like(like, math.nan)
             return nan, nan
-        seen = self._seen[: self.calls]
-        center = seen.nanmedian(dim=0).values
-        spread = (seen - center).abs().nanmedian(dim=0).values * _MAD_TO_STD
-        enough = (seen == seen).sum(dim=0) >= MIN_WARMUP_VALUES
-        return torch.where(enough, center, math.nan), spread.nan_to_num(nan=0.0).clamp(min=self.warmup_sigma_floor)
+        return warmup_reference(self._seen[: self.calls], self.warmup_window, self._warmup_floor(warmup_floor))
+
+    def _warmup_floor(self, warmup_floor: Tensor | None) -> float | Tensor:
+        return self.warmup_sigma_floor if warmup_floor is None else warmup_floor.clamp(min=self.sigma_floor)
 
     def score(self, x: Tensor, std: Tensor | None = None) -> Tensor:
         """``(x - center) / std`` (see :meth:`reference`): NaN while too little was learned."""
         center, floored = self.reference(x)
         return (x - center) / (floored if std is None else std)
 
-    def update(self, x: Tensor, learn: Tensor) -> None:
-        """Learn ``x`` where ``learn`` (bool, same shape or 0-d) is True; ``learn`` must imply a finite ``x``."""
+    def update(self, x: Tensor, learn: Tensor, warmup_floor: Tensor | None = None) -> None:
+        """Learn ``x`` where ``learn`` (bool, same shape or 0-d) is True; ``learn`` must imply a finite ``x``.
+        ``warmup_floor``: as in :meth:`reference` (the warm-up's last step hands its reference to the EMA)."""
         if not self.ready:
             if self._seen is None or self._seen.shape[1:] != x.shape:
                 self._seen = torch.full((self.warmup_steps, *x.shape), math.nan, dtype=x.dtype, device=x.device)
             self._seen[self.calls] = torch.where(learn, x, math.nan)
             self.calls += 1
-            if self.ready:  # warm-up over: start from the plain moments (mean NaN when nothing was finite)
-                self.mean = self._seen.nanmean(dim=0)
-                self.var = (self._seen - self.mean).square().nanmean(dim=0).nan_to_num(nan=0.0)
+            if self.ready:  # warm-up over: the EMA starts from the warm-up's reference (the class docstring)
+                center, std = warmup_reference(self._seen, self.warmup_window, self._warmup_floor(warmup_floor))
+                # a slot with fewer finite values than a reference needs: their plain moments (NaN: none)
+                plain = self._seen.nanmean(dim=0)
+                enough = center == center
+                self.mean = torch.where(enough, center, plain)
+                self.var = torch.where(enough, std.square(),
+                                       (self._seen - plain).square().nanmean(dim=0).nan_to_num(nan=0.0))
                 self._std = self.var.sqrt().clamp(min=self.sigma_floor)
                 self._seen = None
             return
@@ -298,6 +354,7 @@ class DetectorConstants(NamedTuple):
     floor: Tensor  # lower clamp before the log: 1e-30 for norms (a zero norm is scored), -inf for the loss
     z_thresh: Tensor  # z_thresh for the total norm and the loss, inf for layers (no spike of their own)
     loss_slot: Tensor  # True at the loss: its spikes are not learned
+    warmup_floor: Tensor  # the warm-up's floor on the std: warmup_sigma_floor, warmup_loss_sigma_floor at the loss
     scored: Tensor  # True at the total norm and the loss (SCORED): a zero there is not learned
     no_loss: Tensor  # NaN, shape (1,): the loss slot when no loss is given, the growth ring's non-finite norm
     without_loss: Tensor  # the flags that stay when no loss is given
@@ -414,9 +471,16 @@ class Detector:
         growth_window: steps over which sustained growth is measured.
         growth_factor: average per-step factor of the norm over the window that counts as growth.
         sigma_floor: lower bound on the standard deviation of the logs (0.1: a 10% wobble is one sigma).
-        warmup_sigma_floor: lower bound on the robust standard deviation of the logs during the warm-up
-            (0.5: with ``z_thresh=4`` a spike is a value more than e^2 = 7.4 times the median so far; early
-            training moves fast).
+        warmup_sigma_floor: lower bound on the robust standard deviation of the log gradient norms during the
+            warm-up (0.5: with ``z_thresh=4`` a gradient spike is a norm more than e^2 = 7.4 times the median of the
+            last ones; early gradient norms move fast: on healthy runs a norm reached 3.7x that median, log 1.30,
+            CNN on digits, SGD; ``benchmarks/warmup_outliers.py``).
+        warmup_loss_sigma_floor: the same for the log of the loss (0.25: a loss e^1 = 2.7 times the median of
+            the last ones, so a batch of 16 with one x100-loss row, its loss x7.2, is a spike; on healthy runs
+            the loss reached at most 1.9x that median, log 0.63, the soak's regression under SGD). The loss is an
+            average over the batch: it moves less than the norms, and its spikes are what bad data looks like.
+        warmup_window: how many of the last values the warm-up's center is the median of (8: a lag of 4 steps
+            behind early training's trend; an outlier or two among them barely move it).
         precursor: the early-warning signal (default ``Precursor()``, see ``gradguard.precursor``).
         update_size: the optimizer's step relative to the weights (default ``UpdateSize()``, see
             ``gradguard.update_size``; None: off). The Guard runs it in its step, after the detector: it needs
@@ -439,14 +503,18 @@ class Detector:
         growth_window: int = 6,
         growth_factor: float = 1.5,
         sigma_floor: float = 0.1,
-        warmup_sigma_floor: float = 0.5,
+        warmup_sigma_floor: float = WARMUP_SIGMA_FLOOR,
+        warmup_loss_sigma_floor: float = WARMUP_LOSS_SIGMA_FLOOR,
+        warmup_window: int = WARMUP_WINDOW,
         precursor: Precursor | None = None,
         update_size: UpdateSize | None | str = "default",
     ):
         _check_detector_args(alpha, z_thresh, warmup_steps, growth_window, growth_factor, sigma_floor)
-        if isinstance(warmup_sigma_floor, bool) or not isinstance(warmup_sigma_floor, (int, float)) or not (
-                warmup_sigma_floor >= 0.0 and math.isfinite(warmup_sigma_floor)):
-            raise ValueError(f"Detector: warmup_sigma_floor must be a finite number >= 0, got {warmup_sigma_floor!r}")
+        for name, floor in (("warmup_sigma_floor", warmup_sigma_floor), ("warmup_loss_sigma_floor", warmup_loss_sigma_floor)):
+            if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (floor >= 0.0 and math.isfinite(floor)):
+                raise ValueError(f"Detector: {name} must be a finite number >= 0, got {floor!r}")
+        if not isinstance(warmup_window, int) or isinstance(warmup_window, bool) or warmup_window < MIN_WARMUP_VALUES:
+            raise ValueError(f"Detector: warmup_window must be an int >= {MIN_WARMUP_VALUES}, got {warmup_window!r}")
         self.z_thresh = float(z_thresh)
         self.alpha = float(alpha)
         self.warmup_steps = warmup_steps
@@ -454,8 +522,10 @@ class Detector:
         self.growth_factor = float(growth_factor)
         self.sigma_floor = float(sigma_floor)
         self.warmup_sigma_floor = float(warmup_sigma_floor)
+        self.warmup_loss_sigma_floor = float(warmup_loss_sigma_floor)
+        self.warmup_window = warmup_window
         #: the moving statistics of ``[log ||g||, log loss, log ||g_layer|| for each layer]``
-        self.scores = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor)
+        self.scores = MovingZScore(alpha, warmup_steps, sigma_floor, warmup_sigma_floor, warmup_window)
         self.growth = GrowthWindow(growth_window, growth_factor)
         self.precursor = precursor if precursor is not None else Precursor()
         if isinstance(update_size, str) and update_size == "default":
@@ -478,6 +548,7 @@ class Detector:
                 floor=vector(1e-30, -math.inf, 1e-30),
                 z_thresh=vector(self.z_thresh, self.z_thresh, math.inf),
                 loss_slot=vector(False, True, False, dtype=torch.bool),
+                warmup_floor=vector(self.warmup_sigma_floor, self.warmup_loss_sigma_floor, self.warmup_sigma_floor),
                 scored=vector(True, True, False, dtype=torch.bool),
                 no_loss=torch.full((1,), math.nan, device=device),
                 without_loss=torch.tensor([k not in ("nonfinite_loss", "loss_spike") for k in DETECTOR_KINDS],
@@ -509,7 +580,7 @@ class Detector:
             assert scores.mean is not None and scores.var is not None
             center, std, var = scores.mean, scores.std(), scores.var
         else:  # the median and MAD so far (NaN: too few); the variance is not used
-            center, std = scores.reference(c.zeros)
+            center, std = scores.reference(c.zeros, c.warmup_floor)
             var = std
         precursor, precursor_config = self.precursor.begin(device, sampled)
         state = DetectorTensors(center=center, std=std, var=var, ring=self.growth.ring(device), precursor=precursor)
@@ -528,7 +599,8 @@ class Detector:
         if config.ema:
             self.scores.keep(out.state.center, out.state.var, out.state.std)
         else:
-            self.scores.update(out.learn_x, out.learn)
+            c = self._constants_for(out.learn_x.device, out.learn_x.numel() - 2)  # the one begin() used
+            self.scores.update(out.learn_x, out.learn, c.warmup_floor)
         self.growth.keep(out.state.ring)
         self.precursor.keep(out.state.precursor)
 
