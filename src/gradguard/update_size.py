@@ -11,11 +11,23 @@ the update norm, ``clip_update_norm``). Two signals come from it, both device te
 
       m_k = beta * m_{k-1} + (1 - beta) * log(rho_k / lr_{s_k})      rho_k = ||W_{s+1} - W_s|| / max(||W_s||, eps)
       p_t = m + log lr_t                                              the predicted log update size of step t
-      jump_t = p_t - L_{t-1} > log(jump)                              L: EMA (alpha) of p over steps not flagged
+      q_t = p_t - log c_t                                             at the loop's LR (c: the Guard's own LR cut)
+      L_t = EMA (alpha) of q over steps not flagged                   the usual size
+      P_t = max(P_{t-1} - forget, L_t)                                the highest usual size, slowly forgotten
+      jump_t = q_t - P_{t-1} > log(jump)
 
   so the first step of an LR burst is flagged before its update, whatever the gradients do; a flagged step is
   not learned, so the whole burst is flagged, until ``patience`` steps in a row have been: then the new size is
-  taken as the loop's will (a warm restart, a deliberate LR raise), learned, and no longer flagged.
+  taken as the loop's will (a deliberate LR raise), learned, and no longer flagged. The reference is the highest
+  usual size ``P``, not the current one: a warm restart (``CosineAnnealingWarmRestarts``) goes back to a size
+  the run has taken before and is not flagged (against ``L``, the end of a cosine cycle to its restart is a
+  4000x jump: 100 skipped steps at each restart), while a burst of the learning rate in force is. ``P`` falls
+  by ``forget`` per step (10x in 10,000 steps), so that a restart is recognised after a cycle that long and the
+  early steps' larger size (Adam's first update is ``lr * sign(g)``) is forgotten. It is armed from the first
+  prediction on (``warmup_steps=1``: the first sample is step 0, measured at step 1), so a burst at step 2 is
+  flagged: the soak's bursts at steps 2-3 cost 2.0-2.6x the clean run's loss with AdamW when it waited 10.
+  The Guard's own cuts (``Recovery.lr_scale``, ``c``) are undone in ``q``: they are not the loop's, and a burst
+  after a cut of 8x is still 100x the loop's usual LR (at the LR in force it would be 12.5x the old peak).
 * **update size** (on the samples, one step late: the update of step ``s`` is measured before step ``s + 1``'s):
   per layer, the smoothed log ratio ``r_l`` (EMA ``beta`` over samples) warns when it is above ``max_ratio``, or
   more than ``climb`` times above its floor ``f_l = min(r_l, f_l + rate)`` (the precursor's rising floor, see
@@ -56,7 +68,8 @@ class UpdateSizeTensors(NamedTuple):
     """An :class:`UpdateSize`'s state on the device."""
 
     per_lr: Tensor  # 0-d float32: m, the smoothed log of the total update size per unit LR (NaN: none yet)
-    level: Tensor  # 0-d float32: L, the EMA of the predicted log update size over steps not flagged (NaN: none)
+    level: Tensor  # 0-d float32: L, the EMA of q (the predicted log size at the loop's LR), steps not flagged
+    peak: Tensor  # 0-d float32: P, the highest L, falling by ``forget`` per step (NaN: none)
     learned: Tensor  # 0-d int64: predictions learned into the level
     streak: Tensor  # 0-d int64: steps in a row flagged as a jump
     layer_smoothed: Tensor  # float32 per layer: r_l (NaN: none yet)
@@ -71,6 +84,7 @@ class UpdateSizeTensors(NamedTuple):
             return torch.full(shape, value, dtype=dtype, device=device)
 
         return cls(per_lr=full(math.nan, torch.float32), level=full(math.nan, torch.float32),
+                   peak=full(math.nan, torch.float32),
                    learned=full(0, torch.int64), streak=full(0, torch.int64),
                    layer_smoothed=full(math.nan, torch.float32, (layers,)),
                    layer_floor=full(math.inf, torch.float32, (layers,)), above=full(False, torch.bool),
@@ -92,7 +106,7 @@ class UpdateSizeVerdict(NamedTuple):
     jump: Tensor  # 0-d bool: the step about to be taken is ``jump`` times its usual size
     raised: Tensor  # 0-d bool: the update-size warning has just come up
     predicted: Tensor  # 0-d float32: the predicted update size of this step, ||dW|| / ||W|| (NaN: none yet)
-    usual: Tensor  # 0-d float32: its usual size, exp(L) (NaN: none yet)
+    usual: Tensor  # 0-d float32: the highest usual size it is compared with, exp(P), at the LR cut in force
     layer: Tensor  # 0-d int64: the layer whose measured update size is furthest past its thresholds
     layer_ratio: Tensor  # 0-d float32: that layer's smoothed update size, exp(r_l) (NaN: none yet)
 
@@ -106,6 +120,7 @@ class UpdateSizeStep:
     log_jump: float
     patience: int
     warmup_steps: int
+    forget: float  # P's fall per step, in log
     log_climb: float
     log_max_ratio: float
     rate: float  # the floor's rise per sample (rate per step times ``every``)
@@ -128,9 +143,11 @@ def _ema(old: Tensor, new: Tensor, keep: float, learn: Tensor) -> Tensor:
 
 
 def update_size_step(s: UpdateSizeTensors, log_lr_now: Tensor, measurement: UpdateMeasurement | None,
-                     config: UpdateSizeStep) -> tuple[UpdateSizeTensors, UpdateSizeVerdict]:
+                     config: UpdateSizeStep, log_cut: Tensor | None = None) -> tuple[UpdateSizeTensors,
+                                                                                     UpdateSizeVerdict]:
     """One step of both signals (the module docstring's formulas), a pure function of device tensors: the new
-    state and the verdict. ``log_lr_now``: :func:`log_lr` of the step about to be taken."""
+    state and the verdict. ``log_lr_now``: :func:`log_lr` of the step about to be taken; ``log_cut``: the log of
+    the LR cut the caller itself has made (``<= 0``; None: none), undone in the jump's test."""
     per_lr, smoothed, floor, above, first = s.per_lr, s.layer_smoothed, s.layer_floor, s.above, s.first
     raised = torch.zeros_like(s.above)
     if config.measured and measurement is not None:
@@ -150,20 +167,24 @@ def update_size_step(s: UpdateSizeTensors, log_lr_now: Tensor, measurement: Upda
             first = torch.where(above & (s.first < 0), s.step, s.first)
     # 2. the step about to be taken: its predicted size against its usual size
     predicted = per_lr + log_lr_now.float()
-    finite = torch.isfinite(predicted)
+    cut = torch.zeros_like(predicted) if log_cut is None else log_cut.float()
+    judged = predicted - cut  # q: at the loop's LR
+    finite = torch.isfinite(judged)
     armed = s.learned >= config.warmup_steps
-    far = finite & armed & (predicted - s.level > config.log_jump)
+    far = finite & armed & (judged - s.peak > config.log_jump)  # NaN (nothing learned) compares False
     jump = far & (s.streak < config.patience)
     accept = far & ~jump  # flagged `patience` steps in a row: the loop means it; the level starts from here
-    level = _ema(s.level, predicted, config.alpha, finite & ~far)
-    level = torch.where(accept, predicted, level)
+    level = _ema(s.level, judged, config.alpha, finite & ~far)
+    level = torch.where(accept, judged, level)
+    # fmax: the first level sets the peak; an accepted size becomes the peak at once (it is the level)
+    peak = torch.fmax(s.peak - config.forget, level)
     learned = s.learned + (finite & ~jump).long()
     streak = torch.where(jump, s.streak + 1, torch.zeros_like(s.streak))
     past_any = torch.maximum(smoothed - floor - config.log_climb, smoothed - config.log_max_ratio)
     layer = torch.where(past_any == past_any, past_any, -math.inf).argmax()
-    state = UpdateSizeTensors(per_lr=per_lr, level=level, learned=learned, streak=streak, layer_smoothed=smoothed,
+    state = UpdateSizeTensors(per_lr=per_lr, level=level, peak=peak, learned=learned, streak=streak, layer_smoothed=smoothed,
                               layer_floor=floor, above=above, first=first, step=s.step + 1)
-    verdict = UpdateSizeVerdict(jump=jump, raised=raised, predicted=predicted.exp(), usual=s.level.exp(),
+    verdict = UpdateSizeVerdict(jump=jump, raised=raised, predicted=predicted.exp(), usual=(s.peak + cut).exp(),
                                 layer=layer, layer_ratio=smoothed.gather(0, layer.reshape(1)).exp().reshape(()))
     return state, verdict
 
@@ -198,8 +219,10 @@ class UpdateSize:
         alpha: smoothing of the usual size over steps, in [0, 1).
         beta: smoothing of the measured sizes over samples, in [0, 1).
         patience: steps in a row flagged as a jump before the new size is learned (>= 1): longer than any burst to
-            ride out, shorter than a deliberate LR raise should wait.
-        warmup_steps: predictions learned before a jump can be flagged (>= 1).
+            ride out (the soak's dense windows hold the LR x100 for 50-70 steps), shorter than a deliberate LR
+            raise should wait; a warm restart to an LR the run has used is not flagged at all.
+        warmup_steps: predictions learned before a jump can be flagged (>= 1; the first prediction is at step 1).
+        forget: how fast the highest usual size is forgotten, in log per step (>= 0; ``log(10) / 10_000``).
         climb: how many times above its floor a layer's smoothed update size must climb to warn (> 1).
         max_ratio: a layer's smoothed update size that warns whatever its floor (> 0; ``inf``: none).
         rate: how fast the floor may rise, in log per step (>= 0).
@@ -218,8 +241,9 @@ class UpdateSize:
     """
 
     def __init__(self, every: int = 10, jump: float = 10.0, alpha: float = 0.9, beta: float = 0.5,
-                 patience: int = 25, warmup_steps: int = 10, climb: float = 8.0, max_ratio: float = math.inf,
-                 rate: float = math.log(2.0) / 200, warmup_samples: int = 3, eps: float = 1e-3):
+                 patience: int = 100, warmup_steps: int = 1, forget: float = math.log(10.0) / 10_000,
+                 climb: float = 8.0, max_ratio: float = math.inf, rate: float = math.log(2.0) / 200,
+                 warmup_samples: int = 3, eps: float = 1e-3):
         for name, count in (("every", every), ("patience", patience), ("warmup_steps", warmup_steps),
                             ("warmup_samples", warmup_samples)):
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
@@ -232,12 +256,13 @@ class UpdateSize:
                 raise ValueError(f"UpdateSize: {name} must be in [0, 1), got {smoothing}")
         if not max_ratio > 0.0:
             raise ValueError(f"UpdateSize: max_ratio must be > 0 (inf: none), got {max_ratio}")
-        if not rate >= 0.0:
-            raise ValueError(f"UpdateSize: rate must be >= 0, got {rate}")
+        for name, fall in (("forget", forget), ("rate", rate)):
+            if not (fall >= 0.0 and math.isfinite(fall)):
+                raise ValueError(f"UpdateSize: {name} must be a finite number >= 0, got {fall}")
         if not (eps > 0.0 and math.isfinite(eps)):
             raise ValueError(f"UpdateSize: eps must be a finite number > 0, got {eps}")
         self.every, self.jump, self.alpha, self.beta = every, float(jump), float(alpha), float(beta)
-        self.patience, self.warmup_steps, self.climb = patience, warmup_steps, float(climb)
+        self.patience, self.warmup_steps, self.forget, self.climb = patience, warmup_steps, float(forget), float(climb)
         self.max_ratio, self.rate, self.warmup_samples, self.eps = float(max_ratio), float(rate), warmup_samples, \
             float(eps)
         self.steps = 0  # host count of updates
@@ -290,7 +315,7 @@ class UpdateSize:
         if self.state is None or self.state.layer_smoothed.shape != (layers,):
             fresh = UpdateSizeTensors.start(layers, device)
             if self.state is not None:  # another set of layers: their sizes start over, the jump's level stays
-                fresh = fresh._replace(per_lr=self.state.per_lr, level=self.state.level,
+                fresh = fresh._replace(per_lr=self.state.per_lr, level=self.state.level, peak=self.state.peak,
                                        learned=self.state.learned, streak=self.state.streak, step=self.state.step)
             self.state = fresh
         self.samples_now = self.steps % self.every == 0  # the step begun now is sampled: copy before it
@@ -298,7 +323,7 @@ class UpdateSize:
         if key not in self._configs:  # one object per kind of step: a compiled caller sees the same one
             self._configs[key] = UpdateSizeStep(
                 alpha=self.alpha, beta=self.beta, log_jump=math.log(self.jump), patience=self.patience,
-                warmup_steps=self.warmup_steps, log_climb=math.log(self.climb),
+                warmup_steps=self.warmup_steps, forget=self.forget, log_climb=math.log(self.climb),
                 log_max_ratio=math.log(self.max_ratio) if math.isfinite(self.max_ratio) else math.inf,
                 rate=self.rate * self.every, measured=key[0], floor_set=key[1])
         return self.state, self._configs[key]
@@ -341,6 +366,8 @@ class UpdateSize:
         if missing:
             raise ValueError(f"UpdateSize.load_state_dict: missing {sorted(missing)}")
         fields = state["state"]
+        if fields is not None and "peak" not in fields and "level" in fields:  # saved before the peak: from L
+            fields = {**fields, "peak": fields["level"]}
         if fields is not None and set(fields) != set(UpdateSizeTensors._fields):
             raise ValueError(f"UpdateSize.load_state_dict: state has {sorted(fields)}, "
                              f"expected {sorted(UpdateSizeTensors._fields)}")
