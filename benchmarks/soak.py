@@ -538,8 +538,9 @@ def run_schedule(task: tuple[Any, ...]) -> tuple[Schedule, Outcome, list[Outcome
 def configs_for(optimizer: str, family: str, configs: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """The configurations a family runs under with ``optimizer``: ``configs`` when given (the Guard's alone on
     the families that need it), else the default ones and OLMo-core's with AdamW when importable."""
-    if configs is not None:
-        return tuple(c for c in configs if family not in GUARD_ONLY_FAMILIES or c in GUARD_CONFIGS)
+    if configs is not None:  # OLMo-core's only with AdamW, when importable (main() reports why it is left out)
+        return tuple(c for c in configs if (family not in GUARD_ONLY_FAMILIES or c in GUARD_CONFIGS)
+                     and (c != OLMO or (optimizer == "AdamW" and olmo_available() is None)))
     if family in GUARD_ONLY_FAMILIES:
         return GUARD_CONFIGS
     extra = (OLMO,) if optimizer == "AdamW" and olmo_available() is None else ()
@@ -732,9 +733,10 @@ def main() -> None:
     parser.add_argument("--family", choices=("random", "lr_burst"), default="random",
                         help="without --families: the random schedules, or their LR bursts alone")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="SGD", help="without --families")
-    parser.add_argument("--configs", nargs="+", choices=(*CONFIGS, *OPTIONAL_CONFIGS), default=None,
+    parser.add_argument("--configs", nargs="+", choices=(*CONFIGS, *OPTIONAL_CONFIGS, OLMO), default=None,
                         help=f"the configurations (default: {', '.join(CONFIGS)}; with --families and AdamW, "
-                             "OLMo-core's too when importable)")
+                             "OLMo-core's too when importable; named with another optimizer or "
+                             "absent, it is reported and left out)")
     parser.add_argument("--optimizers", default="SGD",
                         help=f"comma-separated optimizers for --families, or 'all' ({', '.join(OPTIMIZERS)})")
     args = parser.parse_args()
@@ -759,6 +761,11 @@ def main() -> None:
                      f"(a dense window of {DENSE_WINDOW} steps and {TAIL} clean steps at the end)")
     start = time.perf_counter()
     configs = CONFIGS if args.configs is None else tuple(args.configs)
+    if OLMO in configs:  # the peer's absence is reported, not an error
+        missing = olmo_available() if args.optimizer == "AdamW" else f"it is an AdamW, not {args.optimizer}"
+        if missing is not None:
+            print(f"{OLMO}: left out ({missing})")
+            configs = tuple(c for c in configs if c != OLMO)
     rows, results = soak(args.schedules, args.steps, args.workers, args.first_seed, configs, args.family,
                          args.optimizer)
     elapsed = time.perf_counter() - start
