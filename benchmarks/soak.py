@@ -36,7 +36,10 @@ is reported, not an error.
 **Families** (``--families``; issue 17's long-run points, one each): ``random`` (the schedules above), and
 
 * ``zero_grad``: 1 to 3 steps whose gradients are all zero (a fully masked batch), then x1000 gradient spikes;
-* ``warmup_outlier``: 2 to 4 batches with inputs x10 (loss ~x100) within the detector's 25-step warm-up;
+* ``warmup_outlier``: 2 to 4 batches within the detector's 25-step warm-up whose labels are corrupted in
+  ``BAD_ROWS`` of their 64 rows, each row's loss 100x the batch's mean (the batch's loss x7.2, as one such row in a
+  batch of 16); the table's last column counts those steps the Guard flagged (``grad_spike`` or ``loss_spike``).
+  (Inputs x10, this family's fault before, moved the loss of the tanh MLP by x0.8 to x4.8: no outlier at all);
 * ``periodic_nan``: a NaN gradient in every 10th batch over ``max(steps, 1000)`` steps (harmless: the
   learning rate at the end should stay >= 0.5x the schedule's);
 * ``scaler_overflow``: a ``GradScaler(growth_interval=5)`` whose overflows (Inf gradients) are routine, one
@@ -104,6 +107,7 @@ ADAMW_LR, ADAMW_BETAS, ADAMW_WEIGHT_DECAY = 1e-3, (0.9, 0.95), 0.1
 IN_FEATURES, HIDDEN, NOISE = 16, 32, 0.3
 BATCH, LEARNING_RATE, MOMENTUM = 64, 0.05, 0.9
 DENSE_WINDOW = 50  # steps of a dense window, one fault at each
+BAD_ROWS = 4  # warmup_outlier: rows of a batch whose labels are corrupted (each row's loss 100x the batch's mean)
 TAIL = 50  # clean steps at the end of every schedule
 TARGETS = {"nonfinite_end": 0, "silent_nan": 0, "errors": 0, "p90": 1.5}
 
@@ -170,7 +174,7 @@ def make_family_schedule(family: str, seed: int, steps: int, n_params: int) -> S
             faults.append(Fault(rng.randrange(faults[0].step + 1, last), "grad_x1000"))
     elif family == "warmup_outlier":
         for step in rng.sample(range(3, 25), rng.randint(2, 4)):
-            faults.append(Fault(step, "scaled_batch", power=1))
+            faults.append(Fault(step, "bad_rows"))
     elif family == "periodic_nan":
         steps = max(steps, 1000)
         faults = [_fault(rng, step, "nan_grad", n_params) for step in range(rng.randrange(10), steps - TAIL, 10)]
@@ -246,6 +250,7 @@ class Outcome:
     lr_ratio: float = 1.0  # the learning rate at the end over the schedule's
     state_finite: bool = True  # every floating tensor of the optimizer state is finite
     resumed_equal: bool | None = None  # resume family: the resumed run ended bitwise equal to the uninterrupted
+    outliers_flagged: tuple[int, int] | None = None  # warmup_outlier family, Guard: (outlier steps flagged, outliers)
     final_state: dict[str, torch.Tensor] | None = None
 
 
@@ -415,7 +420,14 @@ def train(config: str, schedule: Schedule | None, seed: int, steps: int, optimiz
                     params = list(run.model.parameters())
             if step in stale:
                 stale[step] = _keep_snapshot_copy(os.path.join(workdir, "snapshots"), step)
-            loss = nn.functional.mse_loss(run.model(inputs), y[step])
+            targets = y[step]
+            if any(f.kind == "bad_rows" for f in faults):  # residuals of BAD_ROWS rows 10x the batch's RMS
+                with torch.no_grad():
+                    prediction = run.model(inputs)
+                    targets = targets.clone()
+                    rms = (prediction - targets).square().mean().sqrt()
+                    targets[:BAD_ROWS] = prediction[:BAD_ROWS] + 10.0 * rms
+            loss = nn.functional.mse_loss(run.model(inputs), targets)
             if any(f.kind == "nan_loss" for f in faults):
                 loss = loss * math.nan
             if run.scaler is not None:
@@ -455,6 +467,11 @@ def train(config: str, schedule: Schedule | None, seed: int, steps: int, optimiz
         outcome.final_loss = float(nn.functional.mse_loss(run.model(x_test), y_test))
     if run.guard is not None:
         outcome.summary = run.guard.summary()
+        if schedule is not None and schedule.family == "warmup_outlier":
+            spikes = {r["step"] for r in run.guard.history
+                      if {"grad_spike", "loss_spike"} & {e["kind"] for e in r["events"]}}
+            outliers = {f.step for f in schedule.faults}
+            outcome.outliers_flagged = (len(outliers & spikes), len(outliers))
     if schedule is not None and schedule.family == "resume":
         outcome.final_state = {k: v.clone() for k, v in run.model.state_dict().items()}
     shutil.rmtree(workdir, ignore_errors=True)
@@ -617,6 +634,7 @@ def family_row(outcomes: list[tuple[Outcome, Outcome]]) -> dict[str, Any]:
     """One cell group of the families table: counts, loss ratios, the least LR ratio, resumes equal."""
     ratios = [ratio(clean, run) for clean, run in outcomes if not run.diverged]
     resumed = [run.resumed_equal for _, run in outcomes if run.resumed_equal is not None]
+    flagged = [run.outliers_flagged for _, run in outcomes if run.outliers_flagged is not None]
     return {
         "runs": len(outcomes),
         "nonfinite_end": sum(not (run.weights_finite and run.state_finite) for _, run in outcomes),
@@ -627,6 +645,7 @@ def family_row(outcomes: list[tuple[Outcome, Outcome]]) -> dict[str, Any]:
         "max": max(ratios) if ratios else math.nan,
         "lr_min": min((run.lr_ratio for _, run in outcomes if not run.diverged), default=math.nan),
         "resumed_equal": f"{sum(resumed)}/{len(resumed)}" if resumed else "",
+        "outliers_flagged": f"{sum(f for f, _ in flagged)}/{sum(n for _, n in flagged)}" if flagged else "",
         "error_sample": next((run.error for _, run in outcomes if run.error), None),
     }
 
@@ -676,12 +695,12 @@ def print_families(rows: dict[tuple[str, str, str], dict[str, Any]], results: li
                                          else f"not installed ({missing}); its row is absent"))
     print()
     print("| optimizer | family | configuration | runs | non-finite end | errors | diverged | loss/clean median "
-          "| p90 | max | LR end / schedule (min) | resumed bitwise equal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| p90 | max | LR end / schedule (min) | resumed bitwise equal | warm-up outliers flagged |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (optimizer, family, config), row in rows.items():
         print(f"| {optimizer} | {family} | {config} | {row['runs']} | {row['nonfinite_end']} | {row['errors']} | "
               f"{row['diverged']} | {row['median']:.3f} | {row['p90']:.3f} | {row['max']:.3g} | "
-              f"{row['lr_min']:.3g} | {row['resumed_equal']} |")
+              f"{row['lr_min']:.3g} | {row['resumed_equal']} | {row['outliers_flagged']} |")
     errors = {key: row["error_sample"] for key, row in rows.items() if row["error_sample"]}
     for key, error in errors.items():
         print(f"  error in {' / '.join(key)}: {error[:300]}")
@@ -717,6 +736,8 @@ def print_families(rows: dict[tuple[str, str, str], dict[str, Any]], results: li
             misses.append(f"LR {row['lr_min']:.3g}")
         if row["resumed_equal"] and row["resumed_equal"].split("/")[0] != row["resumed_equal"].split("/")[1]:
             misses.append(f"resumed equal {row['resumed_equal']}")
+        if row["outliers_flagged"] and row["outliers_flagged"].split("/")[0] != row["outliers_flagged"].split("/")[1]:
+            misses.append(f"warm-up outliers flagged {row['outliers_flagged']}")
         if misses:
             print(f"  {optimizer} / {family} / {config}: " + ", ".join(misses))
 

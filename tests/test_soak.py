@@ -50,7 +50,7 @@ def test_without_the_guard_the_faults_leave_nan_weights(soak) -> None:
 
 
 def test_every_family_is_seeded_and_holds_its_faults(soak) -> None:
-    expected = {"zero_grad": {"zero_grad", "grad_x1000"}, "warmup_outlier": {"scaled_batch"},
+    expected = {"zero_grad": {"zero_grad", "grad_x1000"}, "warmup_outlier": {"bad_rows"},
                 "periodic_nan": {"nan_grad"}, "scaler_overflow": {"overflow"}, "idle_state": {"idle_state"},
                 "failing_sink": {"delete_log"}, "add_param_group": {"add_param_group"}, "resume": {"resume"}}
     for family in soak.FAMILIES:
