@@ -6,12 +6,16 @@ should warn well before they diverge:
 
 * healthy: an MLP and a small CNN on digits, an LSTM reading a digit's 8 rows, the lab's small causal transformer
   on characters; SGD with momentum, Adam, AdamW; constant LR and linear warm-up + cosine;
-* diverging late: a warm-up to a too-high LR (the transformer); Adam with a low beta2 and a tiny epsilon at a
-  high LR (the MLP, its LR raised x1.01 a step); an LR raised slowly (the MLP, SGD, x1.02 a step); and an LSTM
-  under Adam with its LR raised slowly (recurrent weights, which blow up through the time steps). **Not here:**
-  attention-logit growth at a moderate LR over a longer run; on this small transformer (pre-LN, width 32) none
-  of the settings tried diverged within 500-600 steps (AdamW at constant LR 0.01-0.1, query/key weights x1-8 at
-  init, with and without the pre-attention LayerNorm), so it has no row.
+* diverging late: a warm-up to a too-high LR (the transformer under AdamW; the CNN under SGD with momentum, 0.2
+  over 200 steps); Adam with a low beta2 and a tiny epsilon at a high LR (the MLP, its LR raised x1.01 a step);
+  an LR raised slowly (the MLP, SGD, x1.02 a step); and an LSTM under Adam with its LR raised slowly (recurrent
+  weights, which blow up through the time steps).
+* **not here: attention-logit growth** at a moderate LR over a longer run. On this small transformer (pre-LN, width
+  32) the logits do grow (the largest ``|q.k| / sqrt(d)`` from 0.1 at init to 700-45,000 by step 500, with AdamW
+  at LR 0.01-0.03, the query/key weights at x1-30 the LR or x4 at init, 600 steps, seeds 0-1), the attention
+  turns one-hot, and the loss stalls at 2.6-3.0 instead of falling, but it never climbs back half-way to its start:
+  no run diverged, so there is nothing to warn of by this script's definition (nor in the earlier tries: constant
+  LR 0.01-0.1, query/key weights x1-8 at init, with and without the pre-attention LayerNorm).
 
 A run **diverges** at the first step whose loss is not finite or whose smoothed loss (EMA 0.9) has climbed back
 half-way from its best to the loss at step 0. A warning **counts** when it comes at least 20 steps and at least 10%
@@ -22,18 +26,21 @@ alarm**.
 gradient norm, the weight norm every 10 steps, the update measured every 10 steps):
 
 * ``weights``: ``gg.precursor``'s weight growth (``||W||`` grew ``weight_ratio`` times in 10 steps);
+* ``weight acceleration``: ``gg.precursor``'s weight acceleration (the growth per 10 steps sped up by
+  ``acceleration`` over its slowest since step 50);
 * ``grad climb``: ``gg.precursor``'s gradient-norm climb off its floor (``ratio``);
 * ``update size``: ``gg.update_size``'s measured update size per layer climbing ``climb`` times off its floor, or
   above ``max_ratio`` (``||dW_l|| / ||W_l||``);
-* ``combined``: any of the three at its chosen threshold.
+* ``combined``: any of the four at its chosen threshold.
 
 Thresholds are chosen per signal on the **tuning seeds** (the highest recall on the diverging families with at
 most 5% false alarms on the healthy ones) and reported on the **evaluation seeds**, which were not used.
 
 ``--respond`` compares, on the diverging families' evaluation seeds, the Guard at its defaults (acting on the
-divergence) with the Guard acting on the warning (``responses={"precursor": "rollback", "update_size":
-"rollback"}`` at the chosen thresholds: back to the last snapshot, LR halved): the final loss. ``--cost`` times the
-Guard's step with and without the update size, side by side, and counts host reads.
+divergence) with the Guard acting on the warning (:func:`warning_guard`: ``responses={"precursor": "rollback",
+"update_size": "rollback"}`` at the chosen thresholds: back to the last snapshot with the LR halved, the cut kept,
+``RecoveryPolicy(lr_recover_after=None)``): the final loss. ``--cost`` times the Guard's step with and without the
+update size, side by side, and counts host reads.
 
     python benchmarks/early_warning.py [--quick] [--respond] [--cost]
 """
@@ -231,6 +238,8 @@ def families(quick: bool = False) -> list[Family]:
                 lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), ramp(1.02), "digits"),
         _family("LR raised slowly (LSTM, Adam x1.015/step)", False, s, RowLSTM,
                 lambda p: torch.optim.Adam(p, lr=3e-3), ramp(1.015), "digits"),
+        _family("warm-up to a too-high LR (CNN, SGD+momentum)", False, s, CNN,
+                lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9), warmup_to(200), "digits"),
     ]
     if quick:  # the suite's small version: one healthy family and one late-diverging one
         return [f for f in every if f.name in ("MLP, SGD+momentum, constant", "LR raised slowly (LSTM, Adam x1.015/step)")]
@@ -539,23 +548,48 @@ def collect(fams: list[Family], seeds: tuple[int, ...], quick: bool = False, wor
         return pool.map(_run_task, tasks, chunksize=1)
 
 
-def respond(fams: list[Family], seeds: tuple[int, ...], chosen: dict[str, dict[str, float]]) -> list[str]:
-    """The diverging families under the Guard at its defaults, and acting on the warning."""
-    precursor = Precursor(weight_every=SAMPLE_EVERY, **chosen["grad climb"], **chosen["weights"])
-    lines = [f"{'family':<52} {'Guard (defaults)':>18} {'acting on the warning':>22}  (mean of the last 20 losses)"]
+def warning_guard(chosen: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The Guard's options that act on the warning at the chosen thresholds: back to the snapshot before the climb
+    with the LR halved, and the cut kept (the warning says the LR is too large: growing it back re-enters the
+    climb)."""
+    precursor = Precursor(weight_every=SAMPLE_EVERY, **chosen["grad climb"], **chosen["weights"],
+                          **chosen["weight acceleration"])
+    return {"detector": gg.detect.Detector(precursor=precursor,
+                                           update_size=UpdateSize(every=SAMPLE_EVERY, **chosen["update size"])),
+            "responses": {"precursor": "rollback", "update_size": "rollback"},
+            "recovery": gg.RecoveryPolicy(lr_recover_after=None)}
+
+
+def _respond_task(task: tuple[int, int, str, dict[str, dict[str, float]]]) -> float:
+    index, seed, arm, chosen = task
+    torch.set_num_threads(1)
+    return run(families()[index], seed, {} if arm == "defaults" else warning_guard(chosen))[1]
+
+
+def respond(fams: list[Family], seeds: tuple[int, ...], chosen: dict[str, dict[str, float]],
+            workers: int = 1) -> list[str]:
+    """The diverging families under the Guard at its defaults (acting on the divergence), and acting on the
+    warning (:func:`warning_guard`): the mean of the last 20 losses of each run."""
+    every = families()
+    tasks = [(every.index(next(f for f in every if f.name == family.name)), seed, arm, chosen)
+             for family in fams if not family.healthy for arm in ("defaults", "warning") for seed in seeds]
+    if workers <= 1:
+        finals = [_respond_task(task) for task in tasks]
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            finals = pool.map(_respond_task, tasks, chunksize=1)
+    by = {(every[index].name, arm, seed): final for (index, seed, arm, _), final in zip(tasks, finals)}
+    lines = [f"{'family':<52} {'Guard (defaults)':>24} {'acting on the warning':>24}  (mean of the last 20 losses)"]
+    better = runs = 0
     for family in fams:
         if family.healthy:
             continue
-        finals: dict[str, list[float]] = {"defaults": [], "warning": []}
+        cells = [", ".join(f"{by[(family.name, arm, seed)]:.3g}" for seed in seeds) for arm in ("defaults", "warning")]
+        lines.append(f"{family.name:<52} {cells[0]:>24} {cells[1]:>24}")
         for seed in seeds:
-            finals["defaults"].append(run(family, seed, {})[1])
-            detector = gg.detect.Detector(precursor=Precursor(weight_every=SAMPLE_EVERY, ratio=precursor.ratio,
-                                                              weight_ratio=precursor.weight_ratio),
-                                          update_size=UpdateSize(every=SAMPLE_EVERY, **chosen["update size"]))
-            finals["warning"].append(run(family, seed, {
-                "detector": detector, "responses": {"precursor": "rollback", "update_size": "rollback"}})[1])
-        cells = [", ".join(f"{v:.3g}" for v in finals[k]) for k in ("defaults", "warning")]
-        lines.append(f"{family.name:<52} {cells[0]:>18} {cells[1]:>22}")
+            runs += 1
+            better += by[(family.name, "warning", seed)] < by[(family.name, "defaults", seed)]
+    lines.append(f"acting on the warning ended with the lower loss in {better} of {runs} runs")
     return lines
 
 
@@ -587,7 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(lines))
     result: dict[str, Any] = {"chosen": chosen, "evaluated": evaluated, "tuned": tuned, "table": lines}
     if args.respond:
-        result["respond"] = respond(fams, evaluation, chosen)
+        result["respond"] = respond(fams, evaluation, chosen, args.workers)
         print("\n".join(result["respond"]))
     if args.cost:
         result["cost"] = cost()

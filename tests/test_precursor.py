@@ -288,3 +288,27 @@ def test_the_guard_names_the_weight_acceleration_in_its_event() -> None:
     events = [e for r in guard.history for e in r["events"] if e["kind"] == "precursor"]
     assert events and events[0]["signal"] == "weight_acceleration", events
     assert events[0]["factor"] > math.exp(0.03) and "sped up" in events[0]["advice"]
+
+
+def test_a_rollback_is_no_growth_the_warning_comes_down_and_can_rise_again() -> None:
+    """A rollback put back weights 100x smaller: learned as a growth, the fall set the slowest growth at -4.6 per
+    sample, every later sample was past it, and the warning stayed up (no other signal could raise again)."""
+    norms = noisy(300)
+    steady = _growing([0.02] * 30)
+    precursor = gg.precursor.Precursor(weight_ratio=None)
+    raised = []
+    for step in range(300):
+        weight = steady[step] / (100.0 if step >= 100 else 1.0)  # the weights at step 100: restored, 100x smaller
+        if step == 100:
+            precursor.weights_replaced()
+        raised.append(bool(precursor.update(torch.tensor(norms[step]),
+                                            torch.tensor(weight) if precursor.wants_weights() else None)))
+    assert precursor.first_warning() is None and not any(raised)
+    assert not bool(precursor.above)
+
+
+def test_the_guard_tells_the_precursor_when_a_rollback_replaced_the_weights(monkeypatch) -> None:
+    replaced = []
+    monkeypatch.setattr(gg.precursor.Precursor, "weights_replaced", lambda self: replaced.append(True))
+    _climbing_run({"precursor": "rollback"})
+    assert replaced  # the climb's warning rolled back: the Guard said so before the next step

@@ -395,6 +395,7 @@ class Guard:
             self.recovery.loss_level_due = False
             if self._update_size is not None:
                 self._update_size.drop_copy()  # a copy of weights that are gone measures no update
+            self.detector.precursor.weights_replaced()  # nor is their fall in the norm a growth
         self.recovery.start(self.step_count, before_flush=(self.step_count + 1) % self.log_every == 0)
 
         # 1. measure

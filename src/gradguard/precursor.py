@@ -317,6 +317,14 @@ class Precursor:
                 acceleration=self.acceleration, acceleration_after=self.acceleration_after, first_update=key[0], warm=key[1], sampled=key[2])
         return self.state, self._configs[key]
 
+    def weights_replaced(self) -> None:
+        """The weights were replaced (a rollback, a restored state): the next sample does not compare with the last
+        one, whose weights are gone (a rollback is no growth; learned, its fall in the norm set the slowest growth
+        so low that every later sample was past it, and the warning never came down nor rose again). No host
+        read."""
+        if self.state is not None:
+            self.state = self.state._replace(log_weight=torch.full_like(self.state.log_weight, math.nan))
+
     def signal(self) -> Tensor | None:
         """``e_t - f_t``, the log of how many times the smoothed norm is above its floor (0-d, device)."""
         if self.state is None or self.steps <= self.warmup_steps:
