@@ -9,7 +9,9 @@ Two runs of a small regression MLP (16 -> 64 -> 1, tanh, plain SGD at lr 0.05, b
   scale every 5 clean steps and overflows routinely (each overflow a skipped step); the LR should end at
   the starting LR (the scaler backs off its scale, that is its job).
 
-Prints, per run, the steps, skips, LR back-offs, rollbacks and the final LR over the starting LR.
+Prints, per run, the steps, skips, LR back-offs, rollbacks, the final LR over the starting LR and the step
+of the last good snapshot (harmless skips must not stop snapshots: a rollback late in the run should not
+throw the whole run away; with a snapshot due every 25 steps, it should be within the last 50).
 
     python benchmarks/lr_ratchet.py [--steps 1000]
 """
@@ -53,7 +55,8 @@ def run(kind: str, steps: int, seed: int = 0) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
     guard.close()
     summary = guard.summary()
-    return {**summary, "lr_ratio": optimizer.param_groups[0]["lr"] / LR}
+    return {**summary, "lr_ratio": optimizer.param_groups[0]["lr"] / LR,
+            "snapshot_step": -1 if guard.recovery.snapshot.step is None else guard.recovery.snapshot.step}
 
 
 def main() -> None:
@@ -61,12 +64,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=1)
     args = parser.parse_args()
-    print(f"{'run':<16}{'seed':>5}{'steps':>7}{'skipped':>9}{'backoffs':>10}{'rollbacks':>10}{'lr/lr0':>10}")
+    print(f"{'run':<16}{'seed':>5}{'steps':>7}{'skipped':>9}{'backoffs':>10}{'rollbacks':>10}{'lr/lr0':>10}{'last snapshot':>15}")
     for kind in ("nan_every_10th", "fp16_scaler"):
         for seed in range(args.seeds):
             r = run(kind, args.steps, seed)
             print(f"{kind:<16}{seed:>5}{r['steps']:>7}{r['skipped']:>9}{r['lr_backoffs']:>10}{r['rollbacks']:>10}"
-                  f"{r['lr_ratio']:>10.3g}")
+                  f"{r['lr_ratio']:>10.3g}{r['snapshot_step']:>15}")
 
 
 if __name__ == "__main__":
