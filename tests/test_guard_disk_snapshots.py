@@ -93,8 +93,8 @@ def test_a_corrupted_or_foreign_file_is_never_restored_the_bytes_it_was_written_
 
 
 def test_with_no_file_left_to_trust_the_run_still_rolls_back_and_gives_up_finite(tmp_path):
-    """Regression: with every snapshot file truncated (soak's disk_snapshot family, 7 runs of 10), the rollback
-    found nothing to restore and the run ended in TrainingDiverged with NaN weights."""
+    """Regression: with every snapshot file truncated (soak's disk_snapshot family, SGD: 4 of seeds 10000-10005),
+    the rollback found nothing to restore and the run ended in TrainingDiverged with NaN weights."""
     model = _model()
     guard = _guard(model, tmp_path)
     _train(guard, range(6))
