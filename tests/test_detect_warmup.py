@@ -85,3 +85,15 @@ def test_a_x100_loss_row_is_flagged_in_the_warmup_as_often_as_later(seed: int, o
     print(f"x100-loss row flagged: warm-up {warmup} of 8, later {later} of 8")
     assert later >= 4, f"later in the run {later} of 8 flagged"
     assert warmup >= later - 1, f"in the warm-up {warmup} of 8 flagged, later {later}"
+
+
+def test_the_warmup_reference_and_its_handover_read_nothing_on_the_host() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    noise, detector = torch.Generator().manual_seed(0), Detector()
+    for step in range(detector.warmup_steps + 3):  # the warm-up, its last step (the handover), after it
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=noise)
+        stats = gg.grad_stats(model)
+        with gg.count_host_syncs() as syncs:
+            detector.update(stats, torch.tensor(1.0 + 0.1 * step))
+        assert syncs.count == 0, (step, syncs.reads)
