@@ -32,6 +32,8 @@ def _loss(model: nn.Module, i: int, dtype: torch.dtype | None = None) -> torch.T
     ({"alpha": None}, r"alpha must be a finite number, got None"),
     ({"growth_factor": math.inf}, r"growth_factor must be a finite number, got inf"),
     ({"warmup_sigma_floor": "0.5"}, r"warmup_sigma_floor must be a finite number >= 0, got '0.5'"),
+    ({"warmup_loss_sigma_floor": math.inf}, r"warmup_loss_sigma_floor must be a finite number >= 0, got inf"),
+    ({"warmup_window": 2}, r"warmup_window must be an int >= 3, got 2"),
 ])
 def test_detector_thresholds_that_would_turn_detection_off_are_refused(kwargs, message):
     """Regression: Detector(sigma_floor=inf) was accepted and turned detection off (held-out loss 2.8e17,
