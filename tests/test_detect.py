@@ -29,12 +29,19 @@ def _flags(verdict) -> dict[str, bool]:
 
 
 def test_moving_zscore_starts_from_the_warmup_reference_then_follows_the_ema():
+    # a trend (1..6): the mean at the median of the last values, the variance at that of the successive
+    # differences (all 1: (1.4826 / sqrt(2))^2 = 1.099), smaller than the plain one (35 / 12 = 2.92)
+    trend = MovingZScore(alpha=0.9, warmup_steps=6, sigma_floor=0.0, warmup_sigma_floor=0.0)
+    for x in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0):
+        trend.update(torch.tensor(x), torch.tensor(True))
+    assert float(trend.mean) == pytest.approx(3.0)  # torch's median of an even count: the lower middle value
+    assert float(trend.var) == pytest.approx((1.4826 / math.sqrt(2.0)) ** 2, rel=1e-5)
+    # a steady warm-up (1, 2, 3): the plain variance (2/3) is the smaller one
     scorer = MovingZScore(alpha=0.9, warmup_steps=3, sigma_floor=0.0, warmup_sigma_floor=0.0)
     for x in (1.0, 2.0, 3.0):
         assert math.isnan(float(scorer.score(torch.tensor(x))))  # fewer than 3 values: no score yet
         scorer.update(torch.tensor(x), torch.tensor(True))
-    # the median of the last values, the std of their successive differences (1, 1): 1.4826 / sqrt(2)
-    var0 = (1.4826 / math.sqrt(2.0)) ** 2
+    var0 = 2.0 / 3.0
     assert float(scorer.mean) == pytest.approx(2.0)
     assert float(scorer.var) == pytest.approx(var0, rel=1e-5)
     assert float(scorer.score(torch.tensor(4.0))) == pytest.approx(2.0 / math.sqrt(var0), rel=1e-5)

@@ -45,8 +45,9 @@ robust to the spike it is looking for, and to early training's trend (the median
 the MAD about it, lag and widen with a loss that halves in a few dozen steps: a batch with one x100-loss row,
 its loss x7, went unflagged in the warm-up). The warm-up floor is ``warmup_sigma_floor`` (0.5) for the gradient
 norms and ``warmup_loss_sigma_floor`` (0.25) for the loss. The moving statistics then start from that reference:
-the mean at the median, the variance at the floored spread squared (ZClip starts from the plain mean and
-variance of its warm-up; they hold early training's whole trend, and kept the EMA blind for some hundred steps).
+the mean at the median, the variance at the smaller of the floored spread squared and the warm-up's plain variance
+(ZClip starts from the plain mean and variance of its warm-up; where early training's trend swelled them, as it
+does the loss's, the EMA stayed blind to a x7 loss for some hundred steps).
 
 **One step, one pure function.** :func:`detector_step` is the whole device arithmetic of a step (scores, flags,
 the named layer, the moving statistics, the growth ring, the precursor), a pure function of the packed values
@@ -199,9 +200,10 @@ class MovingZScore:
     the standard deviation of their successive differences (a median, times 1.4826 / sqrt(2)), floored at
     ``warmup_sigma_floor`` (early training moves fast), once at least :data:`MIN_WARMUP_VALUES` finite values
     were seen. So a spike at the fourth step is flagged: there is no blind window. Then the EMA starts where
-    the warm-up's reference ends: its mean at that median, its variance at the square of that floored
-    standard deviation (not the plain moments of the warm-up, whose variance holds early training's whole
-    trend: the EMA took some hundred steps to forget it, blind meanwhile to a x7 loss), and ``ready`` (a host
+    the warm-up's reference ends: its mean at that median, its variance at the smaller of the square of that
+    floored standard deviation and the warm-up's plain variance (the plain variance alone holds early training's
+    whole trend: the EMA took some hundred steps to forget it, blind meanwhile to a x7 loss; the floor alone
+    blunted the first steps after a steady warm-up, a x6 gradient spike went unflagged), and ``ready`` (a host
     bool, from the call count) is True.
 
     ``sigma_floor`` bounds the standard deviation from below, so that a very steady series does not turn
@@ -260,12 +262,14 @@ class MovingZScore:
             self.calls += 1
             if self.ready:  # warm-up over: the EMA starts from the warm-up's reference (the class docstring)
                 center, std = warmup_reference(self._seen, self.warmup_window, self._warmup_floor(warmup_floor))
-                # a slot with fewer finite values than a reference needs: their plain moments (NaN: none)
                 plain = self._seen.nanmean(dim=0)
+                plain_var = (self._seen - plain).square().nanmean(dim=0).nan_to_num(nan=0.0)
+                # the smaller variance: the plain one of a steady warm-up (the floor would blunt the first steps
+                # after it), the reference's where a trend swelled the plain one; a slot with fewer finite values
+                # than a reference needs: its plain moments (NaN: none)
                 enough = center == center
                 self.mean = torch.where(enough, center, plain)
-                self.var = torch.where(enough, std.square(),
-                                       (self._seen - plain).square().nanmean(dim=0).nan_to_num(nan=0.0))
+                self.var = torch.where(enough, torch.minimum(std.square(), plain_var), plain_var)
                 self._std = self.var.sqrt().clamp(min=self.sigma_floor)
                 self._seen = None
             return
