@@ -71,7 +71,6 @@ class UpdateInputs(NamedTuple):
 
     state: UpdateSizeTensors
     log_lr: Tensor  # 0-d: log of the learning rate of the step about to be taken
-    log_cut: Tensor  # 0-d: log of the Guard's own LR cut in force (Recovery.lr_scale; 0: none)
     measurement: UpdateMeasurement | None  # the last sampled step's update, or None
 
 
@@ -122,7 +121,7 @@ def device_step(total_norm: Tensor, finite: Tensor, norms: Tensor, loss: Tensor 
     verdict, update_verdict, update_state = detected.verdict, None, None
     if update is not None and config.update is not None:
         update_state, update_verdict = update_size_step(update.state, update.log_lr, update.measurement,
-                                                        config.update, update.log_cut)
+                                                        config.update)
         update_flags = torch.stack([update_verdict.jump, update_verdict.raised])
     else:
         update_flags = c.zeros[:2].bool()  # (the constants' zeros have at least the two packed slots)

@@ -541,9 +541,8 @@ class Guard:
         device = stats.total_norm.device
         state, config = sizes.begin(len(stats.names), device, measurement is not None)
         self._update_config = config
-        # the Guard's own cut is not the loop's jump (a host float filled in: no read)
         return UpdateInputs(state=state, log_lr=log_lr(self.optimizer.param_groups[0]["lr"], device),
-                            log_cut=log_lr(self.recovery.lr_scale, device), measurement=measurement)
+                            measurement=measurement)
 
     def _layer_index(self, stats: GradStats) -> Tensor:
         """The layer of each parameter of ``stats``, as a device tensor (made once per layout)."""
