@@ -78,3 +78,12 @@ def test_the_families_small_version_meets_its_targets(soak, capsys) -> None:
     soak.print_families(rows, results, "test", 0.0, 1)
     out = capsys.readouterr().out
     assert "| AdamW | resume | Guard (defaults) |" in out and "OLMo-core SkipStepAdamW" in out
+
+
+def test_a_dense_window_of_faults_does_not_leave_the_lr_cut_to_the_end(soak) -> None:
+    """Regression: with AdamW, seed 20016's dense window (NaN weights, losses and gradients at steps 4-11 and
+    on) stacked 7 cuts (5 rollbacks, 2 back-offs); undone one per 50 real steps, the LR was still cut at step
+    300 and the run ended at 12x the clean loss. One per 20 (``lr_recover_after``'s default) ends at 1.06x."""
+    schedule, clean, (run,) = soak.run_schedule((20016, 300, ("Guard (defaults)",), "random", "AdamW"))
+    assert len(schedule.faults) >= soak.DENSE_WINDOW
+    assert run.weights_finite and soak.ratio(clean, run) <= 1.5, (soak.ratio(clean, run), run.summary)
