@@ -1,8 +1,12 @@
-"""Shared test fixtures and helpers: deterministic seeds, the host-sync counter (from the library), ``twin``."""
+"""Shared test fixtures and helpers: deterministic seeds, the host-sync counter (from the library), ``twin``,
+``soak`` (``benchmarks/soak.py`` as a module)."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +38,18 @@ def twin(model: nn.Module) -> nn.Module:
     for p, q in zip(model.parameters(), other.parameters()):
         q.grad = p.grad.clone()
     return other
+
+
+SOAK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+
+
+@pytest.fixture(scope="module")
+def soak():
+    """``benchmarks/soak.py`` loaded as the module ``soak`` (its dataclasses resolve their module by name)."""
+    spec = importlib.util.spec_from_file_location("soak", SOAK_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["soak"]

@@ -3,25 +3,6 @@ the targets (``benchmarks/soak.py``; ``python benchmarks/soak.py --schedules 500
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-import pytest
-
-SOAK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
-
-
-@pytest.fixture(scope="module")
-def soak():
-    spec = importlib.util.spec_from_file_location("soak", SOAK_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # the dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["soak"]
-
 
 def test_schedules_are_seeded_and_hold_every_kind_of_fault(soak) -> None:
     schedules = [soak.make_schedule(seed, 300, 6) for seed in range(20)]

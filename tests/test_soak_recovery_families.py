@@ -3,24 +3,7 @@ damaged snapshot files and harmless skips over a long run meet issue 17's target
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SOAK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
-
-
-@pytest.fixture(scope="module")
-def soak():
-    spec = importlib.util.spec_from_file_location("soak", SOAK_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # the dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["soak"]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
