@@ -747,7 +747,8 @@ def main() -> None:
     parser.add_argument("--schedules", type=int, default=100)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--first-seed", type=int, default=None,
+                        help="the first seed (default: 0; with --families, 10000)")
     parser.add_argument("--worst", type=int, default=3, help="print the worst schedules of the Guard configs")
     parser.add_argument("--families", default=None,
                         help=f"comma-separated families, or 'all' ({', '.join(FAMILIES)}): the families table")
@@ -770,10 +771,12 @@ def main() -> None:
                 parser.error(f"unknown {unknown}, expected some of {known}")
         start = time.perf_counter()
         configs = None if args.configs is None else tuple(args.configs)
-        rows, results = soak_families(families, optimizers, args.schedules, args.steps, args.workers,
+        first_seed = 10_000 if args.first_seed is None else args.first_seed
+        rows, results = soak_families(families, optimizers, args.schedules, args.steps, args.workers, first_seed,
                                       configs=configs)
         command = (f"python benchmarks/soak.py --families {args.families} --optimizers {args.optimizers} "
-                   f"--schedules {args.schedules} --steps {args.steps} --workers {args.workers}"
+                   f"--schedules {args.schedules} --first-seed {first_seed} --steps {args.steps} "
+                   f"--workers {args.workers}"
                    + ("" if configs is None else " --configs " + " ".join(f'"{c}"' for c in configs)))
         print_families(rows, results, command, time.perf_counter() - start, args.workers)
         return
@@ -787,8 +790,8 @@ def main() -> None:
         if missing is not None:
             print(f"{OLMO}: left out ({missing})")
             configs = tuple(c for c in configs if c != OLMO)
-    rows, results = soak(args.schedules, args.steps, args.workers, args.first_seed, configs, args.family,
-                         args.optimizer)
+    first_seed = 0 if args.first_seed is None else args.first_seed
+    rows, results = soak(args.schedules, args.steps, args.workers, first_seed, configs, args.family, args.optimizer)
     elapsed = time.perf_counter() - start
     print(f"soak: {args.schedules} schedules ({args.family}, {args.optimizer}) x {len(configs)} configurations, "
           f"{args.steps} steps each, {args.workers} workers, {elapsed:.0f} s")

@@ -3,6 +3,10 @@ the targets (``benchmarks/soak.py``; ``python benchmarks/soak.py --schedules 500
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
 
 def test_schedules_are_seeded_and_hold_every_kind_of_fault(soak) -> None:
     schedules = [soak.make_schedule(seed, 300, 6) for seed in range(20)]
@@ -68,3 +72,18 @@ def test_a_dense_window_of_faults_does_not_leave_the_lr_cut_to_the_end(soak) -> 
     schedule, clean, (run,) = soak.run_schedule((20016, 300, ("Guard (defaults)",), "random", "AdamW"))
     assert len(schedule.faults) >= soak.DENSE_WINDOW
     assert run.weights_finite and soak.ratio(clean, run) <= 1.5, (soak.ratio(clean, run), run.summary)
+
+
+def test_the_families_run_starts_at_the_first_seed_it_is_given(soak, monkeypatch) -> None:
+    """Regression: ``--families`` ignored ``--first-seed`` (every families table ran seeds from 10000)."""
+    seen = {}
+
+    def fake_soak_families(families, optimizers, schedules, steps, workers, first_seed=None, configs=None):
+        seen["first_seed"] = first_seed
+        raise SystemExit(0)
+
+    monkeypatch.setattr(soak, "soak_families", fake_soak_families)
+    monkeypatch.setattr(sys, "argv", ["soak.py", "--families", "zero_grad", "--optimizers", "SGD", "--first-seed", "30000"])
+    with pytest.raises(SystemExit):
+        soak.main()
+    assert seen["first_seed"] == 30000
