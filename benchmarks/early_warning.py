@@ -140,6 +140,8 @@ def mlp() -> nn.Module:
 
 
 class CNN(nn.Module):
+    """Two 3x3 convolutions with max-pooling on the 8x8 digits, then a linear head."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)

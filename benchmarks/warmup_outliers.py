@@ -51,6 +51,7 @@ from gradguard.lab.tasks import char_batch, char_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soak  # noqa: E402  (the soak's regression MLP and its data)
+from early_warning import CNN  # noqa: E402  (the early warning's digits CNN)
 
 TUNING_SEEDS = (0, 1, 2, 3, 4)  # the warm-up floors were read off the healthy runs of these (their first 25 steps)
 EVALUATION_SEEDS = (5, 6, 7)
@@ -66,21 +67,6 @@ HANDOVER = 50
 
 def phase_of(step: int, warmup: int) -> int:
     return 0 if step < warmup else 1 if step < warmup + HANDOVER else 2
-
-
-class CNN(nn.Module):
-    """Two 3x3 convolutions with max-pooling on the 8x8 digits, then a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.head = nn.Linear(32 * 2 * 2, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = nn.functional.max_pool2d(torch.relu(self.conv1(x.reshape(-1, 1, 8, 8))), 2)
-        h = nn.functional.max_pool2d(torch.relu(self.conv2(h)), 2)
-        return self.head(h.flatten(1))
 
 
 _DATA: dict[str, Any] = {}
