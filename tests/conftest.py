@@ -14,7 +14,7 @@ from torch import nn
 
 from gradguard.syncs import HostSyncCounter, count_host_syncs
 
-__all__ = ["HostSyncCounter", "count_host_syncs", "twin"]
+__all__ = ["HostSyncCounter", "count_host_syncs", "load_benchmark", "twin"]
 
 
 @pytest.fixture(autouse=True)
@@ -40,16 +40,22 @@ def twin(model: nn.Module) -> nn.Module:
     return other
 
 
-SOAK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as the module ``name``, for a module-scoped fixture to yield (its dataclasses
+    resolve their module by name, so it is registered in ``sys.modules`` meanwhile)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
 def soak():
-    """``benchmarks/soak.py`` loaded as the module ``soak`` (its dataclasses resolve their module by name)."""
-    spec = importlib.util.spec_from_file_location("soak", SOAK_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["soak"]
+    """``benchmarks/soak.py`` as a module."""
+    yield from load_benchmark("soak")

@@ -5,26 +5,15 @@ warned before the weight acceleration) is warned at least 20 steps (and 10% of t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
 import gradguard as gg
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "early_warning.py"
 
 
 @pytest.fixture(scope="module")
 def early_warning():
-    spec = importlib.util.spec_from_file_location("early_warning", PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["early_warning"] = module  # the dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["early_warning"]
+    yield from load_benchmark("early_warning")
 
 
 def test_a_healthy_family_raises_nothing_and_a_late_diverging_one_is_warned_in_time(early_warning):
