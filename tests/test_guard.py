@@ -259,8 +259,10 @@ def test_lr_backoff_after_n_suspect_skips_in_a_window():
     assert events[2]["lr_before"] == pytest.approx(0.1) and events[2]["lr_after"] == pytest.approx(0.025)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
+def _run_into_nan_weights(fused: bool, spike_at_12: bool) -> tuple[gg.Guard, list[torch.Tensor], dict]:
+    """Train 13 steps (the snapshot of step 9 kept at the flush after it), write NaN into a weight after step 12
+    (with ``spike_at_12``: step 12 a real step with an event, its gradients x1000, clipped), then go on until the
+    Guard has rolled back: at step 13's NaN loss on the plain path, at the flush after step 14 on the fused one."""
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     # snapshot_loss_z=3: this test is about the restore, not the gate on the loss; these 16-row batches' losses vary by
@@ -274,23 +276,48 @@ def test_nonfinite_weights_roll_back_to_the_last_snapshot_and_cut_the_lr(fused):
     good = [p.detach().clone() for p in model.parameters()]
     good_optimizer = copy.deepcopy(optimizer.state_dict()["state"])
     for i in range(9, 13):
-        guard.step(_backward(model, i))
+        loss = _backward(model, i)
+        if spike_at_12 and i == 12:
+            for p in model.parameters():
+                p.grad.mul_(1e3)
+        guard.step(loss)
         optimizer.zero_grad()
     with torch.no_grad():
-        model[2].weight.fill_(math.nan)  # a bad update (or a bit flip) the gradients did not show
-    for i in range(13, 15):
+        model[2].weight.fill_(math.nan)  # a bit flip, a bad write: the gradients did not show it
+    for i in range(13, 15 if fused else 14):
         guard.step(_backward(model, i))
         optimizer.zero_grad()
-    # the flush after step 14 finds the NaN weight and restores the snapshot of step 9
+    if not fused:
+        guard.flush()  # the records of steps 10-13, with the rollback's events
     for a, b in zip(good, model.parameters()):
         assert torch.equal(a, b)
     for k, v in good_optimizer.items():
         assert torch.equal(v["exp_avg"], optimizer.state_dict()["state"][k]["exp_avg"])
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
     assert guard.summary()["rollbacks"] == 1
-    kinds = [e["kind"] for e in guard.history[-1]["events"]]
-    assert kinds[-2:] == ["nonfinite_param", "rollback"]
-    assert guard.history[-1]["events"][-2]["layer"] == "2.weight"
+    # both paths put it at step 13, the first NaN loss (the fused path finds it at the flush, in the records)
+    by_step = {r["step"]: r["events"] for r in guard.history}
+    assert [e["kind"] for e in by_step[13]][-2:] == ["nonfinite_param", "rollback"]
+    assert by_step[13][-2]["layer"] == "2.weight"
+    return guard, good, good_optimizer
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_weights_roll_back_to_the_last_snapshot_the_lr_kept_when_no_update_is_to_blame(fused):
+    """NaN in weights that only quiet steps moved came from outside the optimizer step: the rollback keeps the LR
+    (a cut would not have kept the NaN out). Plain path: the NaN loss of step 13 has the weights checked, and the
+    rollback comes at once, not at the flush (before: 10 NaN losses counted against the LR, then a rollback)."""
+    guard, _, _ = _run_into_nan_weights(fused, spike_at_12=False)
+    assert guard.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert guard.history[-1]["step"] == (14 if fused else 13)  # plain: at once, not at the flush after step 14
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_weights_after_an_update_with_an_event_cut_the_lr(fused):
+    """The last real step before the NaN had an event (a clipped spike): the update may be to blame, the
+    rollback cuts the LR by ``rollback_lr_factor``."""
+    guard, _, _ = _run_into_nan_weights(fused, spike_at_12=True)
+    assert "grad_spike" in [e["kind"] for r in guard.history if r["step"] == 12 for e in r["events"]]
+    assert guard.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
 
 
 def test_rollback_from_disk_snapshot(tmp_path):
@@ -329,7 +356,8 @@ def test_training_diverged_when_the_rollback_budget_is_spent():
     error = info.value
     assert "rollback budget is spent (1 of max_rollbacks=1)" in str(error)
     assert "nonfinite_param in '2.bias'" in str(error)
-    assert error.summary["rollbacks"] == 1 and error.step == 7
+    # the NaN loss of step 4 has the weights checked: a rollback; step 5's NaN again, and the budget is spent
+    assert error.summary["rollbacks"] == 1 and error.step == 5
     assert guard.summary()["rollbacks"] == 1
 
 
@@ -515,9 +543,8 @@ def test_the_first_snapshot_holds_weights_loaded_after_the_guard_was_made():
     optimizer.zero_grad()
     with torch.no_grad():
         model[0].weight.fill_(math.nan)
-    for i in (1, 2):
-        guard.step(_backward(model, i))
-        optimizer.zero_grad()
+    guard.step(_backward(model, 1))  # its NaN loss has the weights checked: a rollback to the first snapshot
+    optimizer.zero_grad()
     assert guard.summary()["rollbacks"] == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, pretrained[name])

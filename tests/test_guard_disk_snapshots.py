@@ -83,7 +83,8 @@ def test_a_corrupted_or_foreign_file_is_never_restored_the_bytes_it_was_written_
     kept = snapshot.load()
     _break(snapshot.path, how)
     _poison(model)
-    _train(guard, range(6, 8))  # the flush after step 7 finds the NaN: a rollback
+    _train(guard, range(6, 7))  # step 6's NaN loss has the weights checked: the NaN is found, a rollback
+    guard.flush()  # the records (and the rollback's events) published
     fallback = _events(guard, "snapshot_fallback")
     assert len(fallback) == 1 and fallback[0]["to_step"] == 5 and "gradguard_snapshot.step5.pt" in fallback[0]["reason"]
     assert "held in memory" in fallback[0]["reason"]
@@ -103,7 +104,8 @@ def test_with_no_file_left_to_trust_the_run_still_rolls_back_and_gives_up_finite
     for name in os.listdir(tmp_path):
         _break(str(tmp_path / name), "truncated")
     _poison(model)
-    _train(guard, range(6, 8))
+    _train(guard, range(6, 7))
+    guard.flush()
     assert [e["to_step"] for e in _events(guard, "rollback")] == [5] and _finite(guard)
     assert all(torch.equal(v, kept["model"][k]) for k, v in model.state_dict().items())
 
@@ -115,7 +117,7 @@ def test_with_no_file_left_to_trust_the_run_still_rolls_back_and_gives_up_finite
         _break(str(tmp_path / "spent" / name), "truncated")
     _poison(model)
     with pytest.raises(gg.TrainingDiverged, match="rollback budget is spent") as info:
-        _train(guard, range(6, 8))
+        _train(guard, range(6, 7))
     assert info.value.snapshot_step == 5 and _finite(guard)
 
 
@@ -140,7 +142,8 @@ def test_a_damaged_file_at_resume_gives_way_to_the_older_good_one(tmp_path):
     assert resumed.recovery.snapshot.step == 3
     os.remove(resumed.recovery.snapshot.path)  # and then that file goes too: its bytes are held
     _poison(resumed_model)
-    _train(resumed, range(6, 8))
+    _train(resumed, range(6, 7))
+    resumed.flush()
     assert [e["to_step"] for e in _events(resumed, "rollback")] == [3] and _finite(resumed)
     assert all(torch.equal(v, older["model"][k]) for k, v in resumed_model.state_dict().items())
 
@@ -167,6 +170,7 @@ def test_a_resumed_run_restores_its_checkpoints_snapshot_never_a_later_runs(tmp_
     assert resumed.recovery.snapshot.step is None  # its file is gone: a new one of the weights as it resumes
     assert any("checkpoint's snapshot is not usable" in str(w.message) for w in caught)
     _train(resumed, range(6, 7))
+    resumed.flush()
     _poison(resumed_model)
     _train(resumed, range(7, 8))  # the flush after step 7 finds the NaN and rolls back
     assert resumed.summary()["rollbacks"] == 1

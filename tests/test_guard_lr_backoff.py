@@ -86,6 +86,9 @@ def test_recovery_names_its_state_through_a_back_off_and_a_rollback():
         if 10 <= i < 15:
             loss = loss * math.nan
         loss.backward()
+        if i == 33:  # a spike (clipped: a real step with an event), then NaN weights: the update is blamed, a cut
+            for p in model.parameters():
+                p.grad.mul_(1e3)
         guard.step(loss)
         optimizer.zero_grad()
         if i == 33:

@@ -131,10 +131,10 @@ def test_a_parameter_held_by_the_optimizer_outside_the_model_is_measured_checked
         optimizer.zero_grad()
         if i == 21:
             with torch.no_grad():
-                weighting.log_var.fill_(math.nan)  # checked at the flush: rolled back, restored
+                weighting.log_var.fill_(math.nan)  # checked at step 22's NaN loss: rolled back, restored
     guard.close()
     events = {r["step"]: r["events"] for r in guard.history}
     assert [(e["kind"], e["layer"]) for e in events[12]] == [("nonfinite_grad", "optimizer[0][6]")]
-    assert any(e["kind"] == "nonfinite_param" and e["layer"] == "optimizer[0][6]" for e in events[24])
+    assert any(e["kind"] == "nonfinite_param" and e["layer"] == "optimizer[0][6]" for e in events[22])
     assert guard.summary()["rollbacks"] == 1 and math.isfinite(float(weighting.log_var))
     assert "optimizer[0][6]" in guard.history[0]["layer_norms"]

@@ -74,6 +74,20 @@ def test_a_dense_window_of_faults_does_not_leave_the_lr_cut_to_the_end(soak) -> 
     assert run.weights_finite and soak.ratio(clean, run) <= 1.5, (soak.ratio(clean, run), run.summary)
 
 
+@pytest.mark.parametrize("seed, before", [(30015, 1.49), (30001, 1.13)])
+def test_nan_weights_in_a_dense_window_cost_no_lr_and_a_burst_on_a_cut_lr_is_still_held(soak, seed, before) -> None:
+    """Regression (AdamW, the families table's worst seeds): NaN written into the weights at one step in six
+    was rolled back only after 5-10 NaN losses (an LR back-off at 5) or at the flush, each rollback halving the
+    LR: 6 cuts, LR 1/64; and an x100 burst on that cut LR was within 10x of the early steps' large update, so it
+    was learned as usual and taken (seed 30015 ended at 1.49x the clean loss, 30001 at 1.13x: the p90 of 1.22).
+    Now the first NaN loss rolls back at once, with no cut when only quiet steps moved the weights, and the
+    burst is judged against the highest usual LR: both end within 1.05x."""
+    schedule, clean, (run,) = soak.run_schedule((seed, 300, ("Guard (defaults)",), "random", "AdamW"))
+    assert soak.dense(schedule)
+    ratio = soak.ratio(clean, run)
+    assert run.weights_finite and not run.diverged and ratio <= 1.05 < before, (ratio, run.summary)
+
+
 def test_the_families_run_starts_at_the_first_seed_it_is_given(soak, monkeypatch) -> None:
     """Regression: ``--families`` ignored ``--first-seed`` (every families table ran seeds from 10000)."""
     seen = {}

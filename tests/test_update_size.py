@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.update_size import UpdateSize, log_lr, update_size_step
+from gradguard.update_size import UpdateMeasurement, UpdateSize, log_lr, update_size_step
 
 
 def _model() -> nn.Module:
@@ -90,8 +90,8 @@ def test_a_burst_longer_than_a_dense_window_is_held_with_adam():
 
 
 def test_a_burst_is_judged_against_the_highest_usual_size():
-    """The reference is the highest usual size (slowly forgotten), not the current one: after a 16x fall of the LR,
-    a raise of 100x (6.25x the old size) is not a jump, one of 200x (12.5x) is."""
+    """The reference is the update at the highest usual LR (slowly forgotten), not at the current one: after a 16x
+    fall of the LR, a raise of 100x (6.25x the old LR) is not a jump, one of 200x (12.5x) is."""
     sizes = UpdateSize()
     state, config = sizes.begin(1, torch.device("cpu"), measured=False)
     cpu = torch.device("cpu")
@@ -101,6 +101,27 @@ def test_a_burst_is_judged_against_the_highest_usual_size():
     assert update_size_step(state, log_lr(1e-3 / 16 * 200, cpu), None, config)[1].jump
     new_state, verdict = update_size_step(state, log_lr(1e-3 / 16, cpu), None, config)
     assert not verdict.jump and float(new_state.peak) == pytest.approx(math.log(1e-3) - sizes.forget)
+
+def test_the_early_steps_large_update_does_not_hide_a_later_burst():
+    """Regression (soak, AdamW seed 30001): Adam's first updates are several times larger per unit of LR than
+    later ones, and the highest usual *size* kept that for thousands of steps, so a later x50 burst was within 10x
+    of it and taken. The highest usual *LR* is the reference now, at today's update per unit of LR."""
+    cpu = torch.device("cpu")
+    sizes = UpdateSize(every=1)
+    for step in range(80):
+        per_unit = 6.0 if step < 10 else 1.0  # the update per unit LR, ||dW|| / ||W|| / lr: 6x larger at first
+        measured = step > 0
+        state, config = sizes.begin(1, cpu, measured)
+        measurement = UpdateMeasurement(layer_ratio=torch.tensor([per_unit * 1e-3]), total_ratio=torch.tensor(
+            per_unit * 1e-3), log_lr=log_lr(1e-3, cpu), stepped=torch.tensor(True)) if measured else None
+        state, verdict = update_size_step(state, log_lr(1e-3, cpu), measurement, config)
+        sizes.keep(state, config)
+        assert not bool(verdict.jump), step
+    state, config = sizes.begin(1, cpu, False)
+    verdict = update_size_step(state, log_lr(1e-3 * 20, cpu), None, config)[1]
+    assert bool(verdict.jump)
+    assert float(verdict.predicted / verdict.usual) == pytest.approx(20.0, rel=0.05)
+
 
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_a_warm_restart_is_not_flagged(name):
@@ -207,3 +228,23 @@ def test_the_pure_step_reads_nothing_and_changes_no_input():
 def test_bad_options_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=f"UpdateSize: {option} must be"):
         UpdateSize(**{option: value})
+
+
+def test_a_state_saved_with_the_usual_size_loads_as_the_usual_lr():
+    """States saved before the reference became the highest usual LR held L and P as log sizes (m + log lr): they
+    load as log LRs (minus m), so a resumed run judges a burst as the run that saved it did."""
+    cpu = torch.device("cpu")
+    sizes = UpdateSize()
+    state, config = sizes.begin(1, cpu, measured=False)
+    sizes.keep(state._replace(per_lr=torch.tensor(1.5), level=torch.tensor(1.5 + math.log(1e-3)),
+                              peak=torch.tensor(1.5 + math.log(2e-3)), learned=torch.tensor(5)), config)
+    saved = sizes.state_dict()
+    del saved["reference"]
+    resumed = UpdateSize()
+    resumed.load_state_dict(saved)
+    assert resumed.state is not None
+    assert float(resumed.state.peak) == pytest.approx(math.log(2e-3)) and float(resumed.state.level) == pytest.approx(
+        math.log(1e-3))
+    again = UpdateSize()
+    again.load_state_dict(resumed.state_dict())  # saved now: taken as it is
+    assert float(again.state.peak) == pytest.approx(math.log(2e-3))

@@ -26,7 +26,8 @@ Kinds of event (``EVENT_KINDS``):
   judges them in its step, after the detector (they need the learning rate and the weights); the state is kept
   by the detector (``Detector.update_size``).
 * ``nonfinite_param``: a parameter holds NaN or Inf after a step. It needs a pass over the weights, so the
-  Guard checks it when it flushes its history (:func:`nonfinite_layer`), not every step.
+  Guard checks it when it flushes its history (:func:`nonfinite_layer`), not every step, and on the plain
+  path also at a step whose loss is NaN/Inf (weights that hold NaN spoil every loss after them).
 
 Each step's :class:`Verdict` also names a layer: the first layer whose gradient norm is not finite, or
 else the layer whose log norm is furthest above its own moving average (the one that moved most).

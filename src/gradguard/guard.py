@@ -34,8 +34,10 @@ no pass of its own: the kernel divides each gradient as it reads it (torch's ker
 value back into ``.grad`` on a real step; a skipped step leaves ``.grad`` as it was). Decisions that need
 the host (LR back-off, rollback, ``"raise"``) are then taken when the history is flushed, every
 ``log_every`` steps, from the flushed rows, with the same rules; the weights are checked for NaN/Inf at
-the same moment on both paths. A ``scheduler`` given to a Guard with a fused optimizer costs one read per
-step (it must know whether the step happened).
+the same moment on both paths, and on the plain path also at a step whose loss is NaN/Inf (one pass and one
+read on such steps only), so that NaN weights are rolled back at the first loss they spoil (the fused path
+finds that step in the flushed rows: the first of the NaN losses that run to the flush). A ``scheduler``
+given to a Guard with a fused optimizer costs one read per step (it must know whether the step happened).
 
 **Skipped steps** are returned by ``step()`` as a device bool (True: the optimizer stepped), available
 on the host as ``guard.last_step_skipped`` (a read on the fused path), counted in ``summary()``, and
@@ -174,6 +176,19 @@ def _check_step_partners(scheduler: Any, scaler: Any, process_group: Any) -> Non
             torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)):
         raise ValueError(f"Guard: process_group must be a torch.distributed.ProcessGroup or None (the world), "
                          f"got {process_group!r}")
+
+
+def _nan_weights_onset(records: Sequence[StepRecord]) -> int | None:
+    """Fused path, weights found NaN/Inf at the flush: the index of the record where they went bad, as far as the
+    records tell: the first of the NaN/Inf losses that run to the last record (weights that hold NaN spoil every
+    loss after them); None when the last loss is finite (the NaN is where no loss sees it: an idle parameter,
+    the optimizer state), which the flush's own check handles."""
+    onset = None
+    for index in range(len(records) - 1, -1, -1):
+        if not any(event["kind"] == "nonfinite_loss" for event in records[index]["events"]):
+            break
+        onset = index
+    return onset
 
 
 class Guard:
@@ -439,7 +454,8 @@ class Guard:
             try:
                 self.recovery.after_step(self.step_count, kinds, self.responses, self._last_skipped_host,
                                          now=self.step_count, loss_given=loss is not None,
-                                         scaler_overflow=self._scaler_overflow(kinds))
+                                         scaler_overflow=self._scaler_overflow(kinds),
+                                         nonfinite_weight=self._nonfinite_weight(kinds))
             except GiveUp as give_up:
                 # the step happened (it was skipped and recorded): count it before the account is taken, as the
                 # fused path does, whose give-up comes at the flush after the count
@@ -452,6 +468,18 @@ class Guard:
         if self.step_count % self.log_every == 0:
             self.flush()
         return out.stepped
+
+    def _nonfinite_weight(self, kinds: Sequence[str]) -> str | None:
+        """At a NaN/Inf loss (plain path), the first weight holding NaN/Inf (None: all finite): one pass over the
+        weights and one read, on such steps only, so that NaN weights are rolled back at the first loss they
+        spoil instead of at the flush, after up to ``log_every`` NaN losses counted against the LR. Every rank
+        sees the same loss events, so the check (all-reduced) is taken on all of them."""
+        if "nonfinite_loss" not in kinds:
+            return None
+        named = self._named_local()
+        bad = int(nonfinite_layer(named)) if named else -1
+        finite, layer, _ = self._all_ranks_finite(named[bad][0] if bad >= 0 else None, False)
+        return None if finite else (layer or "?")
 
     def _param_layout(self) -> tuple[int, ...]:
         """The number of parameters in each of the optimizer's groups: O(groups), checked every step."""
@@ -738,21 +766,24 @@ class Guard:
             records, loss_z, bad_name, candidate_bad = self._drain()
             self.recovery.note_losses(records)
             try:
+                finite, layer, candidate_finite = self._all_ranks_finite(bad_name, candidate_bad)
+                bad = None if finite else (layer or "?")
                 rolled_back = False
                 if self.fused:  # the host decisions of these steps were deferred to now
-                    for record in records:
+                    onset = _nan_weights_onset(records) if bad is not None else None
+                    for index, record in enumerate(records):
                         kinds = [event["kind"] for event in record["events"]]
                         rolled_back = self.recovery.after_step(
                             record["step"], kinds, self.responses, record["skipped"], now=self.step_count - 1,
                             loss_given="nonfinite_loss" in kinds or not math.isnan(record["loss"]),
                             scaler_overflow=self._scaler_overflow(kinds),
+                            nonfinite_weight=bad if index == onset else None,
                         )
                         if rolled_back:
                             break  # later rows came from the state just abandoned
                 if not rolled_back:
-                    finite, layer, candidate_finite = self._all_ranks_finite(bad_name, candidate_bad)
-                    self.recovery.at_flush(records, loss_z, None if finite else (layer or "?"),
-                                           self.responses["nonfinite_param"], self.step_count, candidate_finite)
+                    self.recovery.at_flush(records, loss_z, bad, self.responses["nonfinite_param"], self.step_count,
+                                           candidate_finite)
             except GiveUp as exc:
                 give_up = exc
             # restore first, then anything that can fail: the sinks get the records after the snapshot is back

@@ -20,7 +20,14 @@ again). Each step's evidence
    non-finite gradient under a scaler: the scaler halves its scale, that is its job).
 2. **Rollback**: a response ``"rollback"``, non-finite weights, or ``rollback_after`` *suspect* skipped
    steps within ``skip_window`` steps restore the last good snapshot (model, optimizer state, scheduler)
-   and cut the learning rate by ``rollback_lr_factor``. A skipped step is suspect unless it shows the
+   and cut the learning rate by ``rollback_lr_factor``, except for non-finite weights that no update is to
+   blame for (:meth:`Recovery.weights_nonfinite`: only quiet real steps moved them since they were last
+   known finite, so the NaN came from outside the optimizer step, and a lower LR would not have kept it
+   out). Non-finite weights are found at the flush, and on the plain path at the first NaN/Inf loss they
+   cause (the Guard checks the weights then), so that they are not counted as suspect skips first (before:
+   a back-off after 5 NaN losses, a rollback after 10, both cutting the LR; the soak's AdamW seed 30015
+   stacked 6 cuts in one 50-step window of faults and ended at 1.49x the clean loss, 1.02x now).
+   A skipped step is suspect unless it shows the
    weights sound: its loss finite and not a spike, on weights that the last real step made without any
    event. Such a step (a skipped NaN gradient on a healthy run, say) clears the count: skipping is working,
    and a rollback would only throw away the progress since the snapshot. A loss that is missing, NaN/Inf or
@@ -182,8 +189,10 @@ class RecoveryPolicy:
         skip_window: the window, in steps, over which skips are counted.
         rollback_lr_factor: factor on the learning rate after a rollback.
         max_rollbacks: rollbacks to the same snapshot allowed before ``TrainingDiverged``; each newer good
-            snapshot starts a fresh budget (8: a burst of 50 faulty steps that writes NaN into the weights
-            at one step in six needs 3 to 6 rollbacks to one snapshot in ``benchmarks/soak.py``).
+            snapshot starts a fresh budget (16: a burst of 50 faulty steps that writes NaN into the weights
+            at one step in six, each rolled back at the first NaN loss it causes, needs 4 to 12 rollbacks to
+            one snapshot in ``benchmarks/soak.py``, seeds 40000-40079 with SGD and AdamW; at 8, half of the
+            dense windows of seeds 30000-30019 and 10000-10019 ended in ``TrainingDiverged``).
         max_skip_streak: skipped steps in a row before ``TrainingDiverged`` (training makes no progress);
             None: no limit.
         lr_recover_after: real steps at a cut LR (back-off or rollback; skips in between do not reset the
@@ -205,7 +214,7 @@ class RecoveryPolicy:
     rollback_after: int = 10
     skip_window: int = 50
     rollback_lr_factor: float = 0.5
-    max_rollbacks: int = 8
+    max_rollbacks: int = 16
     max_skip_streak: int | None = 200
     lr_recover_after: int | None = 20
     snapshot_every: int | None = 25
@@ -724,13 +733,16 @@ class Recovery:
             self.candidate.save(step, self.state.capture())
 
     def after_step(self, step: int, kinds: Sequence[str], responses: Responses, skipped: bool, now: int,
-                   loss_given: bool, scaler_overflow: bool = False) -> bool:
+                   loss_given: bool, scaler_overflow: bool = False, nonfinite_weight: str | None = None) -> bool:
         """One step's host decisions: ``"raise"`` / ``"rollback"`` responses, then the escalation rungs.
 
         ``loss_given``: the step had a loss (its events then say whether it was finite and at its level).
         ``now`` is the last step taken (the fused path decides at the flush, after later steps ran).
         ``scaler_overflow``: a GradScaler's overflow (its non-finite gradients and nothing else): the scaler
         halves its scale, that is its job; the skip is no evidence against the weights or the LR.
+        ``nonfinite_weight``: the weight found NaN/Inf at this step (the Guard checks them at a NaN/Inf loss):
+        rolled back at once (:meth:`weights_nonfinite`), not counted as a suspect skip, so that one corrupted
+        weight costs one rollback, not a back-off after 5 NaN losses and a rollback after 10.
         Returns True when it rolled back. Raises :class:`GiveUp`.
         """
         for kind in kinds:
@@ -740,6 +752,10 @@ class Recovery:
             if responses[kind] == "rollback":
                 self.rollback(step, f"a {kind} event", now)
                 return True
+        if nonfinite_weight is not None:  # the weights that the last real step left: blamed if it had events
+            self.weights_nonfinite(step, nonfinite_weight, responses["nonfinite_param"], now,
+                                   update_blamed=not self.weights_from_quiet_step)
+            return True
         if not skipped:
             self.weights_from_quiet_step = not kinds
         loss_healthy = loss_given and not any(kind in ("nonfinite_loss", "loss_spike") for kind in kinds)
@@ -831,8 +847,9 @@ class Recovery:
                        "lr_before": before, "lr_after": after, "lr_scale": scale, "state": self.phase.value})
         return before, after
 
-    def rollback(self, step: int, reason: str, now: int) -> None:
-        """Restore the last good snapshot and cut the learning rate; raises :class:`GiveUp` when impossible."""
+    def rollback(self, step: int, reason: str, now: int, cut: bool = True) -> None:
+        """Restore the last good snapshot and cut the learning rate (``cut=False``: keep it, for weights that
+        no update damaged, see :meth:`weights_nonfinite`); raises :class:`GiveUp` when impossible."""
         if self.snapshot.step is None:
             raise GiveUp(f"{reason} at step {step} called for a rollback, and snapshots are off "
                          "(snapshot_every=None)", step)
@@ -842,7 +859,10 @@ class Recovery:
                          f"snapshot of step {self.snapshot.step} went bad again before a newer one was good", step)
         self.state.restore(self._checked_snapshot(step, reason))
         self._enter(Trigger.ROLLBACK)
-        before, after = self._set_lr_scale(step, "rollback", self.lr_scale * self.policy.rollback_lr_factor)
+        if cut:
+            before, after = self._set_lr_scale(step, "rollback", self.lr_scale * self.policy.rollback_lr_factor)
+        else:
+            before = after = float(self.state.optimizer.param_groups[0]["lr"])
         self.rollbacks += 1
         self.rollbacks_to_snapshot += 1
         self.suspect.clear()
@@ -855,6 +875,21 @@ class Recovery:
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
                    "to_step": self.snapshot.step, "lr_before": before, "lr_after": after,
                    "state": self.phase.value})
+
+    def weights_nonfinite(self, step: int, bad_param: str, response: str, now: int, update_blamed: bool) -> None:
+        """NaN/Inf found in ``bad_param`` (a weight or an optimizer-state tensor): roll back, or give up when the
+        ``nonfinite_param`` response is ``"raise"``.
+
+        The learning rate is cut only when an update may have put the NaN there (``update_blamed``: a real step
+        with an event since the weights were last known finite). An update computed from finite gradients
+        (NaN/Inf ones are skipped) is finite unless it overflows, and an update that large is a spike the
+        detector flags first; so NaN in weights that only quiet steps moved came from outside the optimizer
+        step (a corrupted write, a bit flip, the loop's own code), and a lower LR would not have kept it out:
+        it would only slow the rest of the run (a 50-step window of such faults stacked 5-6 cuts)."""
+        self.note({"step": step, "kind": "nonfinite_param", "layer": bad_param, "action": response})
+        if response == "raise":
+            raise GiveUp(f"non-finite weights in {bad_param!r} after step {step}", step)
+        self.rollback(step, f"non-finite weights in {bad_param!r}", now, cut=update_blamed)
 
     def parameters_changed(self, step: int, added: Sequence[str]) -> None:
         """The model's or the optimizer's parameters changed before ``step``: the snapshots of the old set
@@ -932,13 +967,10 @@ class Recovery:
             else:
                 self.quiet_steps += 1
                 self.quiet_loss_z.append(z if math.isfinite(z) else 0.0)
-        if bad_param is not None:
-            step = step_count - 1
-            self.note({"step": step, "kind": "nonfinite_param", "layer": bad_param,
-                       "action": nonfinite_param_response})
-            if nonfinite_param_response == "raise":
-                raise GiveUp(f"non-finite weights in {bad_param!r} after step {step}", step)
-            self.rollback(step, f"non-finite weights in {bad_param!r}", now=step)
+        if bad_param is not None:  # an update is blamed if a real step since the last flush had an event
+            blamed = any(record["events"] and not record["skipped"] for record in records
+                         if record["step"] > self.restored_after)
+            self.weights_nonfinite(step_count - 1, bad_param, nonfinite_param_response, step_count - 1, blamed)
             return
         if self.candidate.step is None:
             return

@@ -11,22 +11,25 @@ the update norm, ``clip_update_norm``). Two signals come from it, both device te
 
       m_k = beta * m_{k-1} + (1 - beta) * log(rho_k / lr_{s_k})      rho_k = ||W_{s+1} - W_s|| / max(||W_s||, eps)
       p_t = m + log lr_t                                              the predicted log update size of step t
-      L_t = EMA (alpha) of p over steps not flagged                   the usual size
-      P_t = max(P_{t-1} - forget, L_t)                                the highest usual size, slowly forgotten
-      jump_t = p_t - P_{t-1} > log(jump)
+      L_t = EMA (alpha) of log lr over steps not flagged              the usual learning rate
+      P_t = max(P_{t-1} - forget, L_t)                                the highest usual LR, slowly forgotten
+      jump_t = p_t - (m + P_{t-1}) > log(jump)                        against the update at that LR, today
 
   so the first step of an LR burst is flagged before its update, whatever the gradients do; a flagged step is
   not learned, so the whole burst is flagged, until ``patience`` steps in a row have been: then the new size is
-  taken as the loop's will (a deliberate LR raise), learned, and no longer flagged. The reference is the highest
-  usual size ``P``, not the current one: a warm restart (``CosineAnnealingWarmRestarts``) goes back to a size
-  the run has taken before and is not flagged (against ``L``, the end of a cosine cycle to its restart is a
-  4000x jump: 100 skipped steps at each restart), while a burst of the learning rate in force is. ``P`` falls
-  by ``forget`` per step (10x in 10,000 steps), so that a restart is recognised after a cycle that long and the
-  early steps' larger size (Adam's first update is ``lr * sign(g)``) is forgotten. It is armed from the first
+  taken as the loop's will (a deliberate LR raise), learned, and no longer flagged. The reference is the update
+  at the highest usual LR ``P``, not at the current one: a warm restart (``CosineAnnealingWarmRestarts``) goes
+  back to an LR the run has used before and is not flagged (against ``L``, the end of a cosine cycle to its
+  restart is a 4000x jump: 100 skipped steps at each restart), while a burst of the learning rate in force is.
+  ``P`` falls by ``forget`` per step (10x in 10,000 steps), so that a restart is recognised after a cycle that
+  long. ``P`` is an LR, taken at today's update per unit of LR ``m``: the highest usual *size* kept the early
+  steps' larger update per unit LR (Adam's first update is ``lr * sign(g)``: 4-6x later ones on the soak's
+  model) for thousands of steps, so a later x50 burst was within 10x of it and taken (the soak's AdamW seed
+  30001: 1.13x the clean loss, 1.04x now). It is armed from the first
   prediction on (``warmup_steps=1``: the first sample is step 0, measured at step 1), so a burst at step 2 is
   flagged: the soak's bursts at steps 2-3 cost 2.0-2.6x the clean run's loss with AdamW when it waited 10.
-  A size the run has taken before is not a jump, also after the Guard's own LR cuts: a loop's raise that only
-  brings the step back near its old size is taken (judged at the loop's LR, undoing ``Recovery.lr_scale``, the
+  An LR the run has used before is not a jump, also after the Guard's own LR cuts: a loop's raise that only
+  brings the LR back near its old value is taken (judged at the loop's LR, undoing ``Recovery.lr_scale``, the
   soak's random AdamW schedules ended worse: loss/clean p90 1.109 against 1.082, seeds 10000-10019).
 * **update size** (on the samples, one step late: the update of step ``s`` is measured before step ``s + 1``'s):
   per layer, the smoothed log ratio ``r_l`` (EMA ``beta`` over samples) warns when it is above ``max_ratio``, or
@@ -68,7 +71,7 @@ class UpdateSizeTensors(NamedTuple):
     """An :class:`UpdateSize`'s state on the device."""
 
     per_lr: Tensor  # 0-d float32: m, the smoothed log of the total update size per unit LR (NaN: none yet)
-    level: Tensor  # 0-d float32: L, the EMA of the predicted log update size over steps not flagged (NaN: none)
+    level: Tensor  # 0-d float32: L, the EMA of the log learning rate over steps not flagged (NaN: none)
     peak: Tensor  # 0-d float32: P, the highest L, falling by ``forget`` per step (NaN: none)
     learned: Tensor  # 0-d int64: predictions learned into the level
     streak: Tensor  # 0-d int64: steps in a row flagged as a jump
@@ -106,7 +109,7 @@ class UpdateSizeVerdict(NamedTuple):
     jump: Tensor  # 0-d bool: the step about to be taken is ``jump`` times its usual size
     raised: Tensor  # 0-d bool: the update-size warning has just come up
     predicted: Tensor  # 0-d float32: the predicted update size of this step, ||dW|| / ||W|| (NaN: none yet)
-    usual: Tensor  # 0-d float32: the highest usual size it is compared with, exp(P) (NaN: none yet)
+    usual: Tensor  # 0-d float32: the size it is compared with, the update at the highest usual LR, exp(m + P)
     layer: Tensor  # 0-d int64: the layer whose measured update size is furthest past its thresholds
     layer_ratio: Tensor  # 0-d float32: that layer's smoothed update size, exp(r_l) (NaN: none yet)
 
@@ -163,15 +166,16 @@ def update_size_step(s: UpdateSizeTensors, log_lr_now: Tensor, measurement: Upda
             above = (past > 0).any()
             raised = above & ~s.above
             first = torch.where(above & (s.first < 0), s.step, s.first)
-    # 2. the step about to be taken: its predicted size against its usual size
-    predicted = per_lr + log_lr_now.float()
+    # 2. the step about to be taken: its predicted size against the usual size at the highest usual LR
+    lr_now = log_lr_now.float()
+    predicted = per_lr + lr_now
     finite = torch.isfinite(predicted)
     armed = s.learned >= config.warmup_steps
-    far = finite & armed & (predicted - s.peak > config.log_jump)  # NaN (nothing learned) compares False
+    far = finite & armed & (lr_now - s.peak > config.log_jump)  # NaN (nothing learned) compares False
     jump = far & (s.streak < config.patience)
     accept = far & ~jump  # flagged `patience` steps in a row: the loop means it; the level starts from here
-    level = _ema(s.level, predicted, config.alpha, finite & ~far)
-    level = torch.where(accept, predicted, level)
+    level = _ema(s.level, lr_now, config.alpha, finite & ~far)
+    level = torch.where(accept, lr_now, level)
     # fmax: the first level sets the peak; an accepted size becomes the peak at once (it is the level)
     peak = torch.fmax(s.peak - config.forget, level)
     learned = s.learned + (finite & ~jump).long()
@@ -180,7 +184,7 @@ def update_size_step(s: UpdateSizeTensors, log_lr_now: Tensor, measurement: Upda
     layer = torch.where(past_any == past_any, past_any, -math.inf).argmax()
     state = UpdateSizeTensors(per_lr=per_lr, level=level, peak=peak, learned=learned, streak=streak, layer_smoothed=smoothed,
                               layer_floor=floor, above=above, first=first, step=s.step + 1)
-    verdict = UpdateSizeVerdict(jump=jump, raised=raised, predicted=predicted.exp(), usual=s.peak.exp(),
+    verdict = UpdateSizeVerdict(jump=jump, raised=raised, predicted=predicted.exp(), usual=(per_lr + s.peak).exp(),
                                 layer=layer, layer_ratio=smoothed.gather(0, layer.reshape(1)).exp().reshape(()))
     return state, verdict
 
@@ -354,7 +358,7 @@ class UpdateSize:
 
     def state_dict(self) -> dict[str, Any]:
         """The state (the transient copy is not kept: the first step after a restore measures nothing)."""
-        return {"steps": self.steps, "samples": self.samples,
+        return {"steps": self.steps, "samples": self.samples, "reference": "log_lr",
                 "state": None if self.state is None else self.state._asdict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -367,6 +371,10 @@ class UpdateSize:
         if fields is not None and set(fields) != set(UpdateSizeTensors._fields):
             raise ValueError(f"UpdateSize.load_state_dict: state has {sorted(fields)}, "
                              f"expected {sorted(UpdateSizeTensors._fields)}")
+        if fields is not None and state.get("reference") != "log_lr":  # saved with L, P as log sizes: m + log lr
+            per_lr = fields["per_lr"]
+            fields = {**fields, **{key: torch.where(per_lr == per_lr, fields[key] - per_lr, fields[key])
+                                   for key in ("level", "peak")}}
         self.steps, self.samples = int(state["steps"]), int(state["samples"])
         self.state = None if fields is None else UpdateSizeTensors(**{k: v.clone() for k, v in fields.items()})
         self._copy = None
