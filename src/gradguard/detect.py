@@ -37,6 +37,9 @@ calculation of weighted mean and variance"::
 
     d = x - mu ;  mu <- mu + (1 - alpha) * d ;  var <- alpha * (var + (1 - alpha) * d^2)
 
+with ``alpha`` (0.98) for the gradient norms and ``loss_alpha`` (0.95) for the loss, whose level must follow a
+fast early fall (an EMA lags a trend by ``alpha / (1 - alpha)`` steps, and the lag swells its variance).
+
 During the warm-up, values are scored against a robust reference (:func:`warmup_reference`; Hampel 1974's
 median-based outlier rule, with the spread taken from successive differences, von Neumann 1941)::
 
@@ -131,16 +134,21 @@ class Verdict(NamedTuple):
         return self.flags[STEP_KINDS.index(kind)]
 
 
-def ema_update(mean: Tensor, var: Tensor, x: Tensor, learn: Tensor, alpha: float,
+def ema_update(mean: Tensor, var: Tensor, x: Tensor, learn: Tensor, alpha: float | Tensor,
                sigma_floor: float) -> tuple[Tensor, Tensor, Tensor]:
     """One step of the exponentially weighted mean and variance (Finch 2009, the module docstring), where
-    ``learn``; returns ``(mean, var, std)``, ``std = max(sqrt(var), sigma_floor)``. A mean still NaN (nothing
-    finite learned yet) starts from ``x``. Pure: new tensors, no read."""
+    ``learn``; returns ``(mean, var, std)``, ``std = max(sqrt(var), sigma_floor)``. ``alpha``: one decay, or
+    one per element. A mean still NaN (nothing finite learned yet) starts from ``x``. Pure: new tensors, no
+    read."""
     # nothing finite in warm-up (mean NaN, the only value not equal to itself): start from this value
     start = torch.where(mean == mean, mean, x)
     d = x - start
-    new_mean = torch.add(start, d, alpha=1.0 - alpha)
-    new_var = torch.addcmul(var, d, d, value=1.0 - alpha).mul_(alpha)
+    if isinstance(alpha, Tensor):
+        new_mean = torch.addcmul(start, d, 1.0 - alpha)
+        new_var = torch.addcmul(var, d * d, 1.0 - alpha).mul_(alpha)
+    else:
+        new_mean = torch.add(start, d, alpha=1.0 - alpha)
+        new_var = torch.addcmul(var, d, d, value=1.0 - alpha).mul_(alpha)
     mean = torch.where(learn, new_mean, mean)
     var = torch.where(learn, new_var, var)
     return mean, var, var.sqrt().clamp_(min=sigma_floor)
@@ -365,6 +373,7 @@ class DetectorConstants(NamedTuple):
     without_loss: Tensor  # the flags that stay when no loss is given
     zeros: Tensor
     inf: Tensor
+    alpha: Tensor  # the EMA decay of each slot: alpha, loss_alpha at the loss
 
 
 class DetectorTensors(NamedTuple):
@@ -437,7 +446,7 @@ def detector_step(u: Tensor, s: DetectorTensors, weight_norm: Tensor | None, c: 
     learn_x = torch.fmax(torch.fmin(x, log_threshold), log_floor)
     center, var, std = s.center, s.var, s.std
     if config.ema:
-        center, var, std = ema_update(center, var, learn_x, learn, config.alpha, config.sigma_floor)
+        center, var, std = ema_update(center, var, learn_x, learn, c.alpha, config.sigma_floor)
     # the ring gets NaN for a non-finite norm, which ends any run of growth
     ring, growth, growth_rate = growth_step(s.ring, torch.where(ok[TOTAL], x[TOTAL], c.no_loss), config.growth_window,
                                             config.log_growth_factor, config.growth_full)
@@ -471,7 +480,15 @@ class Detector:
     Args:
         z_thresh: a step whose log norm (or log loss) is more than this many standard deviations above its
             moving average is a spike.
-        alpha: EMA decay of the moving statistics (0.98: about the last 50 steps).
+        alpha: EMA decay of the moving statistics of the gradient norms (0.98: about the last 50 steps).
+        loss_alpha: the same for the loss (0.95: about the last 20 steps). An EMA lags a trend by
+            ``alpha / (1 - alpha)`` steps of it, and the lag swells its variance: at 0.98, a loss that fell as
+            Adam's does early (log -0.03 per step for 80 steps) left the level ~1.4 (log) above the loss and its
+            sigma swollen, decaying for a hundred steps after the fall, so a x7 loss (one x100-loss row in 16)
+            was no spike there (the soak's ``warmup_outlier`` family under AdamW flagged 11 of 51 such batches
+            at steps 150-249, seeds 30000-30019; 51 of 51 at 0.95). Faster still is noisier: at 0.9, 2 of 18
+            healthy runs (``benchmarks/early_warning.py``'s six healthy families, seeds 0-2) skipped steps as
+            loss spikes; at 0.95 and 0.98, none of 48 (seeds 0-7).
         warmup_steps: steps collected before spikes are scored.
         growth_window: steps over which sustained growth is measured.
         growth_factor: average per-step factor of the norm over the window that counts as growth.
@@ -504,6 +521,7 @@ class Detector:
         self,
         z_thresh: float = 4.0,
         alpha: float = 0.98,
+        loss_alpha: float = 0.95,
         warmup_steps: int = 25,
         growth_window: int = 6,
         growth_factor: float = 1.5,
@@ -515,6 +533,8 @@ class Detector:
         update_size: UpdateSize | None | str = "default",
     ):
         _check_detector_args(alpha, z_thresh, warmup_steps, growth_window, growth_factor, sigma_floor)
+        if isinstance(loss_alpha, bool) or not isinstance(loss_alpha, (int, float)) or not 0.0 < loss_alpha < 1.0:
+            raise ValueError(f"Detector: loss_alpha must be a number in (0, 1), got {loss_alpha!r}")
         for name, floor in (("warmup_sigma_floor", warmup_sigma_floor), ("warmup_loss_sigma_floor", warmup_loss_sigma_floor)):
             if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (floor >= 0.0 and math.isfinite(floor)):
                 raise ValueError(f"Detector: {name} must be a finite number >= 0, got {floor!r}")
@@ -522,6 +542,7 @@ class Detector:
             raise ValueError(f"Detector: warmup_window must be an int >= {MIN_WARMUP_VALUES}, got {warmup_window!r}")
         self.z_thresh = float(z_thresh)
         self.alpha = float(alpha)
+        self.loss_alpha = float(loss_alpha)
         self.warmup_steps = warmup_steps
         self.growth_window = growth_window
         self.growth_factor = float(growth_factor)
@@ -560,6 +581,7 @@ class Detector:
                                           device=device),
                 zeros=torch.zeros(2 + layers, device=device),
                 inf=torch.full((2 + layers,), math.inf, device=device),
+                alpha=vector(self.alpha, self.loss_alpha, self.alpha),
             )
         return self._constants[key]
 
