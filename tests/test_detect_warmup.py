@@ -117,11 +117,10 @@ def _loss_spikes_after_a_fast_fall(detector: Detector, outlier: int) -> list[int
 
 
 @pytest.mark.parametrize("outlier", [130, 160])
-def test_a_x7_loss_after_a_fast_fall_is_a_spike(outlier):
-    """Regression (soak ``warmup_outlier`` family, AdamW: 11 of 51 such batches flagged at steps 150-249): the loss's
-    EMA at the gradient norms' 0.98 lagged a fast fall by ~1.4 (log) and its variance swelled with the lag, decaying
-    for a hundred steps after the fall, so a x7 loss was no spike (here 30 and 60 steps after the fall). At
-    ``loss_alpha=0.95`` it is, and only it (10 steps after the fall it is not yet: 0.9 would flag it there, and 2 of
-    18 healthy runs of ``benchmarks/early_warning.py``'s families with it)."""
-    assert _loss_spikes_after_a_fast_fall(Detector(), outlier) == [outlier]
-    assert outlier not in _loss_spikes_after_a_fast_fall(Detector(loss_alpha=0.98), outlier)  # as before
+def test_a_faster_loss_level_flags_a_x7_loss_after_a_fast_fall(outlier):
+    """The soak's ``warmup_outlier`` family under AdamW flags 11 of 51 later x7 batches: the loss's EMA at 0.98 lags a
+    fast fall by ~1.4 (log) and its variance swells with the lag, decaying for a hundred steps after the fall (here
+    30 and 60 steps after it, the x7 loss is no spike). ``loss_alpha=0.95`` flags it, and only it (10 steps after
+    the fall not yet). Not the default yet (``Detector``'s docstring says why)."""
+    assert _loss_spikes_after_a_fast_fall(Detector(loss_alpha=0.95), outlier) == [outlier]
+    assert outlier not in _loss_spikes_after_a_fast_fall(Detector(), outlier)
