@@ -82,6 +82,33 @@ def _ddp_run(rank: int, fused: bool) -> dict:
     }
 
 
+def _ddp_bit_flip(rank: int, fused: bool) -> dict:
+    """DDP where NaN is written into rank 1's copy of ``module.2.weight`` after step 9 (a bit flip on one rank):
+    the global loss is NaN at step 10, and both ranks roll back together, the LR kept (only quiet steps moved
+    those weights): at step 10 on the plain path (the weights checked at the NaN loss, all-reduced), at the
+    flush on the fused one."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    guard = gg.Guard(model, optimizer, log_every=6, recovery=gg.RecoveryPolicy(snapshot_every=6, snapshot_clean_steps=3,
+                                                                             snapshot_loss_z=3.0))
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(12):
+        x = torch.randn(8, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad()
+        if rank == 1 and step == 9:
+            with torch.no_grad():
+                model.module[2].weight[0, 3] = math.nan
+    guard.close()
+    events = [(r["step"], e["kind"], e["layer"]) for r in guard.history for e in r["events"]
+              if e["kind"] in ("nonfinite_param", "rollback")]
+    return {"events": events, "lr": optimizer.param_groups[0]["lr"], "rollbacks": guard.summary()["rollbacks"],
+            "params": [p.detach().clone() for p in model.parameters()]}
+
+
 def _ddp_forensics(rank: int, bundle_dir: str) -> dict:
     """DDP with forensics: at NAN_STEP rank 1's batch holds a NaN sample at position 2 (id 102)."""
     torch.manual_seed(0)
@@ -158,7 +185,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         result = {"plain": _ddp_run(rank, fused=False), "fused": _ddp_run(rank, fused=True),
-                  "forensics": _ddp_forensics(rank, out_dir)}
+                  "forensics": _ddp_forensics(rank, out_dir),
+                  "bit_flip": {"plain": _ddp_bit_flip(rank, fused=False), "fused": _ddp_bit_flip(rank, fused=True)}}
         result["dtensor"] = _sharded_norm(rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
@@ -188,6 +216,18 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_and_params_stay_identical(resul
     # the Guard saw global numbers: the same norm history and the mean loss on both ranks
     assert repr(rank0["norms"]) == repr(rank1["norms"]) and math.isnan(rank0["norms"][NAN_STEP])
     assert rank0["losses"] == rank1["losses"]
+
+
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_nan_written_into_one_ranks_weight_rolls_every_rank_back_with_the_lr_kept(results, path):
+    rank0, rank1 = results[0]["bit_flip"][path], results[1]["bit_flip"][path]
+    assert rank0["rollbacks"] == rank1["rollbacks"] == 1 and rank0["lr"] == rank1["lr"] == pytest.approx(1e-2)
+    # both name the step of the first NaN loss; the rank that holds the NaN names the parameter
+    assert [e[:2] for e in rank0["events"]] == [e[:2] for e in rank1["events"]] == [(10, "nonfinite_param"),
+                                                                                        (10, "rollback")]
+    assert rank1["events"][0][2] == "2.weight"  # the name in the model the user wrapped
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
 def test_sharded_dtensor_gradients_give_the_norm_of_the_full_gradient(results):
