@@ -671,7 +671,7 @@ class Recovery:
     | from | evidence (the trigger) | to |
     |---|---|---|
     | healthy, recovered | ``backoff_after`` suspect skips within ``skip_window`` (``lr_backoff``) | backing_off |
-    | any but diverged | ``rollback_after`` suspect skips, non-finite weights or optimizer state at a flush, or a ``"rollback"`` response (``rollback``) | rolling_back |
+    | any but diverged | ``rollback_after`` suspect skips, non-finite weights or optimizer state (at a flush, or at a NaN/Inf loss on the plain path), or a ``"rollback"`` response (``rollback``) | rolling_back |
     | backing_off | ``lr_recover_after`` real steps at each cut, counted across skips, brought ``lr_scale`` back to 1 (``scale_restored``) | recovered |
     | rolling_back | a newer snapshot kept: training went on from the restored state and proved healthy (``snapshot_kept``) | recovered |
     | rolling_back | the same, with ``lr_scale`` still below 1 (``snapshot_kept_lr_cut``) | backing_off |
