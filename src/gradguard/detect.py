@@ -395,7 +395,6 @@ class DetectorStep:
     """What one step of the detector does, fixed on the host (one object per kind of step)."""
 
     z_thresh: float
-    alpha: float
     sigma_floor: float
     growth_window: int
     log_growth_factor: float
@@ -616,7 +615,7 @@ class Detector:
                layers > 0, precursor_config)
         if key not in self._configs:  # one object per kind of step: a compiled caller sees the same one
             self._configs[key] = DetectorStep(
-                z_thresh=self.z_thresh, alpha=self.alpha, sigma_floor=self.sigma_floor,
+                z_thresh=self.z_thresh, sigma_floor=self.sigma_floor,
                 growth_window=self.growth_window, log_growth_factor=self.growth.log_factor, ema=key[0],
                 rank_layers_by_z=key[1], growth_full=key[2], has_loss=has_loss, has_layers=layers > 0,
                 precursor=precursor_config)
