@@ -448,3 +448,70 @@ def test_a_run_with_a_nan_batch_every_10th_step_keeps_refreshing_its_snapshot(fu
     assert guard.summary()["skipped"] >= 14
     assert len(rollbacks) == 1 and rollbacks[0]["to_step"] >= 99  # not back to step 0
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _shifted_run(fused: bool, optimizer_name: str, shift_at: int, shift_until: int, steps: int = 400,
+                 scales: list[float] | None = None) -> tuple[gg.Guard, torch.optim.Optimizer, nn.Module]:
+    """A healthy run whose batches from ``shift_at`` to ``shift_until`` carry label noise of std 3 (the
+    loss's floor x100 to x300: a harder data mixture, a loss term switched on), or, with ``scales``, whose losses
+    there are multiplied by ``scales[i % len(scales)]`` (faults of wildly different sizes)."""
+    model = _model()
+    if optimizer_name == "SGD":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused)
+    guard = gg.Guard(model, optimizer)
+    noise = torch.Generator().manual_seed(7)
+    for i in range(steps):
+        x, y = _batch(i)
+        shifted = shift_at <= i < shift_until
+        if shifted and scales is None:
+            y = y + 3.0 * torch.randn(y.shape, generator=noise)
+        loss = nn.functional.mse_loss(model(x), y)
+        if shifted and scales is not None:
+            loss = loss * scales[i % len(scales)]
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad()
+    guard.close()
+    return guard, optimizer, model
+
+
+def _events(guard: gg.Guard, kind: str) -> list[dict]:
+    return [e for r in guard.history for e in r["events"] if e["kind"] == kind]
+
+
+@pytest.mark.parametrize("optimizer_name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_loss_level_that_moves_for_good_is_relearned_not_rolled_back_until_training_diverged(fused, optimizer_name):
+    """Regression: a healthy run whose loss floor rose for good (label noise from step 200: the loss x100 and
+    more) scored every later step a loss spike, a loss spike is never learned, and the Guard rolled back to the
+    same snapshot 16 times and raised TrainingDiverged. The snapshot's weights, untouched since the rollback,
+    gave spiking losses that agree: the level moved, not the weights."""
+    guard, optimizer, model = _shifted_run(fused, optimizer_name, 200, 400)
+    relevels = _events(guard, "loss_relevel")
+    assert len(relevels) == 1 and relevels[0]["action"] == "relevel", relevels
+    assert relevels[0]["loss_after"] > 10 * relevels[0]["loss_before"]
+    summary = guard.summary()
+    # the evidence (a back-off's 5 skips, a rollback's 10, 10 more on the restored weights; the fused path
+    # decides at its flushes, every 25 steps), then no more skips
+    assert summary["rollbacks"] == 1 and summary["skipped"] <= (50 if fused else 25), summary
+    assert not any(r["skipped"] for r in guard.history[260:]), "training goes on at the new level"
+    assert optimizer.param_groups[0]["lr"] == guard.recovery.initial_lrs[0]  # the cuts grew back
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_spiking_losses_that_do_not_agree_are_still_rolled_back():
+    """Faults of wildly different sizes on the restored weights (losses x1e2 to x1e8) are no level: the
+    Guard rolls back as before, and never relearns the loss's level from them."""
+    guard, _, _ = _shifted_run(False, "SGD", 200, 240, steps=300, scales=[1e2, 1e5, 1e8, 1e3, 1e6])
+    assert not _events(guard, "loss_relevel")
+    assert guard.summary()["rollbacks"] >= 2
+
+
+def test_a_short_stretch_of_hard_batches_is_skipped_without_a_relevel():
+    """15 harder batches (the loss x100 and more): skipped, one rollback, then the old level is right again: no relevel
+    (it needs the restored weights to fail as many times as a rollback does)."""
+    guard, _, _ = _shifted_run(False, "SGD", 200, 215, steps=300)
+    assert not _events(guard, "loss_relevel")
+    assert not any(r["skipped"] for r in guard.history[230:])

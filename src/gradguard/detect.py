@@ -89,7 +89,7 @@ MIN_WARMUP_VALUES = 3
 TOTAL, LOSS = 0, 1
 SCORED = slice(TOTAL, LOSS + 1)
 LAYERS = slice(LOSS + 1, None)
-_MAD_TO_STD = 1.4826  # the MAD of a normal sample times this is its standard deviation
+MAD_TO_STD = 1.4826  # the MAD of a normal sample times this is its standard deviation
 #: The warm-up's defaults (:func:`warmup_reference`): its center is the median of the last ``WARMUP_WINDOW`` values;
 #: its standard deviation (of the logs) is floored at ``WARMUP_SIGMA_FLOOR`` for the gradient norms and at
 #: ``WARMUP_LOSS_SIGMA_FLOOR`` for the loss (``Detector``'s docstring says why they differ).
@@ -192,7 +192,7 @@ def warmup_reference(seen: Tensor, window: int, sigma_floor: float | Tensor) -> 
     last = torch.where(finite, steps, -1).cummax(dim=0).values
     before = torch.cat([torch.full_like(last[:1], -1), last[:-1]])
     d = torch.where(finite & (before >= 0), seen - seen.gather(0, before.clamp(min=0)), math.nan)
-    spread = d.abs().nanmedian(dim=0).values * (_MAD_TO_STD / math.sqrt(2.0))
+    spread = d.abs().nanmedian(dim=0).values * (MAD_TO_STD / math.sqrt(2.0))
     # the last `window` finite values, counted from the newest (a run of NaN rows does not empty the window)
     recent = finite & (finite.flip(0).cumsum(dim=0).flip(0) <= window)
     center = torch.where(recent, seen, math.nan).nanmedian(dim=0).values

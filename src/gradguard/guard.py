@@ -405,12 +405,15 @@ class Guard:
         loss, self._loss_sum = self._loss_sum, None
         if self._param_layout() != self._layout:  # add_param_group since the last step (a host-side check)
             self._parameters_changed()
-        if self.recovery.loss_level_due:  # the weights were replaced since the last step
-            self.detector.set_loss_level(self.recovery.snapshot.loss)  # the restored weights' loss
+        if self.recovery.loss_level_due:  # a rollback replaced the weights, or a relevel moved the loss's level
+            # the restored weights' own loss, or the level the losses on them moved to (recover.py)
+            level, self.recovery.loss_level = self.recovery.loss_level, None
+            self.detector.set_loss_level(self.recovery.snapshot.loss if level is None else level)
             self.recovery.loss_level_due = False
-            if self._update_size is not None:
-                self._update_size.drop_copy()  # a copy of weights that are gone measures no update
-            self.detector.precursor.weights_replaced()  # nor is their fall in the norm a growth
+            if level is None:  # the weights were replaced
+                if self._update_size is not None:
+                    self._update_size.drop_copy()  # a copy of weights that are gone measures no update
+                self.detector.precursor.weights_replaced()  # nor is their fall in the norm a growth
         self.recovery.start(self.step_count, before_flush=(self.step_count + 1) % self.log_every == 0)
 
         # 1. measure
@@ -455,7 +458,7 @@ class Guard:
                 self.recovery.after_step(self.step_count, kinds, self.responses, self._last_skipped_host,
                                          now=self.step_count, loss_given=loss is not None,
                                          scaler_overflow=self._scaler_overflow(kinds),
-                                         nonfinite_weight=self._nonfinite_weight(kinds))
+                                         nonfinite_weight=self._nonfinite_weight(kinds), loss=loss)
             except GiveUp as give_up:
                 # the step happened (it was skipped and recorded): count it before the account is taken, as the
                 # fused path does, whose give-up comes at the flush after the count
@@ -777,10 +780,10 @@ class Guard:
                             record["step"], kinds, self.responses, record["skipped"], now=self.step_count - 1,
                             loss_given="nonfinite_loss" in kinds or not math.isnan(record["loss"]),
                             scaler_overflow=self._scaler_overflow(kinds),
-                            nonfinite_weight=bad if index == onset else None,
+                            nonfinite_weight=bad if index == onset else None, loss=record["loss"],
                         )
                         if rolled_back:
-                            break  # later rows came from the state just abandoned
+                            break  # later rows came from the state just abandoned (or the loss level replaced)
                 if not rolled_back:
                     self.recovery.at_flush(records, loss_z, bad, self.responses["nonfinite_param"], self.step_count,
                                            candidate_finite)

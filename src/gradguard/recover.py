@@ -41,6 +41,13 @@ again). Each step's evidence
    on them; the Guard calls ``Detector.set_loss_level``), since the level belongs to the weights: kept, it
    would score every step after a rollback to an older snapshot as a loss spike. A GradScaler keeps its
    current scale: it describes the gradients' range, not the weights.
+   **A level that moved is relearned.** A rollback called for while the weights are still the restored
+   snapshot's (no real step since the last rollback) would put back the weights already in place. When the
+   suspect skips since were all loss spikes whose losses agree (:meth:`Recovery._level_moved`), the weights
+   that gave a healthy loss before give these on today's batches: the data or the loss changed for good (a
+   harder data mixture, a loss term switched on), so the detector's loss level is put at their median (a
+   ``loss_relevel`` event) instead. Before, a healthy run whose loss floor rose x10 was rolled back 16 times
+   to the same snapshot and ended in ``TrainingDiverged``.
 3. **TrainingDiverged**: a rollback needed when the rollback budget is spent (or none is possible),
    ``max_skip_streak`` skipped steps in a row, or a ``"raise"`` response, raises, with an account of what
    happened. Before raising, the model and the optimizer are put back to the last good snapshot, so that a
@@ -110,11 +117,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from gradguard.detect import MAD_TO_STD
 from gradguard.stats import is_dtensor, per_tensor_norms
 
 if TYPE_CHECKING:  # for annotations only
     from gradguard.decide import Responses
     from gradguard.history import Event, StepRecord
+
+#: the most the logs of the losses behind a relevel may spread (``1.4826 * MAD``, a normal's sigma): a level is a
+#: plateau, the losses within a factor e of each other (:meth:`Recovery._level_moved`); scaled batches differ by
+#: orders of magnitude
+LEVEL_SPREAD = 1.0
 
 __all__ = ["Recovery", "RecoveryPolicy", "RecoveryState", "Snapshot", "TrainingDiverged", "TrainingState"]
 
@@ -148,6 +161,13 @@ class GiveUp(Exception):
         super().__init__(reason)
         self.reason = reason
         self.step = step
+
+
+def _host_values(values: Sequence[Tensor | float]) -> list[float]:
+    """The values as floats: device tensors stacked and read at once."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    read = iter(torch.stack([t.reshape(()).double() for t in tensors]).tolist()) if tensors else iter(())
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
 
 
 def clone_tree(obj: Any) -> Any:
@@ -680,6 +700,10 @@ class Recovery:
 
     Neither a skip for its batch's fault (a NaN batch whose loss is healthy) nor a ``GradScaler`` overflow
     is suspect: such a skip clears the suspect count (skipping works) and adds to the skip streak only.
+
+    A rollback called for while the restored weights are untouched, by loss spikes that agree, is a
+    *relevel* instead (:meth:`_level_moved`): no transition, the state stays where it is (``rolling_back``
+    until a newer snapshot is kept), the rollback budget is not used.
     """
 
     def __init__(self, policy: RecoveryPolicy, state: TrainingState, fingerprint: str = "", name_suffix: str = ""):
@@ -713,6 +737,12 @@ class Recovery:
         # the restored weights' loss (Detector.set_loss_level); saved, so that a resume right after a
         # rollback does it too
         self.loss_level_due = False
+        self.loss_level: float | None = None  # the level to put there instead of the snapshot's loss (a relevel)
+        # the weights are the restored snapshot's, untouched: no real step since the rollback; and the losses
+        # of the suspect skips since, each finite and a spike (a device tensor on the plain path, read only
+        # when they call for a rollback: :meth:`_level_moved`)
+        self.restored_untouched = False
+        self.untouched_losses: list[Tensor | float] = []
         # the action log: events of host actions, by step, until the Guard attaches them to their records
         self.actions: dict[int, list[Event]] = {}
         self.recent: deque[Event] = deque(maxlen=20)
@@ -733,7 +763,8 @@ class Recovery:
             self.candidate.save(step, self.state.capture())
 
     def after_step(self, step: int, kinds: Sequence[str], responses: Responses, skipped: bool, now: int,
-                   loss_given: bool, scaler_overflow: bool = False, nonfinite_weight: str | None = None) -> bool:
+                   loss_given: bool, scaler_overflow: bool = False, nonfinite_weight: str | None = None,
+                   loss: Tensor | float | None = None) -> bool:
         """One step's host decisions: ``"raise"`` / ``"rollback"`` responses, then the escalation rungs.
 
         ``loss_given``: the step had a loss (its events then say whether it was finite and at its level).
@@ -743,7 +774,10 @@ class Recovery:
         ``nonfinite_weight``: the weight found NaN/Inf at this step (the Guard checks them at a NaN/Inf loss):
         rolled back at once (:meth:`weights_nonfinite`), not counted as a suspect skip, so that one corrupted
         weight costs one rollback, not a back-off after 5 NaN losses and a rollback after 10.
-        Returns True when it rolled back. Raises :class:`GiveUp`.
+        ``loss``: the step's loss (a device tensor, never read here, or a float), kept while the weights are
+        the restored ones and its skip a loss spike (:meth:`_level_moved`).
+        Returns True when it rolled back or relearned the loss's level (the steps after this one, decided
+        already on the fused path, were judged against what was replaced). Raises :class:`GiveUp`.
         """
         for kind in kinds:
             if responses[kind] == "raise":
@@ -758,8 +792,15 @@ class Recovery:
             return True
         if not skipped:
             self.weights_from_quiet_step = not kinds
+            self.restored_untouched = False
+            self.untouched_losses.clear()
         loss_healthy = loss_given and not any(kind in ("nonfinite_loss", "loss_spike") for kind in kinds)
         sound = (loss_healthy and self.weights_from_quiet_step) or scaler_overflow
+        if sound:
+            self.untouched_losses.clear()
+        elif skipped and self.restored_untouched and loss is not None and "loss_spike" in kinds:
+            # a loss spike is finite by construction (the detector scores finite logs only)
+            self.untouched_losses.append(loss.detach() if isinstance(loss, Tensor) else float(loss))
         evidence = Evidence(step=step, skipped=skipped, sound=sound)
         while self.suspect and self.suspect[0] <= step - self.policy.skip_window:
             self.suspect.popleft()  # out of the window
@@ -818,6 +859,11 @@ class Recovery:
             raise GiveUp(f"{self.skip_streak} steps in a row were skipped (max_skip_streak="
                          f"{p.max_skip_streak}): training is not progressing", step)
         if action is Action.ROLLBACK:
+            if self.restored_untouched and self._level_moved(step):
+                # the rollback's target is in place already: the loss's level moved instead; the steps after
+                # this one were judged against the old level (the fused path's later records)
+                self.restored_after = now
+                return True
             self.rollback(step, f"{len(self.suspect)} skipped steps within {p.skip_window} with a NaN/Inf "
                                 "or spiking loss", now)
             return True
@@ -870,11 +916,43 @@ class Recovery:
         self.quiet_loss_z.clear()
         self.restored_after = now
         self.loss_level_due = True
+        self.loss_level = None  # the snapshot's own loss
+        self.restored_untouched = True
+        self.untouched_losses.clear()
         self.weights_from_quiet_step = True  # the snapshot's weights gave a healthy step
         self.candidate.clear()  # taken from the state just abandoned
         self.note({"step": step, "kind": "rollback", "layer": None, "action": "rollback", "reason": reason,
                    "to_step": self.snapshot.step, "lr_before": before, "lr_after": after,
                    "state": self.phase.value})
+
+    def _level_moved(self, step: int) -> bool:
+        """Whether the skips that call for a rollback say the loss's level moved, not the weights: the weights
+        are the restored snapshot's, untouched since the rollback (no real step), and every suspect skip since
+        was a loss spike, the losses agreeing with each other (``1.4826 * MAD`` of their logs at most
+        ``LEVEL_SPREAD``). A rollback would put back the weights already in place; weights that gave a healthy
+        loss before now give these losses on the batches of today: the data or the loss changed (a harder data
+        mixture, a loss term switched on), and their median is the new level (:meth:`Detector.set_loss_level`).
+        Faults do not agree so (a dense window's scaled batches differ by orders of magnitude), and a loss that
+        is NaN/Inf is no level. When it moved: an event ``loss_relevel``, no rollback, no cut; returns True.
+        One read of the losses kept, at this rare moment only."""
+        if not self.untouched_losses or len(self.untouched_losses) < len(self.suspect):  # not all finite spikes
+            return False
+        logs = torch.tensor(_host_values(self.untouched_losses), dtype=torch.float64).log()
+        level = float(logs.median())
+        spread = MAD_TO_STD * float((logs - level).abs().median())
+        if not (math.isfinite(level) and spread <= LEVEL_SPREAD):
+            return False
+        before = self.snapshot.loss
+        self.loss_level = math.exp(level)
+        self.loss_level_due = True
+        self.note({"step": step, "kind": "loss_relevel", "layer": None, "action": "relevel",
+                   "reason": f"{len(logs)} losses in a row, on the weights of the snapshot of step {self.snapshot.step} "
+                             "untouched since the rollback, spiked and agree: the loss's level moved, not the weights",
+                   "loss_before": before if before is not None else math.nan, "loss_after": self.loss_level,
+                   "state": self.phase.value})
+        self.suspect.clear()
+        self.untouched_losses.clear()
+        return True
 
     def weights_nonfinite(self, step: int, bad_param: str, response: str, now: int, update_blamed: bool) -> None:
         """NaN/Inf found in ``bad_param`` (a weight or an optimizer-state tensor): roll back, or give up when the
@@ -1044,6 +1122,9 @@ class Recovery:
             "quiet_loss_z": list(self.quiet_loss_z),
             "restored_after": self.restored_after,
             "loss_level_due": self.loss_level_due,
+            "loss_level": self.loss_level,
+            "restored_untouched": self.restored_untouched,
+            "untouched_losses": _host_values(self.untouched_losses),
             "snapshot": self.snapshot.state_dict(),
             "actions": {step: list(events) for step, events in self.actions.items()},
             "initial_lrs": list(self.initial_lrs),
@@ -1065,6 +1146,10 @@ class Recovery:
         self.quiet_loss_z.extend(float(z) for z in state["quiet_loss_z"])
         self.restored_after = int(state["restored_after"])
         self.loss_level_due = bool(state["loss_level_due"])
+        # absent from states saved before the relevel (issue 17): as after a step that left nothing pending
+        self.loss_level = None if state.get("loss_level") is None else float(state["loss_level"])
+        self.restored_untouched = bool(state.get("restored_untouched", False))
+        self.untouched_losses = [float(x) for x in state.get("untouched_losses", [])]
         self.snapshot.load_state_dict(state["snapshot"])
         self.snapshot.verify()  # a resumed run restores its checkpoint's snapshot file, never another's
         self.actions = {int(step): list(events) for step, events in state["actions"].items()}
