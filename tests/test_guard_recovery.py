@@ -515,3 +515,17 @@ def test_a_short_stretch_of_hard_batches_is_skipped_without_a_relevel():
     guard, _, _ = _shifted_run(False, "SGD", 200, 215, steps=300)
     assert not _events(guard, "loss_relevel")
     assert not any(r["skipped"] for r in guard.history[230:])
+
+
+def test_the_level_shift_benchmark_runs_a_shifted_healthy_run_to_its_end():
+    """The suite's small version of benchmarks/level_shift.py: the soak's MLP under SGD, its loss floor x30
+    from a random step; the Guard at its defaults ends the run (no TrainingDiverged) with one relevel and the
+    LR back at its start. Before the relevel, this run ended in TrainingDiverged after 16 rollbacks."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import level_shift
+
+    _, outcome = level_shift.run((3, 30, "SGD", True))
+    assert outcome["diverged"] == 0.0 and outcome["relevels"] == 1 and outcome["lr_ratio"] == 1.0, outcome
