@@ -109,6 +109,33 @@ def _ddp_bit_flip(rank: int, fused: bool) -> dict:
             "params": [p.detach().clone() for p in model.parameters()]}
 
 
+def _ddp_level_shift(rank: int, fused: bool) -> dict:
+    """DDP where rank 1's labels carry noise of std 3 from step 120 on (a harder data mixture on one rank): the
+    global loss rises for good. Both ranks skip, roll back once, then relevel the loss together (the losses they
+    judge are the all-reduced ones) and train on; before, 16 rollbacks and TrainingDiverged."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
+    guard = gg.Guard(model, optimizer)
+    g = torch.Generator().manual_seed(100 + rank)
+    diverged = False
+    try:
+        for step in range(200):
+            x = torch.randn(32, 4, generator=g)
+            noise = 3.0 if rank == 1 and step >= 120 else 0.1  # the global loss's floor x~200 from step 120
+            y = torch.sin(x[:, :1]) + x[:, 1:2] + noise * torch.randn(32, 1, generator=g)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            optimizer.zero_grad()
+        guard.close()
+    except gg.TrainingDiverged:
+        diverged = True
+    events = [(r["step"], e["kind"]) for r in guard.history for e in r["events"]
+              if e["kind"] in ("rollback", "loss_relevel")]
+    return {"events": events, "diverged": diverged, "params": [p.detach().clone() for p in model.parameters()]}
+
+
 def _ddp_forensics(rank: int, bundle_dir: str) -> dict:
     """DDP with forensics: at NAN_STEP rank 1's batch holds a NaN sample at position 2 (id 102)."""
     torch.manual_seed(0)
@@ -186,7 +213,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         result = {"plain": _ddp_run(rank, fused=False), "fused": _ddp_run(rank, fused=True),
                   "forensics": _ddp_forensics(rank, out_dir),
-                  "bit_flip": {"plain": _ddp_bit_flip(rank, fused=False), "fused": _ddp_bit_flip(rank, fused=True)}}
+                  "bit_flip": {"plain": _ddp_bit_flip(rank, fused=False), "fused": _ddp_bit_flip(rank, fused=True)},
+                  "level_shift": {"plain": _ddp_level_shift(rank, fused=False),
+                                  "fused": _ddp_level_shift(rank, fused=True)}}
         result["dtensor"] = _sharded_norm(rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
@@ -226,6 +255,15 @@ def test_nan_written_into_one_ranks_weight_rolls_every_rank_back_with_the_lr_kep
     assert [e[:2] for e in rank0["events"]] == [e[:2] for e in rank1["events"]] == [(10, "nonfinite_param"),
                                                                                         (10, "rollback")]
     assert rank1["events"][0][2] == "2.weight"  # the name in the model the user wrapped
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_a_loss_that_rises_for_good_on_one_rank_is_relevelled_on_every_rank_together(results, path):
+    rank0, rank1 = results[0]["level_shift"][path], results[1]["level_shift"][path]
+    assert not rank0["diverged"] and not rank1["diverged"]
+    assert rank0["events"] == rank1["events"] and [kind for _, kind in rank0["events"]] == ["rollback", "loss_relevel"]
     for a, b in zip(rank0["params"], rank1["params"]):
         assert torch.equal(a, b) and torch.isfinite(a).all()
 
