@@ -24,14 +24,15 @@ only host read of the monitoring path) and :func:`to_record` turns each into a :
     }
 
 Event kinds are those of ``gradguard.detect.EVENT_KINDS`` plus the Guard's own actions ``"lr_backoff"``,
-``"lr_recover"`` and ``"rollback"``, and ``"data_outlier"`` (``gradguard.forensics.DataWatch``: samples,
+``"lr_recover"``, ``"rollback"`` and ``"loss_relevel"`` (action ``"relevel"``), and ``"data_outlier"`` (``gradguard.forensics.DataWatch``: samples,
 scores, losses; action ``"log"``). Their values: ``nonfinite_grad``: total_norm; ``nonfinite_loss``: loss;
 ``grad_spike``: total_norm, z, threshold; ``loss_spike``: loss, z; ``growth``: total_norm, rate (per-step
 factor); ``precursor``: total_norm, signal (``"weight_growth"``, ``"weight_acceleration"`` or ``"grad_climb"``),
 factor, advice (``gradguard.precursor``); ``update_jump``: ratio (the step's predicted
 ``||dW|| / ||W||``), usual, advice (``gradguard.update_size``); ``update_size``: ratio (the layer's smoothed
 update size), advice; ``nonfinite_param``: none (layer is the parameter's name); ``lr_backoff`` and ``lr_recover``:
-lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after. With ``gg.Forensics``, the events
+lr_before, lr_after; ``rollback``: reason, to_step, lr_before, lr_after; ``loss_relevel``: reason, loss_before, loss_after
+(``gradguard.recover``: the loss's level moved, not the weights). With ``gg.Forensics``, the events
 of kinds ``nonfinite_grad``, ``nonfinite_loss``, ``grad_spike`` and ``loss_spike`` also hold ``forensics``:
 ``{"layer", "samples", "scores", "reproducible", "origin", "bundle", ...}`` (``gradguard.forensics``). ``action`` is what was done about
 the event (``"log"``, ``"clip"``, ``"skip"``, ``"rollback"``, ``"raise"``: the configured response, except
@@ -76,6 +77,8 @@ class Event(_EventKeys, total=False):
     state: str  # lr_backoff / lr_recover / rollback: gradguard.recover.RecoveryState after the action
     reason: str
     to_step: int | None
+    loss_before: float  # loss_relevel: the loss level before (the restored snapshot's loss; NaN: not known)
+    loss_after: float  # loss_relevel: the level the losses on the restored weights moved to (gradguard.recover)
     forensics: dict[str, Any]  # gg.Forensics' analysis of the step (gradguard.forensics.ForensicsRecord)
     samples: list[Any]  # data_outlier: the flagged samples' ids (gradguard.forensics.DataWatch)
     scores: list[float]  # data_outlier: their robust z within the batch (< 0: suspiciously low loss)
