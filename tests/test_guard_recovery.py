@@ -584,3 +584,27 @@ def test_a_run_resumed_around_a_relevel_is_bitwise_equal():
         if not (same and repr(guard_b.history) == repr(guard.history[-len(guard_b.history):])):
             differing.append(stop)
     assert differing == []
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_rollback_before_the_snapshots_step_is_flushed_puts_the_level_at_its_loss(fused):
+    """Regression: a rollback early in a flush interval (here to the first snapshot, step 0, at step 13, before the
+    first flush at step 24) left the loss level where training had taken it, since the snapshot's own loss was
+    not flushed yet: every loss of the restored weights scored a spike, 10 steps were skipped and the weights
+    rolled back again to themselves (a relevel now). The loss is read from the history's unread rows."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+    guard = gg.Guard(model, optimizer)
+    for i in range(60):
+        guard.step(_loss(model, i))
+        optimizer.zero_grad()
+        if i == 12:
+            with torch.no_grad():
+                model[2].weight[0, 0] = math.nan
+    guard.close()
+    rollbacks = _events(guard, "rollback")
+    assert len(rollbacks) == 1 and rollbacks[0]["to_step"] == 0, rollbacks
+    after = [r for r in guard.history if r["step"] > rollbacks[0]["step"]]
+    assert guard.history[0]["loss"] > 3 * guard.history[12]["loss"]  # the restored weights' loss is far above
+    assert not [r["step"] for r in after if "loss_spike" in _kinds(r)]
+    assert not _events(guard, "loss_relevel")

@@ -406,14 +406,7 @@ class Guard:
         if self._param_layout() != self._layout:  # add_param_group since the last step (a host-side check)
             self._parameters_changed()
         if self.recovery.loss_level_due:  # a rollback replaced the weights, or a relevel moved the loss's level
-            # the restored weights' own loss, or the level the losses on them moved to (recover.py)
-            level, self.recovery.loss_level = self.recovery.loss_level, None
-            self.detector.set_loss_level(self.recovery.snapshot.loss if level is None else level)
-            self.recovery.loss_level_due = False
-            if level is None:  # the weights were replaced
-                if self._update_size is not None:
-                    self._update_size.drop_copy()  # a copy of weights that are gone measures no update
-                self.detector.precursor.weights_replaced()  # nor is their fall in the norm a growth
+            self._put_loss_level()
         self.recovery.start(self.step_count, before_flush=(self.step_count + 1) % self.log_every == 0)
 
         # 1. measure
@@ -471,6 +464,27 @@ class Guard:
         if self.step_count % self.log_every == 0:
             self.flush()
         return out.stepped
+
+    def _put_loss_level(self) -> None:
+        """Put the detector's loss level where recovery says (``Recovery.loss_level_due``): after a relevel, at the
+        level the losses moved to; after a rollback, at the restored weights' own loss, and the signals that
+        measured the weights that are gone start over."""
+        relevel, self.recovery.loss_level = self.recovery.loss_level, None
+        self.recovery.loss_level_due = False
+        if relevel is not None:
+            self.detector.set_loss_level(relevel)
+            return
+        snapshot = self.recovery.snapshot
+        own = snapshot.loss
+        if own is None and snapshot.step is not None:
+            # the snapshot's own step is not flushed yet (a rollback early in a flush interval): its loss is in the
+            # history's unread rows (one read, at a rollback only). Left unknown, the old level scored every loss
+            # of the restored weights a spike: 10 skips, then a second rollback to the same weights
+            own = self.history_buffer.loss_of(snapshot.step)
+        self.detector.set_loss_level(own)
+        if self._update_size is not None:
+            self._update_size.drop_copy()  # a copy of weights that are gone measures no update
+        self.detector.precursor.weights_replaced()  # nor is their fall in the norm a growth
 
     def _nonfinite_weight(self, kinds: Sequence[str]) -> str | None:
         """At a NaN/Inf loss (plain path), the first weight holding NaN/Inf (None: all finite): one pass over the
