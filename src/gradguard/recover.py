@@ -38,7 +38,8 @@ again). Each step's evidence
    memory of what healthy gradients look like, and a rollback to an earlier point must not put the
    detector back into its warm-up (a fault soon after would then go unflagged). One exception: the loss's
    moving level is put at the restored weights' own loss (``Snapshot.loss``, the loss of the step that ran
-   on them; the Guard calls ``Detector.set_loss_level``), since the level belongs to the weights: kept, it
+   on them, read from the history's unflushed rows when that step was not flushed yet; the Guard calls
+   ``Detector.set_loss_level``), since the level belongs to the weights: kept, it
    would score every step after a rollback to an older snapshot as a loss spike. A GradScaler keeps its
    current scale: it describes the gradients' range, not the weights.
    **A level that moved is relearned.** A rollback called for while the weights are still the restored
