@@ -536,7 +536,7 @@ def test_a_run_resumed_around_a_relevel_is_bitwise_equal():
     """Everything the relevel depends on (the losses kept since the rollback, the weights untouched, the level
     due) is in guard.state_dict(): a run checkpointed around the rollback and the relevel and resumed in new
     objects ends bitwise equal to the uninterrupted one."""
-    import io
+    from test_guard_resume import _checkpoint
 
     def build():
         model = _model()
@@ -552,11 +552,7 @@ def test_a_run_resumed_around_a_relevel_is_bitwise_equal():
     def train(model, optimizer, guard, steps, checkpoints=None):
         for i in steps:
             if checkpoints is not None and i in checkpoints:
-                buffer = io.BytesIO()
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "guard": guard.state_dict()}, buffer)
-                buffer.seek(0)
-                checkpoints[i] = torch.load(buffer, weights_only=True)
+                checkpoints[i] = _checkpoint(model, optimizer, guard)
             x, y = data(i)
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()

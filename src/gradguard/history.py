@@ -229,12 +229,12 @@ class History:
     def loss_of(self, step: int) -> float | None:
         """The loss of ``step`` if its row is written and not yet drained (None otherwise): one host read of one
         value, for the rare moment that needs it before the flush (a rollback to a snapshot whose own step is
-        not flushed yet, see ``Guard.step``)."""
+        not flushed yet, see ``Guard._put_loss_level``)."""
         if step not in self._steps:
             return None
         assert self._rows is not None
         back = len(self._steps) - self._steps.index(step)  # rows written since it, itself included
-        return float(self._rows[(self._written - back) % self.capacity, FIELDS.index("loss")])
+        return float(self._unread(self._rows, self._written, back)[0, FIELDS.index("loss")])
 
     def _record_layers(self, step: int, layer_norms: Tensor, names: list[str]) -> None:
         size = max(1, math.ceil(self.capacity / self.layer_every) + 1)
