@@ -14,7 +14,6 @@ import math
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-import gradguard as gg
 from gradguard.integrations.transformers import GradGuardCallback
 
 
@@ -48,12 +47,11 @@ def main(
     model = GPT2LMHeadModel(config)
     model.transformer.wte.register_forward_hook(PoisonEmbeddings(nan_at))
     # --8<-- [start:callback]
-    args = TrainingArguments(
+    args = TrainingArguments(  # max_grad_norm (1.0 by default) is the Guard's clip: GlobalNorm(1.0)
         output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
-        max_grad_norm=0, report_to=[], use_cpu=True, logging_steps=10, save_strategy="no",
-        disable_tqdm=True, seed=0,
+        report_to=[], use_cpu=True, logging_steps=10, save_strategy="no", disable_tqdm=True, seed=0,
     )  # fmt: skip
-    callback = GradGuardCallback(clip=gg.clip.GlobalNorm(1.0), log_every=10)
+    callback = GradGuardCallback(log_every=10)
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(steps * 8), callbacks=[callback])
     trainer.train()
     print(f"HF Trainer run: {callback.guard.summary()}")

@@ -18,6 +18,7 @@ import lightning_example  # noqa: E402
 import transformers_example  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
+import gradguard as gg  # noqa: E402
 from gradguard.integrations.lightning import GradGuardCallback as LightningCallback  # noqa: E402
 from gradguard.integrations.transformers import GradGuardCallback as HFCallback  # noqa: E402
 
@@ -155,14 +156,40 @@ def test_transformers_trainer_skips_the_nan_step(tmp_path: Path, monkeypatch: py
     assert [row["step"] for row in logged if row["gradguard/skipped"] == 1.0] == [11]
 
 
-def test_transformers_requires_max_grad_norm_zero(tmp_path: Path) -> None:
+def _tiny_gpt2_trainer(tmp_path: Path, callback: HFCallback, **args: object) -> transformers.Trainer:
+    torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1)
     )
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=transformers_example.token_dataset(8, length=8, vocab=16),
-        callbacks=[HFCallback()],
+    training_args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-2, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, **args,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"max_grad_norm=0\) \(got 1.0\)"):
+    return transformers.Trainer(
+        model=model, args=training_args, callbacks=[callback],
+        train_dataset=transformers_example.token_dataset(48, length=8, vocab=16),
+    )  # fmt: skip
+
+
+def test_transformers_keeps_the_trainers_clip(tmp_path: Path) -> None:
+    """The Trainer's ``max_grad_norm`` (1.0 by default) is the Guard's clip: the run equals, bit for bit, one with
+    ``max_grad_norm=0`` and ``clip=GlobalNorm(1.0)``, with one guarded step per optimizer step. Regression: the
+    callback refused ``max_grad_norm > 0`` and the docs said to set it to 0, so a run that followed them lost the
+    Trainer's default clip (a tiny BERT masked LM ended 0.7-1.1% higher, 3 of 3 seeds)."""
+    carried = HFCallback()
+    trainer = _tiny_gpt2_trainer(tmp_path / "carried", carried)  # max_grad_norm: the Trainer's default, 1.0
+    trainer.train()
+    assert isinstance(carried.guard.clip, gg.clip.GlobalNorm) and carried.guard.clip.max_norm == 1.0
+    summary = carried.guard.summary()
+    assert summary["steps"] == 12 and summary["clipped"] > 0, summary  # norms above 1 were clipped
+    explicit = HFCallback(clip=gg.clip.GlobalNorm(1.0))
+    reference = _tiny_gpt2_trainer(tmp_path / "explicit", explicit, max_grad_norm=0)
+    reference.train()
+    assert explicit.guard.summary() == summary
+    assert same(snapshot(trainer.model), snapshot(reference.model))
+
+
+def test_transformers_refuses_two_clips(tmp_path: Path) -> None:
+    trainer = _tiny_gpt2_trainer(tmp_path, HFCallback(clip=gg.clip.ZClip()), max_grad_norm=0.5)
+    with pytest.raises(ValueError, match=r"two clips: set max_grad_norm=0"):
         trainer.train()
