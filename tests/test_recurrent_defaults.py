@@ -73,6 +73,50 @@ def test_one_huge_jump_arms_it_at_once() -> None:
     assert result.coef.item() == pytest.approx(norm / 100.0 / norm, rel=1e-3)
 
 
+def test_after_its_first_steps_the_clip_no_longer_arms() -> None:
+    """Past ``arm_steps`` neither rough norms nor one huge jump arm the clip: late in a healthy run a small batch's
+    norm turns rough (a few hard samples) and one jump is a cliff the detector clips as a spike. Regression: the
+    clip armed there and held to the end (a GRU classifier of digit rows, +14% test loss; benchmarks/
+    recurrent_long.py)."""
+    clipper, model = ArmedAutoClip(arm_steps=10), mlp()
+    for _ in range(10):
+        clipper(scaled(model, 1.0))
+    for step in range(40):  # norms 3x up and down (log-ratio 1.1): armed within 10 steps if early
+        assert clipper(scaled(model, 3.0 if step % 2 else 1.0)).coef.item() == 1.0
+    assert clipper(scaled(model, 100.0)).coef.item() == 1.0 and not bool(clipper.armed)
+    early = ArmedAutoClip(arm_steps=10)
+    for step in range(10):
+        early(scaled(model, 3.0 if step % 2 else 1.0))
+    assert bool(early.armed)  # the same norms from the first step arm it (the roughness crosses 0.6 at step 6)
+    jump = ArmedAutoClip(arm_steps=10)
+    for _ in range(9):
+        jump(scaled(model, 1.0))
+    assert jump(scaled(model, 100.0)).coef.item() < 0.1 and bool(jump.armed)  # and so does a jump at step 9
+
+
+def test_a_cliff_in_a_healthy_language_model_does_not_hold_the_clip() -> None:
+    """The LSTM language model of ``benchmarks/recurrent_long.py`` (128 units, SGD lr 1, seed 10): its norm jumps
+    10.9x once, at step 181 (a cliff), then goes on as before. Regression: the jump armed the clip and it clipped
+    every later step (1320 of 1500, test loss +5.9%); now the detector clips that spike and nothing after it."""
+    corpus = python_source_corpus()
+    torch.manual_seed(10)
+    model = RecurrentLM(corpus.vocab_size, 128, "lstm")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = gg.Guard(model, optimizer, log_every=50)
+    generator = torch.Generator().manual_seed(10)
+    for _ in range(200):
+        x, y = char_batch(corpus.train_ids, 16, 32, generator)
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad(set_to_none=True)
+    guard.close()
+    norms = [record["total_norm"] for record in guard.history]
+    assert norms[181] > 8 * norms[180]  # the cliff is there
+    assert isinstance(guard.clip, ArmedAutoClip) and not bool(guard.clip.armed)
+    assert guard.summary()["clipped"] <= 3, guard.summary()
+
+
 def test_nonfinite_and_zero_norms_leave_the_roughness_alone() -> None:
     clipper, model = ArmedAutoClip(), mlp()
     for _ in range(3):
@@ -109,6 +153,8 @@ def test_no_host_sync_and_state_round_trip() -> None:
         (lambda: ArmedAutoClip(percentile=101), r"ArmedAutoClip: percentile must be in \[0, 100\], got 101.0"),
         (lambda: ArmedAutoClip(history=0), "ArmedAutoClip: history must be an int >= 1, got 0"),
         (lambda: ArmedAutoClip(jump=1.0), "ArmedAutoClip: jump must be > 1, got 1.0"),
+        (lambda: ArmedAutoClip(arm_steps=-1), "ArmedAutoClip: arm_steps must be an int >= 0, got -1"),
+        (lambda: ArmedAutoClip(arm_steps=2.5), "ArmedAutoClip: arm_steps must be an int >= 0, got 2.5"),
     ],
 )
 def test_bad_arguments_name_the_argument(make, message: str) -> None:

@@ -358,13 +358,14 @@ class AutoClip(ScaleClipper):
 
 
 class ArmedAutoClip(AutoClip):
-    """AutoClip armed by a rough gradient norm: no clip while the total norm moves smoothly from step to
-    step, :class:`AutoClip` from the first step at which it turns rough, and from then on.
+    """AutoClip armed by a rough gradient norm in a run's first steps: no clip while the total norm moves
+    smoothly from step to step, :class:`AutoClip` from the first step at which it turns rough (within the first
+    ``arm_steps``), and from then on.
 
     The roughness is the root mean square of the log-ratio of successive total norms, an EMA::
 
         r_t = log(||g_t|| / ||g_{t-1}||) ;  v_t = beta * v_{t-1} + (1 - beta) * r_t^2 ,  v_0 = prior^2
-        armed_t = armed_{t-1} or sqrt(v_t) > roughness or r_t > log(jump)
+        armed_t = armed_{t-1} or (t < arm_steps and (sqrt(v_t) > roughness or r_t > log(jump)))
         g <- g * min(1, percentile(h, p) / (||g_t|| + 1e-6))   when armed_t, else g unchanged
 
     Why this separates the runs a clip must hold from those it only slows down: with a learning rate inside
@@ -373,8 +374,12 @@ class ArmedAutoClip(AutoClip):
     curvature -- the cliffs of an RNN whose gradients explode through time (Pascanu, Mikolov & Bengio
     2013), or a learning rate beyond the edge of stability (Cohen, Kaur, Li, Kolter & Talwalkar 2021) -- the
     iterate bounces across the sharp directions and the norm jumps by large factors from one step to the
-    next, also while its level stays steady. That is when a smaller step (the clip) is what helps, and it is
-    kept: once the clip holds the run, its norms are smooth because of the clip, not because the steps
+    next, also while its level stays steady. That shows in the first steps of a run whose learning rate is too
+    large (the exploding language models of :func:`default_clip` armed within their first 50). Later, the norm
+    turns rough for another reason: once most samples are fit, a small batch's gradient comes from its few hard
+    samples, and the norm moves several-fold between batches; and one jump is a cliff, which the Guard's
+    detector clips as a spike. So the clip arms only within the first ``arm_steps``. Once armed, it stays
+    armed: once the clip holds the run, its norms are smooth because of the clip, not because the steps
     became safe (under a 25th-percentile clip the tanh RNN's norms crossed 0.5 at steps 21-56, unclipped at
     steps 11-21). The
     AutoClip history records every step from the first, armed or not, so the percentile is that of the
@@ -385,12 +390,14 @@ class ArmedAutoClip(AutoClip):
     Args:
         percentile: :class:`AutoClip`'s percentile, applied once armed.
         history: :class:`AutoClip`'s number of norms kept.
-        roughness: the RMS log-ratio above which the clip arms (0.75: a typical step-to-step factor of 2.1;
-            healthy language models measured at most 0.56).
+        roughness: the RMS log-ratio above which the clip arms (0.6: a typical step-to-step factor of 1.8;
+            healthy language models measured at most 0.56 in their 300 steps).
         beta: the EMA's decay (0.95: about 20 steps of memory).
         prior: the RMS log-ratio the EMA starts from (a healthy run's is about 0.25).
         jump: one step whose norm is more than ``jump`` times the last one arms the clip at that step (the
-            first step of a learning rate far too high; a healthy run's largest jump measured was 5.2x).
+            first step of a learning rate far too high; a healthy run's largest early jump measured was 5.2x).
+        arm_steps: the steps, from the first, within which the clip can arm (50; :func:`default_clip` gives
+            the runs behind it). 0: never.
     """
 
     def __init__(
@@ -401,6 +408,7 @@ class ArmedAutoClip(AutoClip):
         beta: float = 0.95,
         prior: float = 0.25,
         jump: float = 10.0,
+        arm_steps: int = 50,
     ):
         super().__init__(percentile, history)
         self.roughness = _positive(roughness, "roughness", "ArmedAutoClip")
@@ -409,6 +417,9 @@ class ArmedAutoClip(AutoClip):
         self.jump = _positive(jump, "jump", "ArmedAutoClip")
         if self.jump <= 1.0:
             raise ValueError(f"ArmedAutoClip: jump must be > 1, got {self.jump}")
+        if not isinstance(arm_steps, int) or isinstance(arm_steps, bool) or arm_steps < 0:
+            raise ValueError(f"ArmedAutoClip: arm_steps must be an int >= 0, got {arm_steps!r}")
+        self.arm_steps = arm_steps
         self._previous: Tensor | None = None  # the last finite, positive total norm (NaN: none yet)
         self._mean_square: Tensor | None = None
         self._armed: Tensor | None = None
@@ -433,7 +444,8 @@ class ArmedAutoClip(AutoClip):
         self._mean_square = torch.where(learn, mean_square, self._mean_square)
         self._previous = torch.where(usable, current, self._previous)
         jumped = learn & (ratio > math.log(self.jump))
-        self._armed = self._armed | (self._mean_square.sqrt() > self.roughness) | jumped
+        if self._count < self.arm_steps:  # AutoClip's host count of the steps before this one: no read
+            self._armed = self._armed | (self._mean_square.sqrt() > self.roughness) | jumped
         coef = super().coefficient(stats)  # records the norm in the history, armed or not
         return torch.where(self._armed, coef, torch.ones_like(coef))
 
@@ -671,7 +683,12 @@ def default_clip(model: torch.nn.Module) -> Clipper | None:
     steps, against 100% armed at 0.5 or unguarded). At 0.6 the clip arms on none of the 30 healthy runs,
     at step 1 at lr 30 (the jump rule; test loss in ``benchmarks/recurrent_defaults.py``'s table), and at
     steps 22-26 on the temporal-order LSTM, which then learns (still slower than unguarded: the clip is a
-    smaller step). A
+    smaller step). Longer healthy runs then armed it late, and the clip held to their end: a GRU classifier of
+    digit rows (SGD momentum 0.9, OneCycle to lr 0.1, batches of 32, 1500 steps) at steps 176-621, as its norm
+    fell to the noise of a few hard samples; an LSTM language model at SGD lr 1 at step 181, one 10.9x jump;
+    an LSTM classifier under AdamW. So the clip arms only within the first ``arm_steps`` (50) steps: on
+    ``benchmarks/recurrent_long.py`` the exploding language models (lr 15, 20, 30) arm as before, to the same
+    test loss, and the healthy runs are left alone (its table is in ``docs/benchmarks.md``). A
     healthy feed-forward net's gradient norm grows 20x as it leaves its initial plateau, and every clip
     that held the RNN slowed that phase down, so feed-forward models get none.
     """
