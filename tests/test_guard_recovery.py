@@ -536,7 +536,7 @@ def test_a_run_resumed_around_a_relevel_is_bitwise_equal():
     """Everything the relevel depends on (the losses kept since the rollback, the weights untouched, the level
     due) is in guard.state_dict(): a run checkpointed around the rollback and the relevel and resumed in new
     objects ends bitwise equal to the uninterrupted one."""
-    from test_guard_resume import _checkpoint
+    from test_guard_resume import _checkpoint, _resume
 
     def build():
         model = _model()
@@ -569,9 +569,7 @@ def test_a_run_resumed_around_a_relevel_is_bitwise_equal():
     differing = []
     for stop, checkpoint in stops.items():
         model_b, optimizer_b, guard_b = build()
-        model_b.load_state_dict(checkpoint["model"])
-        optimizer_b.load_state_dict(checkpoint["optimizer"])
-        guard_b.load_state_dict(checkpoint["guard"])
+        _resume(checkpoint, model_b, optimizer_b, guard_b)
         train(model_b, optimizer_b, guard_b, range(stop, end))
         guard_b.close()
         same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))

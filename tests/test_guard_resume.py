@@ -53,6 +53,13 @@ def _checkpoint(model, optimizer, guard) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+def _resume(checkpoint: dict, model, optimizer, guard) -> None:
+    """Load a :func:`_checkpoint` into new objects, as a resumed run does."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    guard.load_state_dict(checkpoint["guard"])
+
+
 def test_a_run_checkpointed_at_any_step_and_resumed_is_bitwise_equal_right_after_a_rollback_included():
     """Regression: the pending loss-level reset of a rollback was not in state_dict(): a run resumed right
     after the rollback scored the restored weights' (higher) loss against the old level, skipped and rolled
@@ -68,9 +75,7 @@ def test_a_run_checkpointed_at_any_step_and_resumed_is_bitwise_equal_right_after
         checkpoint = _checkpoint(model_a, optimizer_a, guard_a)
         before_stop = guard_a.history
         model_b, optimizer_b, guard_b = _build(seed=1)
-        model_b.load_state_dict(checkpoint["model"])
-        optimizer_b.load_state_dict(checkpoint["optimizer"])
-        guard_b.load_state_dict(checkpoint["guard"])
+        _resume(checkpoint, model_b, optimizer_b, guard_b)
         _train(model_b, optimizer_b, guard_b, range(stop, STEPS))
         guard_b.close()
         same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))
