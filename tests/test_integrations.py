@@ -147,6 +147,9 @@ def test_transformers_trainer_skips_the_nan_step(tmp_path: Path, monkeypatch: py
     assert not same(probe.before[9], probe.after[9])
     summary = callback.guard.summary()
     assert summary["steps"] == 30 and summary["skipped"] == 1
+    # under the Trainer's clip (max_grad_norm 1.0, now the Guard's) the NaN is named in its own layer
+    assert [(r["step"], e["layer"]) for r in callback.guard.history for e in r["events"]
+            if e["kind"] == "nonfinite_grad"] == [(10, "transformer.wte")]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.lr_scheduler.last_epoch == 29  # the scheduler did not advance on the skipped step
     logged = [row for row in trainer.state.log_history if "gradguard/total_norm" in row]
